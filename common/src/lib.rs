@@ -1,0 +1,35 @@
+//! Shared building blocks of Sangsaeng, used by the coordinator, the participant
+//! daemon, the example and the tests.
+//!
+//! Map of the crate:
+//! - [`error`]: the crate's one error enum.
+//! - [`plan`] and [`roster`]: the typed, validated configuration files an anchor
+//!   company writes (training plan, list of organisations).
+//! - [`pki`] and [`tls`]: the project CA, CSR enrolment, and the rustls/tonic
+//!   mutual-TLS configuration plus identity extraction from a peer certificate.
+//! - [`channel`]: dialing the coordinator over mutual TLS with bounded timeouts.
+//! - [`data`]: reading a site's CSV line data, checking it against the plan's
+//!   schema, federated feature statistics and scaling.
+//! - [`backend`]: the single place that chooses the burn backend.
+//! - [`model`]: the burn MLP, its parameter layout and flat (de)serialisation.
+//! - [`train`]: local training and evaluation; [`metrics`]: accuracy and macro-F1.
+//! - [`fedavg`]: exact (order-independent) example-weighted aggregation of deltas.
+//! - [`weights`]: model files (safetensors) and digests.
+//! - [`wire`]: conversions between the protocol messages and these types.
+
+pub mod backend;
+pub mod channel;
+pub mod data;
+pub mod error;
+pub mod fedavg;
+pub mod metrics;
+pub mod model;
+pub mod pki;
+pub mod plan;
+pub mod roster;
+pub mod tls;
+pub mod train;
+pub mod weights;
+pub mod wire;
+
+pub use error::{Error, Result};

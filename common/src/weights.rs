@@ -1,0 +1,203 @@
+//! Model files and digests.
+//!
+//! A model travels and is stored as one flat vector of f32 in the canonical
+//! layout of [`crate::model::ModelSpec::layout`]. On disk it is safetensors (a
+//! simple, safe, widely read format: the released weights load in Python with
+//! the `safetensors` package, no pickle). Its identity is the SHA-256 of the
+//! little-endian f32 bytes, the same digest the protocol uses.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use sha2::{Digest, Sha256};
+
+use crate::model::TensorSpec;
+use crate::{Error, Result};
+
+/// Little-endian bytes of a float vector (the wire and digest encoding).
+pub fn to_le_bytes(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes little-endian f32 bytes; refuses a length that is not a multiple of 4.
+pub fn from_le_bytes(bytes: &[u8]) -> Result<Vec<f32>> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(Error::Model(format!(
+            "{} bytes is not a whole number of float32 values",
+            bytes.len()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// Lowercase hex SHA-256 of bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Digest of a model or delta: SHA-256 of its little-endian f32 bytes.
+pub fn digest(values: &[f32]) -> String {
+    let mut h = Sha256::new();
+    for v in values {
+        h.update(v.to_le_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// Writes `values` as safetensors, one tensor per layout entry, with string metadata.
+pub fn save_safetensors(
+    path: &Path,
+    layout: &[TensorSpec],
+    values: &[f32],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let expected: usize = layout
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
+    if expected != values.len() {
+        return Err(Error::Model(format!(
+            "layout needs {expected} values, got {}",
+            values.len()
+        )));
+    }
+    let bytes = to_le_bytes(values);
+    let mut views = Vec::with_capacity(layout.len());
+    let mut offset = 0;
+    for t in layout {
+        let n: usize = t.shape.iter().product::<usize>() * 4;
+        let view = TensorView::new(Dtype::F32, t.shape.clone(), &bytes[offset..offset + n])
+            .map_err(|e| Error::Model(format!("tensor {}: {e}", t.name)))?;
+        views.push((t.name.clone(), view));
+        offset += n;
+    }
+    // Write to a temporary file and rename, so a crash never leaves a half-written model.
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::tensor::serialize_to_file(views, Some(metadata), &tmp)
+        .map_err(|e| Error::Model(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Reads a safetensors model and checks it has exactly the layout's tensors.
+pub fn load_safetensors(path: &Path, layout: &[TensorSpec]) -> Result<Vec<f32>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::Model(format!("{}: not a safetensors file: {e}", path.display())))?;
+    if st.len() != layout.len() {
+        return Err(Error::Model(format!(
+            "{}: holds {} tensors, the model has {}",
+            path.display(),
+            st.len(),
+            layout.len()
+        )));
+    }
+    let mut out = Vec::new();
+    for t in layout {
+        let view = st.tensor(&t.name).map_err(|_| {
+            Error::Model(format!(
+                "{}: tensor '{}' is missing",
+                path.display(),
+                t.name
+            ))
+        })?;
+        if view.dtype() != Dtype::F32 || view.shape() != t.shape.as_slice() {
+            return Err(Error::Model(format!(
+                "{}: tensor '{}' is {:?} {:?}, expected F32 {:?}",
+                path.display(),
+                t.name,
+                view.dtype(),
+                view.shape(),
+                t.shape
+            )));
+        }
+        out.extend(from_le_bytes(view.data())?);
+    }
+    Ok(out)
+}
+
+/// Reads the string metadata of a safetensors file.
+pub fn safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::Model(format!("{}: not a safetensors file: {e}", path.display())))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Vec<TensorSpec> {
+        vec![
+            TensorSpec {
+                name: "layers.0.weight".into(),
+                shape: vec![2, 3],
+            },
+            TensorSpec {
+                name: "layers.0.bias".into(),
+                shape: vec![3],
+            },
+        ]
+    }
+
+    #[test]
+    fn safetensors_round_trip_is_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.safetensors");
+        let v: Vec<f32> = vec![
+            1.0,
+            -2.5,
+            3.25e-7,
+            f32::MIN_POSITIVE,
+            0.0,
+            -0.0,
+            7.0,
+            8.0,
+            9.0,
+        ];
+        let meta = HashMap::from([("round".to_string(), "3".to_string())]);
+        save_safetensors(&p, &layout(), &v, meta).unwrap();
+        let back = load_safetensors(&p, &layout()).unwrap();
+        assert_eq!(
+            back.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        assert_eq!(safetensors_metadata(&p).unwrap()["round"], "3");
+        assert!(!p.with_extension("safetensors.tmp").exists());
+    }
+
+    #[test]
+    fn wrong_layout_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.safetensors");
+        assert!(save_safetensors(&p, &layout(), &[1.0], HashMap::new()).is_err());
+        save_safetensors(&p, &layout(), &[0.0; 9], HashMap::new()).unwrap();
+        let mut other = layout();
+        other[1].shape = vec![4];
+        let e = load_safetensors(&p, &other).unwrap_err().to_string();
+        assert!(e.contains("layers.0.bias"), "{e}");
+        std::fs::write(&p, b"garbage").unwrap();
+        assert!(
+            load_safetensors(&p, &layout())
+                .unwrap_err()
+                .to_string()
+                .contains("not a safetensors")
+        );
+    }
+
+    #[test]
+    fn digest_is_sha256_of_le_bytes() {
+        let v = [1.0f32, 2.0];
+        assert_eq!(digest(&v), sha256_hex(&to_le_bytes(&v)));
+        assert_eq!(from_le_bytes(&to_le_bytes(&v)).unwrap(), v);
+        assert!(from_le_bytes(&[0, 0, 0]).is_err());
+    }
+}

@@ -1,0 +1,264 @@
+//! The coordinator's typed configuration, built once from a TOML file, command-line
+//! options and environment, and validated before anything starts.
+//!
+//! `main.rs` turns clap arguments into overrides on top of the file; the rest of
+//! the crate only ever sees a validated [`CoordinatorConfig`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use sangsaeng_common::plan::TrainingPlan;
+use sangsaeng_common::roster::Roster;
+use sangsaeng_common::tls::TlsFiles;
+
+use crate::error::{CoordinatorError, Result};
+
+/// Resource bounds. Each keeps one misbehaving participant from exhausting the coordinator.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest model/delta chunk, in bytes. 1 MiB keeps per-message memory small
+    /// while amortising per-message overhead (digest, framing).
+    pub max_chunk_bytes: usize,
+    /// Uploads received at the same time. Each buffers at most one delta before it
+    /// is folded in, so peak memory is about (2 + this) × model size, whatever the
+    /// number of participants.
+    pub max_concurrent_uploads: usize,
+    /// HTTP/2 streams one connection may open at once (Subscribe + a transfer + spare).
+    pub max_streams_per_connection: u32,
+    /// Seconds an upload or download may sit idle between two messages before it is cut.
+    pub transfer_idle_secs: u64,
+    /// How many times a round that got fewer than `min_participants` updates is re-run
+    /// before the training fails with a clear status.
+    pub round_attempts: u32,
+    /// Largest number of parameters a plan may ask for (guards against a plan typo
+    /// that would allocate gigabytes).
+    pub max_model_params: usize,
+    /// Largest number of examples one update may claim as its FedAvg weight.
+    pub max_examples_per_update: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_chunk_bytes: 1 << 20,
+            max_concurrent_uploads: 4,
+            max_streams_per_connection: 8,
+            transfer_idle_secs: 60,
+            round_attempts: 3,
+            max_model_params: 1 << 28,
+            max_examples_per_update: 50_000_000,
+        }
+    }
+}
+
+impl Limits {
+    pub fn transfer_idle(&self) -> Duration {
+        Duration::from_secs(self.transfer_idle_secs)
+    }
+
+    /// Largest encoded gRPC message: one chunk plus room for its envelope.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_chunk_bytes + 64 * 1024
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        if !(4096..=64 << 20).contains(&self.max_chunk_bytes) || !self.max_chunk_bytes.is_multiple_of(4) {
+            return Err(format!(
+                "limits.max_chunk_bytes: {} must be a multiple of 4 in 4096..=67108864",
+                self.max_chunk_bytes
+            ));
+        }
+        if self.max_concurrent_uploads == 0 || self.max_concurrent_uploads > 1024 {
+            return Err("limits.max_concurrent_uploads: must be in 1..=1024".into());
+        }
+        if self.max_streams_per_connection < 2 {
+            return Err(
+                "limits.max_streams_per_connection: must be at least 2 (subscription + transfer)"
+                    .into(),
+            );
+        }
+        if self.transfer_idle_secs == 0 {
+            return Err("limits.transfer_idle_secs: must be at least 1".into());
+        }
+        if self.round_attempts == 0 {
+            return Err("limits.round_attempts: must be at least 1".into());
+        }
+        if self.max_model_params == 0 {
+            return Err("limits.max_model_params: must be at least 1".into());
+        }
+        if self.max_examples_per_update == 0
+            || self.max_examples_per_update > sangsaeng_common::fedavg::MAX_TOTAL_WEIGHT
+        {
+            return Err(format!(
+                "limits.max_examples_per_update: must be in 1..={}",
+                sangsaeng_common::fedavg::MAX_TOTAL_WEIGHT
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The coordinator's config file (`coordinator.toml`). Paths are relative to the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub listen: Option<SocketAddr>,
+    pub roster: Option<PathBuf>,
+    pub plan: Option<PathBuf>,
+    pub output_dir: Option<PathBuf>,
+    pub tls: Option<TlsSection>,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Overrides from the command line / environment; `None` keeps the file's value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub roster: Option<PathBuf>,
+    pub plan: Option<PathBuf>,
+    pub output_dir: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub listen: SocketAddr,
+    pub roster: Roster,
+    /// Where the roster came from (shown in logs).
+    pub roster_path: PathBuf,
+    /// A plan to start as soon as the coordinator is up (the `serve --plan` case).
+    pub initial_plan: Option<TrainingPlan>,
+    pub output_dir: PathBuf,
+    pub tls: TlsFiles,
+    pub limits: Limits,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+
+impl CoordinatorConfig {
+    /// Merges file and overrides, loads roster and plan, and validates everything.
+    pub fn build(file: Option<&Path>, o: Overrides) -> Result<Self> {
+        let (cf, base) = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| CoordinatorError::Config(format!("{}: {e}", p.display())))?;
+                let cf: ConfigFile = toml::from_str(&text).map_err(|e| {
+                    CoordinatorError::Config(format!(
+                        "{}: {}",
+                        p.display(),
+                        e.to_string()
+                            .split_whitespace()
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    ))
+                })?;
+                (
+                    Some(cf),
+                    p.parent().map(Path::to_path_buf).unwrap_or_default(),
+                )
+            }
+            None => (None, PathBuf::new()),
+        };
+        let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let listen = o
+            .listen
+            .or(cf.as_ref().and_then(|c| c.listen))
+            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
+        let missing = |what: &str, flag: &str| {
+            CoordinatorError::Config(format!(
+                "no {what} given: pass {flag} or set it in the config file"
+            ))
+        };
+        let roster_path = o
+            .roster
+            .or(cf.as_ref().and_then(|c| c.roster.clone()).map(rel))
+            .ok_or_else(|| missing("roster", "--roster"))?;
+        let roster = Roster::from_file(&roster_path)?;
+        let plan_path = o.plan.or(cf.as_ref().and_then(|c| c.plan.clone()).map(rel));
+        let initial_plan = plan_path
+            .as_deref()
+            .map(TrainingPlan::from_file)
+            .transpose()?;
+        let output_dir = o
+            .output_dir
+            .or(cf.as_ref().and_then(|c| c.output_dir.clone()).map(rel))
+            .unwrap_or_else(|| PathBuf::from("sangsaeng-runs"));
+        let tls_file = cf.as_ref().and_then(|c| c.tls.clone());
+        let pick = |over: Option<PathBuf>, f: Option<PathBuf>, what: &str, flag: &str| {
+            over.or(f.map(rel)).ok_or_else(|| missing(what, flag))
+        };
+        let tls = TlsFiles {
+            ca: pick(
+                o.ca,
+                tls_file.as_ref().map(|t| t.ca.clone()),
+                "CA certificate",
+                "--ca",
+            )?,
+            cert: pick(
+                o.cert,
+                tls_file.as_ref().map(|t| t.cert.clone()),
+                "server certificate",
+                "--cert",
+            )?,
+            key: pick(
+                o.key,
+                tls_file.as_ref().map(|t| t.key.clone()),
+                "server key",
+                "--key",
+            )?,
+        };
+        let limits = cf.map(|c| c.limits).unwrap_or_default();
+        limits.validate().map_err(CoordinatorError::Config)?;
+        let cfg = CoordinatorConfig {
+            listen,
+            roster,
+            roster_path,
+            initial_plan,
+            output_dir,
+            tls,
+            limits,
+        };
+        if let Some(p) = &cfg.initial_plan {
+            cfg.check_plan(p)?;
+        }
+        Ok(cfg)
+    }
+
+    /// Checks a plan against this coordinator's limits (on top of the plan's own validation).
+    pub fn check_plan(&self, plan: &TrainingPlan) -> Result<()> {
+        let n = sangsaeng_common::model::ModelSpec::from_plan(plan).num_params();
+        if n > self.limits.max_model_params {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "the plan's model has {n} parameters, above limits.max_model_params = {}",
+                self.limits.max_model_params
+            )));
+        }
+        let participants = self
+            .roster
+            .with_role(sangsaeng_common::roster::Role::Participant)
+            .count();
+        if plan.training.min_participants > participants {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "training.min_participants = {} but the roster lists only {participants} participant organisations",
+                plan.training.min_participants
+            )));
+        }
+        Ok(())
+    }
+}

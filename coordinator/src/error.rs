@@ -1,0 +1,114 @@
+//! The coordinator's error enum and the one place errors become gRPC statuses.
+//!
+//! Messages are written for the operator at the other end (a supplier's IT
+//! staff): they say what was refused and what to do about it.
+
+use tonic::{Code, Status};
+
+pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The configuration is unusable; the coordinator does not start.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// No usable client certificate identity.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller is known but not allowed to do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The request itself is malformed (wrong length, bad digest, NaN, ...).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The request is well-formed but does not fit the current state (stale round, wrong phase).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// A duplicate submission.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// A resource bound was hit (concurrent uploads, chunk size).
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A stream went quiet for too long or ended early.
+    #[error("{0}")]
+    Aborted(String),
+    /// A shared-library error (bad plan, bad update, file I/O).
+    #[error(transparent)]
+    Common(#[from] sangsaeng_common::Error),
+    /// The gRPC server failed.
+    #[error("server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl CoordinatorError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        CoordinatorError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+impl From<CoordinatorError> for Status {
+    fn from(e: CoordinatorError) -> Status {
+        use sangsaeng_common::Error as C;
+        let code = match &e {
+            CoordinatorError::Unauthenticated(_) => Code::Unauthenticated,
+            CoordinatorError::PermissionDenied(_) => Code::PermissionDenied,
+            CoordinatorError::InvalidArgument(_) => Code::InvalidArgument,
+            CoordinatorError::FailedPrecondition(_) => Code::FailedPrecondition,
+            CoordinatorError::NotFound(_) => Code::NotFound,
+            CoordinatorError::AlreadyExists(_) => Code::AlreadyExists,
+            CoordinatorError::ResourceExhausted(_) => Code::ResourceExhausted,
+            CoordinatorError::Aborted(_) => Code::Aborted,
+            CoordinatorError::Common(C::Tls(_)) => Code::Unauthenticated,
+            CoordinatorError::Common(
+                C::Aggregation(_)
+                | C::Protocol(_)
+                | C::Model(_)
+                | C::Config { .. }
+                | C::Schema(_)
+                | C::Data { .. },
+            ) => Code::InvalidArgument,
+            CoordinatorError::Config(_) => Code::InvalidArgument,
+            CoordinatorError::Common(_)
+            | CoordinatorError::Transport(_)
+            | CoordinatorError::Io { .. } => Code::Internal,
+        };
+        // Internal details stay in the coordinator's log; the caller gets a pointer to it.
+        let message = if code == Code::Internal {
+            tracing::error!(error = %e, "internal error while serving a request");
+            "internal error at the coordinator; its log has the details".to_string()
+        } else {
+            e.to_string()
+        };
+        Status::new(code, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_follow_the_kind_of_problem() {
+        let s: Status = CoordinatorError::FailedPrecondition("round 2 is closed".into()).into();
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert_eq!(s.message(), "round 2 is closed");
+        let s: Status =
+            CoordinatorError::Common(sangsaeng_common::Error::Aggregation("NaN".into())).into();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        let s: Status = CoordinatorError::io("writing x", std::io::Error::other("disk")).into();
+        assert_eq!(s.code(), Code::Internal);
+        assert!(!s.message().contains("disk"));
+    }
+}

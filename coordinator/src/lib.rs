@@ -1,0 +1,99 @@
+//! The Sangsaeng coordinator, run by the anchor company.
+//!
+//! It serves two gRPC services on one mutual-TLS endpoint: `Federation` for
+//! participant daemons and `Admin` for administrators, and drives trainings
+//! round by round with FedAvg over weight deltas.
+//!
+//! Map of the crate:
+//! - [`config`]: typed, validated configuration (file + CLI + env) and resource limits.
+//! - [`error`]: the crate's error enum and its single mapping to gRPC status codes.
+//! - [`auth`]: caller identity from the client certificate, checked against the roster per RPC.
+//! - [`state`]: shared state: presence of participants and the training in progress.
+//! - [`service`]: the `Federation` service (subscribe, statistics, transfers, evaluation).
+//! - [`admin`]: the `Admin` service (status, start a training) and [`admin::status`].
+//! - [`training`]: the round driver and the per-round records on disk.
+//! - [`transfer`]: chunked model downloads and checked delta uploads.
+//! - [`client`]: an admin client used by the CLI and tests.
+//!
+//! [`run`] is what `sangsaeng-coordinator serve` calls; tests call it too with a
+//! listener on `127.0.0.1:0`.
+
+pub mod admin;
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod service;
+pub mod state;
+pub mod training;
+pub mod transfer;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use sangsaeng_proto::v1::admin_server::AdminServer;
+use sangsaeng_proto::v1::federation_server::FederationServer;
+
+pub use config::CoordinatorConfig;
+pub use error::{CoordinatorError, Result};
+pub use state::Shared;
+
+/// Keepalive pings detect a participant whose machine or network vanished
+/// without closing its connection, so it is marked offline instead of waited for.
+const HTTP2_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Serves the coordinator on `listener` until `shutdown` is cancelled.
+///
+/// If the config holds an initial plan, that training starts at once (and waits
+/// for enough participants). Returns after in-flight RPCs have ended.
+pub async fn run(
+    listener: TcpListener,
+    config: CoordinatorConfig,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    // Several crates may link rustls; tonic needs one process-wide provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = sangsaeng_common::tls::server_tls_config(&config.tls.load()?)?;
+    let limits = config.limits.clone();
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CoordinatorError::io("reading the listener address", e))?;
+    std::fs::create_dir_all(&config.output_dir).map_err(|e| {
+        CoordinatorError::io(format!("creating {}", config.output_dir.display()), e)
+    })?;
+    let initial_plan = config.initial_plan.clone();
+    let shared = Shared::new(config, shutdown.clone());
+    tracing::info!(
+        %addr,
+        roster = %shared.config.roster_path.display(),
+        organisations = shared.roster.iter().count(),
+        output = %shared.config.output_dir.display(),
+        "coordinator listening (mutual TLS)"
+    );
+    if let Some(plan) = initial_plan {
+        training::start(&shared, plan)?;
+    }
+    let federation = FederationServer::new(service::FederationService::new(shared.clone()))
+        .max_decoding_message_size(limits.max_message_bytes())
+        .max_encoding_message_size(limits.max_message_bytes());
+    let admin = AdminServer::new(admin::AdminService::new(shared.clone()))
+        .max_decoding_message_size(limits.max_message_bytes());
+    Server::builder()
+        .tls_config(tls)?
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE))
+        .add_service(federation)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown.cancelled())
+        .await?;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}
+
+/// The coordinator's version, reported in logs.
+pub fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}

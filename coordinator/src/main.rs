@@ -1,0 +1,316 @@
+//! `sangsaeng-coordinator`: the anchor company's coordinator daemon, its PKI
+//! commands and its admin client. Parses arguments, sets up logging, builds the
+//! typed config and hands over to the library.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use sangsaeng_common::pki;
+use sangsaeng_common::roster::Roster;
+use sangsaeng_common::tls::TlsFiles;
+use sangsaeng_coordinator::config::{CoordinatorConfig, Overrides};
+
+/// Sangsaeng coordinator: orchestrates federated training across a supply chain
+/// over mutual-TLS gRPC, aggregating participants' weight deltas with FedAvg.
+#[derive(Parser)]
+#[command(name = "sangsaeng-coordinator", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator: accept participants, run trainings, write models and metrics.
+    Serve(ServeArgs),
+    /// Manage the project's certificate authority and certificates.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Talk to a running coordinator with an admin certificate.
+    Admin(AdminArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Config file (TOML). Its paths are relative to the file; options below override it.
+    #[arg(long, env = "SANGSAENG_COORDINATOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 0.0.0.0:7443 [default: 127.0.0.1:7443]
+    #[arg(long, env = "SANGSAENG_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Roster of organisations (TOML): ids, tiers, roles, data agreements.
+    #[arg(long, env = "SANGSAENG_ROSTER")]
+    roster: Option<PathBuf>,
+    /// Training plan (TOML) to start immediately; it waits for enough participants.
+    #[arg(long, env = "SANGSAENG_PLAN")]
+    plan: Option<PathBuf>,
+    /// Folder for per-training outputs (models, metrics) [default: sangsaeng-runs]
+    #[arg(long, env = "SANGSAENG_OUTPUT_DIR")]
+    output_dir: Option<PathBuf>,
+    /// Project CA certificate (PEM) that client certificates must chain to.
+    #[arg(long, env = "SANGSAENG_CA")]
+    ca: Option<PathBuf>,
+    /// The coordinator's server certificate (PEM).
+    #[arg(long, env = "SANGSAENG_CERT")]
+    cert: Option<PathBuf>,
+    /// The coordinator's private key (PEM).
+    #[arg(long, env = "SANGSAENG_KEY")]
+    key: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create the project CA and the coordinator's server certificate in a folder.
+    Init {
+        /// Folder to write ca.pem, ca.key, server.pem, server.key into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Subject name of the CA.
+        #[arg(long, default_value = "Sangsaeng project CA")]
+        name: String,
+        /// DNS names and IP addresses of the coordinator (repeat the option).
+        #[arg(long = "san", default_values = ["localhost", "127.0.0.1"])]
+        sans: Vec<String>,
+        /// Validity of the certificates in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+    /// Sign a participant's or admin's certificate request with the project CA.
+    Sign {
+        /// Folder holding ca.pem and ca.key.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The certificate request (PEM) the organisation sent.
+        #[arg(long)]
+        csr: PathBuf,
+        /// Organisation id the request must be for (checked against the roster if given).
+        #[arg(long)]
+        org: String,
+        /// Roster to check the organisation against.
+        #[arg(long)]
+        roster: Option<PathBuf>,
+        /// Where to write the signed certificate (PEM).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Issue everything for a local demo: CA, server certificate, and a key and
+    /// certificate for every organisation in the roster (keys are generated here,
+    /// so use this only when one machine plays every role).
+    Demo {
+        #[arg(long)]
+        roster: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long = "san", default_values = ["localhost", "127.0.0.1"])]
+        sans: Vec<String>,
+    },
+    /// Print the SHA-256 fingerprint of a certificate (to check a CA out of band).
+    Fingerprint { cert: PathBuf },
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// Coordinator address.
+    #[arg(
+        long,
+        env = "SANGSAENG_COORDINATOR",
+        default_value = "https://127.0.0.1:7443"
+    )]
+    coordinator: String,
+    /// Name in the coordinator's certificate.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Project CA certificate (PEM).
+    #[arg(long, env = "SANGSAENG_CA")]
+    ca: PathBuf,
+    /// Admin certificate (PEM); its organisation must have role "admin" in the roster.
+    #[arg(long, env = "SANGSAENG_CERT")]
+    cert: PathBuf,
+    /// Admin private key (PEM).
+    #[arg(long, env = "SANGSAENG_KEY")]
+    key: PathBuf,
+    #[command(subcommand)]
+    action: AdminAction,
+}
+
+#[derive(Subcommand)]
+enum AdminAction {
+    /// Show participants (connected, last seen, last error) and the training's phase and round.
+    Status,
+    /// Start a training from a plan file.
+    Start {
+        #[arg(long)]
+        plan: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match Cli::parse().command {
+        Command::Serve(a) => serve(a).await,
+        Command::Pki(p) => pki_command(p),
+        Command::Admin(a) => admin(a).await,
+    }
+}
+
+async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let config = CoordinatorConfig::build(
+        a.config.as_deref(),
+        Overrides {
+            listen: a.listen,
+            roster: a.roster,
+            plan: a.plan,
+            output_dir: a.output_dir,
+            ca: a.ca,
+            cert: a.cert,
+            key: a.key,
+        },
+    )?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    sangsaeng_coordinator::run(listener, config, shutdown).await?;
+    Ok(())
+}
+
+/// SIGINT or SIGTERM cancel one token; everything that runs watches it.
+async fn cancel_on_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown requested; finishing in-flight requests");
+    token.cancel();
+}
+
+fn pki_command(p: PkiCommand) -> anyhow::Result<()> {
+    match p {
+        PkiCommand::Init {
+            out,
+            name,
+            sans,
+            days,
+        } => {
+            init_ca(&out, &name, &sans, days)?;
+        }
+        PkiCommand::Sign {
+            ca_dir,
+            csr,
+            org,
+            roster,
+            out,
+            days,
+        } => {
+            if let Some(r) = roster {
+                let roster = Roster::from_file(&r)?;
+                anyhow::ensure!(
+                    roster.get(&org).is_some(),
+                    "organisation '{org}' is not in {}; add it to the roster first",
+                    r.display()
+                );
+            }
+            let ca = pki::CaBundle::load(&ca_dir.join("ca.pem"), &ca_dir.join("ca.key"))?;
+            let csr_pem = std::fs::read_to_string(&csr)
+                .with_context(|| format!("reading {}", csr.display()))?;
+            let cert = pki::sign_csr(&ca, &csr_pem, Some(&org), days)?;
+            pki::write_public(&out, &cert)?;
+            println!(
+                "signed certificate for '{org}' written to {}",
+                out.display()
+            );
+            println!(
+                "CA fingerprint (SHA-256): {}",
+                pki::fingerprint_sha256(&ca.cert_pem)?
+            );
+        }
+        PkiCommand::Demo { roster, out, sans } => {
+            let roster = Roster::from_file(&roster)?;
+            let ca = init_ca(&out, "Sangsaeng demo CA", &sans, 825)?;
+            for org in roster.iter() {
+                let (cert, key) = pki::issue_client_cert(&ca, &org.id, 365)?;
+                pki::write_public(&out.join(format!("{}.pem", org.id)), &cert)?;
+                pki::write_private_key(&out.join(format!("{}.key", org.id)), &key)?;
+                println!(
+                    "issued {}.pem / {}.key ({}, {})",
+                    org.id, org.id, org.tier, org.role
+                );
+            }
+        }
+        PkiCommand::Fingerprint { cert } => {
+            let pem = std::fs::read_to_string(&cert)
+                .with_context(|| format!("reading {}", cert.display()))?;
+            println!("{}", pki::fingerprint_sha256(&pem)?);
+        }
+    }
+    Ok(())
+}
+
+fn init_ca(out: &Path, name: &str, sans: &[String], days: u32) -> anyhow::Result<pki::CaBundle> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // Replacing a CA key silently would invalidate every certificate already issued.
+    anyhow::ensure!(
+        !out.join("ca.key").exists(),
+        "{} already holds a CA key; refusing to replace it (every certificate it signed would stop working). Use another folder or move the old CA away first",
+        out.display()
+    );
+    let ca = pki::CaBundle::create(name, days)?;
+    ca.write(out)?;
+    let (cert, key) = pki::issue_server_cert(&ca, "sangsaeng-coordinator", sans, days)?;
+    pki::write_public(&out.join("server.pem"), &cert)?;
+    pki::write_private_key(&out.join("server.key"), &key)?;
+    println!("CA and server certificate written to {}", out.display());
+    println!("server names: {}", sans.join(", "));
+    println!(
+        "CA fingerprint (SHA-256), give it to suppliers to check out of band:\n  {}",
+        pki::fingerprint_sha256(&ca.cert_pem)?
+    );
+    Ok(ca)
+}
+
+async fn admin(a: AdminArgs) -> anyhow::Result<()> {
+    let tls = TlsFiles {
+        ca: a.ca,
+        cert: a.cert,
+        key: a.key,
+    }
+    .load()?;
+    let mut client =
+        sangsaeng_coordinator::client::AdminClient::connect(&a.coordinator, &tls, &a.server_name)
+            .await?;
+    match a.action {
+        AdminAction::Status => {
+            let s = client.status().await?;
+            print!("{}", sangsaeng_coordinator::client::render_status(&s));
+        }
+        AdminAction::Start { plan } => {
+            let text = std::fs::read_to_string(&plan)
+                .with_context(|| format!("reading {}", plan.display()))?;
+            let id = client.start_training(text).await?;
+            println!("training {id} started");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,520 @@
+//! The participant-facing `Federation` service.
+//!
+//! Each handler authorises the caller first, then checks the request against the
+//! training state under a short lock. A refused request changes nothing except
+//! the caller's `last_error`, so one participant's mistake never disturbs the
+//! round for the others.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use sangsaeng_common::data::FeatureStats;
+use sangsaeng_common::roster::Role;
+use sangsaeng_proto::v1 as pb;
+use sangsaeng_proto::v1::federation_server::Federation;
+
+use crate::auth::authorize;
+use crate::error::{CoordinatorError, Result};
+use crate::state::{AcceptedUpdate, EvalRecord, Phase, Shared, TASK_QUEUE};
+use crate::transfer::DeltaReceiver;
+
+pub struct FederationService {
+    shared: Arc<Shared>,
+}
+
+impl FederationService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        FederationService { shared }
+    }
+
+    fn caller<T>(&self, req: &Request<T>, rpc: &str) -> Result<String> {
+        let org = authorize(&self.shared, req, Role::Participant, rpc)?;
+        self.shared.touch(&org);
+        Ok(org)
+    }
+
+    /// Records a refusal against the caller (for `admin status`) and logs it.
+    fn refuse(&self, org: &str, rpc: &str, e: CoordinatorError) -> Status {
+        tracing::warn!(org, rpc, "refused: {e}");
+        self.shared.record_error(org, format!("{rpc}: {e}"));
+        e.into()
+    }
+}
+
+/// The Subscribe stream; dropping it (client gone) marks the participant offline.
+pub struct Subscription {
+    inner: ReceiverStream<std::result::Result<pb::Task, Status>>,
+    shared: Arc<Shared>,
+    org: String,
+    session: u64,
+}
+
+impl Stream for Subscription {
+    type Item = std::result::Result<pb::Task, Status>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut parts = self.shared.participants();
+        if let Some(p) = parts.get_mut(&self.org)
+            && p.session == self.session
+        {
+            p.tasks = None;
+            tracing::info!(org = %self.org, "participant disconnected");
+        }
+        drop(parts);
+        self.shared.notify();
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::ModelChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Federation for FederationService {
+    type SubscribeStream = Subscription;
+
+    async fn subscribe(
+        &self,
+        req: Request<pb::SubscribeRequest>,
+    ) -> std::result::Result<Response<Self::SubscribeStream>, Status> {
+        let org = self.caller(&req, "Subscribe")?;
+        let (tx, rx) = mpsc::channel(TASK_QUEUE);
+        let session = {
+            let mut parts = self.shared.participants();
+            let p = parts.entry(org.clone()).or_default();
+            p.session += 1;
+            p.tasks = Some(tx.clone());
+            p.last_error = None;
+            p.session
+        };
+        tracing::info!(
+            org,
+            version = %req.get_ref().software_version,
+            "participant connected"
+        );
+        // A participant that reconnects in the middle of a phase it was selected
+        // for gets that phase's task again instead of being waited for in vain.
+        let resend = {
+            let t = self.shared.training();
+            t.as_ref().and_then(|t| {
+                (t.selected.contains(&org) && !t.has_answered(&org) && !t.phase.is_finished())
+                    .then(|| t.current_task.clone())
+                    .flatten()
+            })
+        };
+        if let Some(task) = resend {
+            let _ = tx.try_send(Ok(task));
+        }
+        self.shared.notify();
+        Ok(Response::new(Subscription {
+            inner: ReceiverStream::new(rx),
+            shared: self.shared.clone(),
+            org,
+            session,
+        }))
+    }
+
+    async fn submit_stats(
+        &self,
+        req: Request<pb::StatsReport>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        let org = self.caller(&req, "SubmitStats")?;
+        let r = req.into_inner();
+        let result = (|| {
+            let mut guard = self.shared.training();
+            let t = current(&mut guard, &r.training_id)?;
+            if t.phase != Phase::CollectingStatistics {
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "training {} is not collecting statistics (phase: {})",
+                    t.id,
+                    t.phase.name()
+                )));
+            }
+            if !t.selected.contains(&org) {
+                return Err(CoordinatorError::FailedPrecondition(
+                    "statistics were not requested from this organisation".into(),
+                ));
+            }
+            if t.stats.contains_key(&org) {
+                return Err(CoordinatorError::AlreadyExists(
+                    "statistics for this training were already received".into(),
+                ));
+            }
+            let stats = FeatureStats {
+                count: r.count,
+                sum: r.sum,
+                sum_sq: r.sum_sq,
+            };
+            stats
+                .validate(t.plan.n_features())
+                .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
+            t.stats.insert(org.clone(), stats);
+            Ok(())
+        })();
+        result.map_err(|e| self.refuse(&org, "SubmitStats", e))?;
+        tracing::info!(org, rows = r.count, "feature statistics received");
+        self.shared.notify();
+        Ok(Response::new(pb::Ack::default()))
+    }
+
+    type DownloadModelStream = ChunkStream;
+
+    async fn download_model(
+        &self,
+        req: Request<pb::DownloadRequest>,
+    ) -> std::result::Result<Response<Self::DownloadModelStream>, Status> {
+        let org = self.caller(&req, "DownloadModel")?;
+        let r = req.into_inner();
+        let model = (|| {
+            let mut guard = self.shared.training();
+            let t = current(&mut guard, &r.training_id)?;
+            let m = t.models.get(&r.model_round).cloned().ok_or_else(|| {
+                CoordinatorError::NotFound(format!(
+                    "the global model of round {} is not available (current round: {})",
+                    r.model_round, t.round
+                ))
+            })?;
+            if r.start_chunk > m.total_chunks() {
+                return Err(CoordinatorError::InvalidArgument(format!(
+                    "start_chunk {} is beyond the model's {} chunks",
+                    r.start_chunk,
+                    m.total_chunks()
+                )));
+            }
+            Ok(m)
+        })()
+        .map_err(|e| self.refuse(&org, "DownloadModel", e))?;
+        tracing::debug!(
+            org,
+            round = model.round,
+            from = r.start_chunk,
+            "model download"
+        );
+        let stream = tokio_stream::iter(r.start_chunk..model.total_chunks())
+            .map(move |i| Ok(model.chunk(i)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn upload_update(
+        &self,
+        req: Request<Streaming<pb::UpdateMessage>>,
+    ) -> std::result::Result<Response<pb::UploadReceipt>, Status> {
+        let org = self.caller(&req, "UploadUpdate")?;
+        let stream = req.into_inner();
+        match self.receive_update(&org, stream).await {
+            Ok(receipt) => Ok(Response::new(receipt)),
+            Err(e) => Err(self.refuse(&org, "UploadUpdate", e)),
+        }
+    }
+
+    async fn submit_evaluation(
+        &self,
+        req: Request<pb::EvaluationReport>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        let org = self.caller(&req, "SubmitEvaluation")?;
+        let r = req.into_inner();
+        (|| {
+            let mut guard = self.shared.training();
+            let t = current(&mut guard, &r.training_id)?;
+            if t.phase != Phase::Evaluating || r.model_round != t.round {
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "no evaluation of round {} is being collected (phase: {}, round {})",
+                    r.model_round,
+                    t.phase.name(),
+                    t.round
+                )));
+            }
+            let finite = [r.loss, r.accuracy, r.macro_f1].iter().all(|v| v.is_finite());
+            let in_range = (0.0..=1.0).contains(&r.accuracy) && (0.0..=1.0).contains(&r.macro_f1);
+            if !finite || !in_range || r.num_examples == 0 {
+                return Err(CoordinatorError::InvalidArgument(
+                    "evaluation metrics must be finite, accuracy and macro-F1 in [0, 1], over at least one example".into(),
+                ));
+            }
+            if t.evaluations.contains_key(&org) {
+                return Err(CoordinatorError::AlreadyExists(format!(
+                    "an evaluation of round {} was already received",
+                    r.model_round
+                )));
+            }
+            t.evaluations.insert(
+                org.clone(),
+                EvalRecord {
+                    org_id: org.clone(),
+                    num_examples: r.num_examples,
+                    loss: r.loss,
+                    accuracy: r.accuracy,
+                    macro_f1: r.macro_f1,
+                },
+            );
+            Ok(())
+        })()
+        .map_err(|e| self.refuse(&org, "SubmitEvaluation", e))?;
+        self.shared.notify();
+        Ok(Response::new(pb::Ack::default()))
+    }
+
+    async fn report_problem(
+        &self,
+        req: Request<pb::ProblemReport>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        let org = self.caller(&req, "ReportProblem")?;
+        let r = req.into_inner();
+        let message: String = r.message.chars().take(2000).collect();
+        tracing::warn!(org, training = %r.training_id, round = r.round, "participant reports a problem: {message}");
+        self.shared.record_error(&org, message.clone());
+        {
+            let mut guard = self.shared.training();
+            if let Some(t) = guard.as_mut().filter(|t| t.id == r.training_id) {
+                t.declined.insert(org.clone(), message);
+            }
+        }
+        self.shared.notify();
+        Ok(Response::new(pb::Ack {
+            message: "recorded; this organisation is not waited for in this training".into(),
+        }))
+    }
+
+    async fn leave(
+        &self,
+        req: Request<pb::LeaveRequest>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        let org = self.caller(&req, "Leave")?;
+        let reason = req.into_inner().reason;
+        tracing::info!(org, reason, "participant leaves");
+        if let Some(p) = self.shared.participants().get_mut(&org) {
+            p.tasks = None;
+        }
+        self.shared.notify();
+        Ok(Response::new(pb::Ack::default()))
+    }
+}
+
+/// The training a request names, if it is the current one.
+fn current<'a>(
+    guard: &'a mut Option<crate::state::Training>,
+    training_id: &str,
+) -> Result<&'a mut crate::state::Training> {
+    match guard.as_mut() {
+        Some(t) if t.id == training_id => Ok(t),
+        Some(t) => Err(CoordinatorError::NotFound(format!(
+            "unknown training '{training_id}' (the current training is '{}')",
+            t.id
+        ))),
+        None => Err(CoordinatorError::NotFound(format!(
+            "unknown training '{training_id}': no training is running"
+        ))),
+    }
+}
+
+/// The next part of an upload, bounded by the idle timeout.
+async fn next_part(
+    s: &mut Streaming<pb::UpdateMessage>,
+    idle: std::time::Duration,
+) -> Result<pb::update_message::Part> {
+    match tokio::time::timeout(idle, s.message()).await {
+        Err(_) => Err(CoordinatorError::Aborted(format!(
+            "upload idle for more than {}s",
+            idle.as_secs()
+        ))),
+        Ok(Err(status)) => Err(CoordinatorError::Aborted(format!(
+            "upload stream broke: {}",
+            status.message()
+        ))),
+        Ok(Ok(None)) => Err(CoordinatorError::InvalidArgument(
+            "upload stream ended before its trailer (truncated)".into(),
+        )),
+        Ok(Ok(Some(m))) => m.part.ok_or_else(|| {
+            CoordinatorError::InvalidArgument("upload message with no part set".into())
+        }),
+    }
+}
+
+/// Clears the caller's in-progress upload mark however the upload ends.
+struct UploadMark<'a> {
+    shared: &'a Shared,
+    org: String,
+}
+
+impl Drop for UploadMark<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.shared.training().as_mut() {
+            t.uploading.remove(&self.org);
+        }
+    }
+}
+
+impl FederationService {
+    async fn receive_update(
+        &self,
+        org: &str,
+        mut stream: Streaming<pb::UpdateMessage>,
+    ) -> Result<pb::UploadReceipt> {
+        let limits = &self.shared.config.limits;
+        let idle = limits.transfer_idle();
+        // Bounded: each upload in flight buffers one delta, so this caps memory.
+        let _permit = tokio::time::timeout(idle, self.shared.upload_permits.acquire())
+            .await
+            .map_err(|_| {
+                CoordinatorError::ResourceExhausted(format!(
+                    "{} uploads are already in progress; retry shortly",
+                    limits.max_concurrent_uploads
+                ))
+            })?
+            .map_err(|_| CoordinatorError::Aborted("the coordinator is shutting down".into()))?;
+
+        let header = match next_part(&mut stream, idle).await? {
+            pb::update_message::Part::Header(h) => h,
+            _ => {
+                return Err(CoordinatorError::InvalidArgument(
+                    "an upload must start with its header".into(),
+                ));
+            }
+        };
+        let (num_params, round) = {
+            let mut guard = self.shared.training();
+            let t = current(&mut guard, &header.training_id)?;
+            if t.phase != Phase::Training {
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "training {} is not collecting updates (phase: {})",
+                    t.id,
+                    t.phase.name()
+                )));
+            }
+            if header.round != t.round {
+                let when = if header.round < t.round {
+                    "closed"
+                } else {
+                    "future"
+                };
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "update for {when} round {}; round {} is in progress",
+                    header.round, t.round
+                )));
+            }
+            if !t.selected.contains(org) {
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "this organisation was not selected for round {}",
+                    t.round
+                )));
+            }
+            if t.accepted.contains_key(org) || t.uploading.contains(org) {
+                return Err(CoordinatorError::AlreadyExists(format!(
+                    "an update for round {} was already received from this organisation",
+                    t.round
+                )));
+            }
+            let base = t
+                .models
+                .get(&(t.round - 1))
+                .expect("the round's base model is published");
+            if header.base_model_sha256 != base.sha256 {
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "the update starts from model {}, but round {} started from {}",
+                    header.base_model_sha256, t.round, base.sha256
+                )));
+            }
+            let n = base.params.len();
+            if header.num_params != n as u64 {
+                return Err(CoordinatorError::InvalidArgument(format!(
+                    "the update declares {} values, the model has {n}",
+                    header.num_params
+                )));
+            }
+            if header.num_examples == 0 || header.num_examples > limits.max_examples_per_update {
+                return Err(CoordinatorError::InvalidArgument(format!(
+                    "num_examples {} is outside 1..={}",
+                    header.num_examples, limits.max_examples_per_update
+                )));
+            }
+            t.uploading.insert(org.to_string());
+            (n, t.round)
+        };
+        let _mark = UploadMark {
+            shared: &self.shared,
+            org: org.to_string(),
+        };
+
+        let outcome = async {
+            let mut rx = DeltaReceiver::new(num_params, limits.max_chunk_bytes);
+            let trailer = loop {
+                match next_part(&mut stream, idle).await? {
+                    pb::update_message::Part::Chunk(c) => rx.push(&c)?,
+                    pb::update_message::Part::Trailer(t) => break t,
+                    pb::update_message::Part::Header(_) => {
+                        return Err(CoordinatorError::InvalidArgument(
+                            "a second header arrived in the same upload".into(),
+                        ));
+                    }
+                }
+            };
+            let (delta, sha256) = rx.finish(&trailer)?;
+
+            // Fold in under the lock, after re-checking the round did not close meanwhile:
+            // the accumulator then only ever holds updates of the round it belongs to.
+            let accepted_in_round = {
+                let mut guard = self.shared.training();
+                let t = current(&mut guard, &header.training_id)?;
+                if t.phase != Phase::Training || t.round != round {
+                    return Err(CoordinatorError::FailedPrecondition(format!(
+                        "round {round} closed while this update was being received"
+                    )));
+                }
+                let acc = t
+                    .accumulator
+                    .as_mut()
+                    .expect("a training round has an accumulator");
+                acc.add(&delta, header.num_examples)?;
+                t.accepted.insert(
+                    org.to_string(),
+                    AcceptedUpdate {
+                        org_id: org.to_string(),
+                        sha256: sha256.clone(),
+                        num_examples: header.num_examples,
+                        train_loss: header.train_loss,
+                    },
+                );
+                t.accepted.len() as u32
+            };
+            Ok::<_, CoordinatorError>((sha256, accepted_in_round))
+        }
+        .await;
+        let (sha256, accepted_in_round) = match outcome {
+            Ok(v) => v,
+            // A connection that broke or a round that closed may be retried; an update
+            // that is malformed is refused for this round so the round does not wait for it.
+            Err(e @ (CoordinatorError::Aborted(_) | CoordinatorError::FailedPrecondition(_))) => {
+                return Err(e);
+            }
+            Err(e) => {
+                if let Some(t) = self.shared.training().as_mut().filter(|t| t.round == round) {
+                    t.rejected.insert(org.to_string(), e.to_string());
+                }
+                self.shared.notify();
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            org,
+            round,
+            examples = header.num_examples,
+            sha256 = &sha256[..12],
+            "update accepted"
+        );
+        self.shared.notify();
+        Ok(pb::UploadReceipt {
+            sha256,
+            accepted_in_round,
+        })
+    }
+}

@@ -1,0 +1,248 @@
+//! The coordinator's shared in-memory state: who is connected, and the training
+//! in progress with the round's collections (statistics, accepted updates,
+//! evaluations).
+//!
+//! Locks are std mutexes held only for short, non-async sections; anything slow
+//! (disk, network) happens outside them. Every change a waiting round driver may
+//! care about is followed by `progress.notify_waiters()`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use sangsaeng_common::data::FeatureStats;
+use sangsaeng_common::fedavg::Accumulator;
+use sangsaeng_common::plan::TrainingPlan;
+use sangsaeng_common::roster::Roster;
+use sangsaeng_proto::v1 as pb;
+
+use crate::config::CoordinatorConfig;
+use crate::transfer::PublishedModel;
+
+/// Tasks waiting to be read by one participant. Small: a participant has at most
+/// one outstanding task, the rest is slack for a finished-notice.
+pub const TASK_QUEUE: usize = 8;
+
+pub type TaskSender = mpsc::Sender<Result<pb::Task, tonic::Status>>;
+
+/// One organisation's connection state.
+#[derive(Debug, Default)]
+pub struct Presence {
+    /// Incremented on every Subscribe, so a stale stream's cleanup does not
+    /// disconnect a newer one.
+    pub session: u64,
+    pub tasks: Option<TaskSender>,
+    pub last_seen: Option<time::OffsetDateTime>,
+    pub last_error: Option<String>,
+}
+
+impl Presence {
+    pub fn connected(&self) -> bool {
+        self.tasks.as_ref().is_some_and(|t| !t.is_closed())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    WaitingForParticipants,
+    CollectingStatistics,
+    Training,
+    Evaluating,
+    Completed,
+    Failed,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::WaitingForParticipants => "waiting-for-participants",
+            Phase::CollectingStatistics => "collecting-statistics",
+            Phase::Training => "training",
+            Phase::Evaluating => "evaluating",
+            Phase::Completed => "completed",
+            Phase::Failed => "failed",
+        }
+    }
+
+    pub fn is_finished(self) -> bool {
+        matches!(self, Phase::Completed | Phase::Failed)
+    }
+}
+
+/// An update that passed every check and was folded into the round's accumulator.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AcceptedUpdate {
+    pub org_id: String,
+    pub sha256: String,
+    pub num_examples: u64,
+    pub train_loss: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EvalRecord {
+    pub org_id: String,
+    pub num_examples: u64,
+    pub loss: f64,
+    pub accuracy: f64,
+    pub macro_f1: f64,
+}
+
+/// The training in progress (or the last one, once finished).
+#[derive(Debug)]
+pub struct Training {
+    pub id: String,
+    pub plan: TrainingPlan,
+    pub output_dir: PathBuf,
+    pub phase: Phase,
+    pub round: u32,
+    /// Global models that may still be downloaded, by round (0 = initial).
+    pub models: BTreeMap<u32, Arc<PublishedModel>>,
+    /// Participants the current phase sent a task to and waits for.
+    pub selected: BTreeSet<String>,
+    /// Participants that reported they cannot take part, with their reason; excluded for the rest of the training.
+    pub declined: BTreeMap<String, String>,
+    pub stats: BTreeMap<String, FeatureStats>,
+    pub accumulator: Option<Accumulator>,
+    pub accepted: BTreeMap<String, AcceptedUpdate>,
+    /// Participants whose upload for this round is being received right now.
+    pub uploading: BTreeSet<String>,
+    /// Participants whose update for this round was refused; they are not waited for.
+    pub rejected: BTreeMap<String, String>,
+    pub evaluations: BTreeMap<String, EvalRecord>,
+    /// The task each selected participant was sent this phase, resent if it reconnects.
+    pub current_task: Option<pb::Task>,
+    pub error: Option<String>,
+}
+
+impl Training {
+    pub fn new(id: String, plan: TrainingPlan, output_dir: PathBuf) -> Self {
+        Training {
+            id,
+            plan,
+            output_dir,
+            phase: Phase::WaitingForParticipants,
+            round: 0,
+            models: BTreeMap::new(),
+            selected: BTreeSet::new(),
+            declined: BTreeMap::new(),
+            stats: BTreeMap::new(),
+            accumulator: None,
+            accepted: BTreeMap::new(),
+            uploading: BTreeSet::new(),
+            rejected: BTreeMap::new(),
+            evaluations: BTreeMap::new(),
+            current_task: None,
+            error: None,
+        }
+    }
+
+    /// Whether `org` has answered the current phase (or can no longer answer).
+    pub fn has_answered(&self, org: &str) -> bool {
+        if self.declined.contains_key(org) {
+            return true;
+        }
+        match self.phase {
+            Phase::CollectingStatistics => self.stats.contains_key(org),
+            Phase::Training => self.accepted.contains_key(org) || self.rejected.contains_key(org),
+            Phase::Evaluating => self.evaluations.contains_key(org),
+            _ => true,
+        }
+    }
+}
+
+/// Everything the RPC handlers and the round driver share.
+pub struct Shared {
+    pub config: CoordinatorConfig,
+    pub roster: Roster,
+    participants: Mutex<BTreeMap<String, Presence>>,
+    training: Mutex<Option<Training>>,
+    /// Woken on every change a round driver may be waiting for.
+    pub progress: Notify,
+    pub upload_permits: Semaphore,
+    pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    pub fn new(config: CoordinatorConfig, shutdown: CancellationToken) -> Arc<Self> {
+        let permits = config.limits.max_concurrent_uploads;
+        Arc::new(Shared {
+            roster: config.roster.clone(),
+            config,
+            participants: Mutex::new(BTreeMap::new()),
+            training: Mutex::new(None),
+            progress: Notify::new(),
+            upload_permits: Semaphore::new(permits),
+            shutdown,
+        })
+    }
+
+    pub fn participants(&self) -> MutexGuard<'_, BTreeMap<String, Presence>> {
+        // A panic while holding the lock cannot leave this map half-updated in a
+        // way later readers would misread, so a poisoned lock is still usable.
+        self.participants.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn training(&self) -> MutexGuard<'_, Option<Training>> {
+        self.training.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn notify(&self) {
+        self.progress.notify_waiters();
+    }
+
+    /// Records the last error of an organisation, shown by `admin status`.
+    pub fn record_error(&self, org: &str, message: impl Into<String>) {
+        let message = message.into();
+        self.participants()
+            .entry(org.to_string())
+            .or_default()
+            .last_error = Some(message);
+    }
+
+    pub fn touch(&self, org: &str) {
+        self.participants()
+            .entry(org.to_string())
+            .or_default()
+            .last_seen = Some(time::OffsetDateTime::now_utc());
+    }
+
+    /// Organisations with an open subscription, excluding those that declined the given training.
+    pub fn connected(&self) -> BTreeSet<String> {
+        self.participants()
+            .iter()
+            .filter(|(_, p)| p.connected())
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    pub fn is_connected(&self, org: &str) -> bool {
+        self.participants()
+            .get(org)
+            .is_some_and(Presence::connected)
+    }
+
+    /// Queues a task for a participant without waiting; false if it cannot take it.
+    pub fn send_task(&self, org: &str, task: pb::Task) -> bool {
+        let sender = self.participants().get(org).and_then(|p| p.tasks.clone());
+        match sender {
+            Some(tx) => match tx.try_send(Ok(task)) {
+                Ok(()) => true,
+                Err(e) => {
+                    let why = match e {
+                        mpsc::error::TrySendError::Full(_) => {
+                            "its task queue is full (it is not reading tasks)"
+                        }
+                        mpsc::error::TrySendError::Closed(_) => "its subscription closed",
+                    };
+                    tracing::warn!(org, "could not send a task: {why}");
+                    self.record_error(org, format!("could not receive a task: {why}"));
+                    false
+                }
+            },
+            None => false,
+        }
+    }
+}

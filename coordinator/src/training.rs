@@ -1,0 +1,563 @@
+//! The round driver: one task per training that moves it through its phases.
+//!
+//! waiting for participants → collecting statistics (federated scaling) →
+//! for each round: training (collect deltas, FedAvg) → evaluating (each site
+//! scores the new global model on its validation split) → completed.
+//!
+//! A phase sends one task to each selected participant and then waits until all
+//! of them answered (or left, or declined) or the round deadline passes. A round
+//! with fewer than `min_participants` updates is re-run up to
+//! `limits.round_attempts` times; after that the training fails with a status that
+//! says why, never a silent hang.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::time::sleep_until;
+
+use sangsaeng_common::data::FeatureStats;
+use sangsaeng_common::fedavg::Accumulator;
+use sangsaeng_common::model::ModelSpec;
+use sangsaeng_common::plan::TrainingPlan;
+use sangsaeng_common::weights;
+use sangsaeng_common::wire::plan_to_proto;
+use sangsaeng_proto::v1 as pb;
+
+use crate::error::{CoordinatorError, Result};
+use crate::state::{AcceptedUpdate, EvalRecord, Phase, Shared, Training};
+use crate::transfer::PublishedModel;
+
+/// Evaluation is a forward pass over a validation split: it gets a shorter wait than training.
+const EVALUATION_DEADLINE_FRACTION: u32 = 4;
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Serialize)]
+pub struct RoundRecord {
+    pub training_id: String,
+    pub round: u32,
+    pub finished_at: String,
+    pub model_sha256: String,
+    pub participants: Vec<AcceptedUpdate>,
+    pub total_examples: u64,
+    /// Example-weighted mean of the participants' last-epoch training loss.
+    pub train_loss: f64,
+    /// Validation metrics of this round's global model, weighted by validation rows.
+    pub eval_loss: Option<f64>,
+    pub eval_accuracy: Option<f64>,
+    pub eval_macro_f1: Option<f64>,
+    pub evaluations: Vec<EvalRecord>,
+    pub timings: Timings,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Timings {
+    pub train_phase_secs: f64,
+    pub aggregate_secs: f64,
+    pub eval_phase_secs: f64,
+    pub round_secs: f64,
+}
+
+/// Starts a training: creates its folder and state, and spawns its driver.
+pub fn start(shared: &Arc<Shared>, plan: TrainingPlan) -> Result<String> {
+    shared.config.check_plan(&plan)?;
+    let id = format!(
+        "t-{}",
+        time::OffsetDateTime::now_utc()
+            .format(time::macros::format_description!(
+                "[year][month][day]-[hour][minute][second]-[subsecond digits:3]"
+            ))
+            .expect("formatting a UTC time cannot fail")
+    );
+    {
+        let mut guard = shared.training();
+        if let Some(t) = guard.as_ref().filter(|t| !t.phase.is_finished()) {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "training {} is still running (phase: {}); one training runs at a time",
+                t.id,
+                t.phase.name()
+            )));
+        }
+        let output_dir = shared.config.output_dir.join(&id);
+        std::fs::create_dir_all(&output_dir)
+            .map_err(|e| CoordinatorError::io(format!("creating {}", output_dir.display()), e))?;
+        std::fs::write(output_dir.join("plan.toml"), plan.to_toml())
+            .map_err(|e| CoordinatorError::io("writing plan.toml", e))?;
+        *guard = Some(Training::new(id.clone(), plan, output_dir));
+    }
+    tracing::info!(training = %id, "training started");
+    let driver = shared.clone();
+    let tid = id.clone();
+    tokio::spawn(async move {
+        let outcome = drive(&driver).await;
+        let mut guard = driver.training();
+        if let Some(t) = guard.as_mut() {
+            match outcome {
+                Ok(()) => {
+                    t.phase = Phase::Completed;
+                    tracing::info!(training = %tid, "training completed: {}", t.output_dir.display());
+                }
+                Err(e) => {
+                    t.phase = Phase::Failed;
+                    t.error = Some(e.to_string());
+                    tracing::error!(training = %tid, "training failed: {e}");
+                }
+            }
+            t.current_task = None;
+            let outcome = t
+                .error
+                .clone()
+                .unwrap_or_else(|| format!("completed {} rounds", t.plan.training.rounds));
+            let task = task(
+                &tid,
+                t.round,
+                pb::task::Kind::Finished(pb::TrainingFinished { outcome }),
+            );
+            drop(guard);
+            for org in driver.connected() {
+                driver.send_task(&org, task.clone());
+            }
+        }
+        driver.notify();
+    });
+    Ok(id)
+}
+
+fn task(training_id: &str, round: u32, kind: pb::task::Kind) -> pb::Task {
+    pb::Task {
+        training_id: training_id.to_string(),
+        round,
+        kind: Some(kind),
+    }
+}
+
+/// Waits until `done` holds, the deadline passes (false) or the coordinator shuts down.
+async fn wait_until(
+    shared: &Shared,
+    deadline: Option<tokio::time::Instant>,
+    mut done: impl FnMut(&Shared) -> bool,
+) -> Result<bool> {
+    loop {
+        let notified = shared.progress.notified();
+        tokio::pin!(notified);
+        // Register before checking, so a change between the check and the await is not missed.
+        notified.as_mut().enable();
+        if done(shared) {
+            return Ok(true);
+        }
+        let far = tokio::time::Instant::now() + Duration::from_secs(24 * 3600);
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = sleep_until(deadline.unwrap_or(far)) => {
+                if deadline.is_some() { return Ok(done(shared)); }
+            }
+            _ = shared.shutdown.cancelled() => {
+                return Err(CoordinatorError::Aborted("the coordinator is shutting down".into()));
+            }
+        }
+    }
+}
+
+/// Participants eligible for the training: connected and not declined.
+fn eligible(shared: &Shared) -> BTreeSet<String> {
+    let declined: BTreeSet<String> = shared
+        .training()
+        .as_ref()
+        .map(|t| t.declined.keys().cloned().collect())
+        .unwrap_or_default();
+    shared
+        .connected()
+        .into_iter()
+        .filter(|o| !declined.contains(o))
+        .collect()
+}
+
+fn set_phase(shared: &Shared, phase: Phase) {
+    if let Some(t) = shared.training().as_mut() {
+        t.phase = phase;
+    }
+}
+
+/// Waits until at least `min` eligible participants are connected.
+async fn wait_for_participants(shared: &Shared, min: usize) -> Result<()> {
+    if eligible(shared).len() < min {
+        set_phase(shared, Phase::WaitingForParticipants);
+        tracing::info!(
+            connected = eligible(shared).len(),
+            needed = min,
+            "waiting for participants to connect"
+        );
+    }
+    wait_until(shared, None, |s| eligible(s).len() >= min).await?;
+    Ok(())
+}
+
+/// Sends a phase's task to every eligible participant and records who was asked.
+fn open_phase(
+    shared: &Shared,
+    phase: Phase,
+    round: u32,
+    make: impl Fn(&Training) -> pb::Task,
+) -> BTreeSet<String> {
+    let selected = eligible(shared);
+    let task = {
+        let mut guard = shared.training();
+        let t = guard.as_mut().expect("a driver runs only with a training");
+        t.phase = phase;
+        t.round = round;
+        t.selected = selected.clone();
+        t.stats.clear();
+        t.accepted.clear();
+        t.rejected.clear();
+        t.uploading.clear();
+        t.evaluations.clear();
+        if phase == Phase::Training {
+            let n = t.models[&(round - 1)].params.len();
+            t.accumulator = Some(Accumulator::new(n));
+        }
+        let task = make(t);
+        t.current_task = Some(task.clone());
+        task
+    };
+    for org in &selected {
+        shared.send_task(org, task.clone());
+    }
+    selected
+}
+
+/// True when every selected participant answered, left or declined.
+fn all_answered(shared: &Shared) -> bool {
+    let guard = shared.training();
+    let Some(t) = guard.as_ref() else { return true };
+    t.selected
+        .iter()
+        .all(|o| t.has_answered(o) || (!shared.is_connected(o) && !t.uploading.contains(o)))
+}
+
+async fn drive(shared: &Arc<Shared>) -> Result<()> {
+    let (plan, id, out_dir) = {
+        let guard = shared.training();
+        let t = guard.as_ref().expect("a driver runs only with a training");
+        (t.plan.clone(), t.id.clone(), t.output_dir.clone())
+    };
+    let min = plan.training.min_participants;
+    let deadline = Duration::from_secs(plan.training.round_deadline_secs);
+    let limits = shared.config.limits.clone();
+
+    // Federated feature scaling: only counts, sums and sums of squares leave a site.
+    let scaling = {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            wait_for_participants(shared, min).await?;
+            let wire_plan = plan_to_proto(&plan);
+            let selected = open_phase(shared, Phase::CollectingStatistics, 0, |t| {
+                task(
+                    &t.id,
+                    0,
+                    pb::task::Kind::Stats(pb::StatsTask {
+                        plan: Some(wire_plan.clone()),
+                    }),
+                )
+            });
+            tracing::info!(
+                participants = selected.len(),
+                "collecting feature statistics"
+            );
+            wait_until(
+                shared,
+                Some(tokio::time::Instant::now() + deadline),
+                all_answered,
+            )
+            .await?;
+            let stats: BTreeMap<String, FeatureStats> = shared
+                .training()
+                .as_ref()
+                .map(|t| t.stats.clone())
+                .unwrap_or_default();
+            if stats.len() >= min {
+                let mut total = FeatureStats {
+                    count: 0,
+                    sum: vec![0.0; plan.n_features()],
+                    sum_sq: vec![0.0; plan.n_features()],
+                };
+                // BTreeMap order: the merged statistics do not depend on arrival order.
+                for s in stats.values() {
+                    total.merge(s)?;
+                }
+                tracing::info!(
+                    sites = stats.len(),
+                    rows = total.count,
+                    "global feature scaling computed"
+                );
+                break total.to_scaling()?;
+            }
+            let msg = format!(
+                "only {} of the required {min} participants sent statistics",
+                stats.len()
+            );
+            if attempt >= limits.round_attempts {
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "{msg} after {attempt} attempts"
+                )));
+            }
+            tracing::warn!(
+                "{msg}; retrying (attempt {attempt} of {})",
+                limits.round_attempts
+            );
+        }
+    };
+    let mut plan = plan;
+    plan.scaling = Some(scaling);
+    let wire_plan = plan_to_proto(&plan);
+    std::fs::write(out_dir.join("plan.toml"), plan.to_toml())
+        .map_err(|e| CoordinatorError::io("writing plan.toml", e))?;
+
+    let spec = ModelSpec::from_plan(&plan);
+    let layout = spec.layout();
+    let mut global = spec.init_params(plan.training.seed);
+    publish(shared, &plan, &layout, 0, global.clone())?;
+    tracing::info!(
+        training = %id,
+        params = global.len(),
+        rounds = plan.training.rounds,
+        "initial global model published"
+    );
+
+    let metrics_path = out_dir.join("metrics.jsonl");
+    for round in 1..=plan.training.rounds {
+        let round_start = Instant::now();
+        let mut attempt = 0;
+        let (accepted, acc, train_secs) = loop {
+            attempt += 1;
+            wait_for_participants(shared, min).await?;
+            let phase_start = Instant::now();
+            let model_info =
+                shared.training().as_ref().expect("training").models[&(round - 1)].info();
+            let selected = open_phase(shared, Phase::Training, round, |t| {
+                task(
+                    &t.id,
+                    round,
+                    pb::task::Kind::Train(pb::TrainTask {
+                        plan: Some(wire_plan.clone()),
+                        model: Some(model_info.clone()),
+                    }),
+                )
+            });
+            tracing::info!(round, participants = selected.len(), "round opened");
+            let all = wait_until(
+                shared,
+                Some(tokio::time::Instant::now() + deadline),
+                all_answered,
+            )
+            .await?;
+            let (accepted, acc, waiting): (Vec<AcceptedUpdate>, Option<Accumulator>, Vec<String>) = {
+                let mut guard = shared.training();
+                let t = guard.as_mut().expect("training");
+                // Closing the round: later uploads for it get FAILED_PRECONDITION.
+                t.phase = Phase::WaitingForParticipants;
+                let waiting = t
+                    .selected
+                    .iter()
+                    .filter(|o| !t.has_answered(o))
+                    .cloned()
+                    .collect();
+                (
+                    t.accepted.values().cloned().collect(),
+                    t.accumulator.take(),
+                    waiting,
+                )
+            };
+            if !all {
+                tracing::warn!(round, missing = ?waiting, "round deadline passed; closing with the updates received");
+                for org in &waiting {
+                    shared.record_error(
+                        org,
+                        format!("no update for round {round} before the deadline"),
+                    );
+                }
+            }
+            if accepted.len() >= min {
+                break (
+                    accepted,
+                    acc.expect("accumulator"),
+                    phase_start.elapsed().as_secs_f64(),
+                );
+            }
+            let msg = format!(
+                "round {round}: only {} of the required {min} updates were accepted",
+                accepted.len()
+            );
+            if attempt >= limits.round_attempts {
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "{msg} after {attempt} attempts"
+                )));
+            }
+            tracing::warn!(
+                "{msg}; re-running the round (attempt {attempt} of {})",
+                limits.round_attempts
+            );
+        };
+
+        let agg_start = Instant::now();
+        global = acc.apply_to(&global)?;
+        let aggregate_secs = agg_start.elapsed().as_secs_f64();
+        let published = publish(shared, &plan, &layout, round, global.clone())?;
+
+        let eval_start = Instant::now();
+        let eval_info = published.info();
+        open_phase(shared, Phase::Evaluating, round, |t| {
+            task(
+                &t.id,
+                round,
+                pb::task::Kind::Evaluate(pb::EvaluateTask {
+                    plan: Some(wire_plan.clone()),
+                    model: Some(eval_info.clone()),
+                }),
+            )
+        });
+        let eval_deadline = tokio::time::Instant::now() + deadline / EVALUATION_DEADLINE_FRACTION;
+        wait_until(shared, Some(eval_deadline), all_answered).await?;
+        let evaluations: Vec<EvalRecord> = shared
+            .training()
+            .as_ref()
+            .map(|t| t.evaluations.values().cloned().collect())
+            .unwrap_or_default();
+        let record = round_record(
+            &id,
+            round,
+            &published.sha256,
+            accepted,
+            evaluations,
+            Timings {
+                train_phase_secs: train_secs,
+                aggregate_secs,
+                eval_phase_secs: eval_start.elapsed().as_secs_f64(),
+                round_secs: round_start.elapsed().as_secs_f64(),
+            },
+            attempt,
+        );
+        append_jsonl(&metrics_path, &record)?;
+        tracing::info!(
+            "round {}/{}: {} updates, {} examples, train loss {:.4}, val loss {}, accuracy {}, macro-F1 {}, {:.2}s",
+            round,
+            plan.training.rounds,
+            record.participants.len(),
+            record.total_examples,
+            record.train_loss,
+            fmt_opt(record.eval_loss),
+            fmt_opt(record.eval_accuracy),
+            fmt_opt(record.eval_macro_f1),
+            record.timings.round_secs
+        );
+    }
+    let final_path = out_dir.join("global.safetensors");
+    weights::save_safetensors(
+        &final_path,
+        &layout,
+        &global,
+        model_metadata(&plan, plan.training.rounds),
+    )?;
+    Ok(())
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into())
+}
+
+fn model_metadata(plan: &TrainingPlan, round: u32) -> HashMap<String, String> {
+    HashMap::from([
+        ("format".to_string(), "sangsaeng-mlp-v1".to_string()),
+        ("round".to_string(), round.to_string()),
+        ("plan_toml".to_string(), plan.to_toml()),
+    ])
+}
+
+/// Saves a round's global model and makes it downloadable; keeps only the models still needed.
+fn publish(
+    shared: &Shared,
+    plan: &TrainingPlan,
+    layout: &[sangsaeng_common::model::TensorSpec],
+    round: u32,
+    params: Vec<f32>,
+) -> Result<Arc<PublishedModel>> {
+    let out_dir = shared
+        .training()
+        .as_ref()
+        .expect("training")
+        .output_dir
+        .clone();
+    let path = out_dir.join(format!("model-round-{round:04}.safetensors"));
+    weights::save_safetensors(&path, layout, &params, model_metadata(plan, round))?;
+    let published = Arc::new(PublishedModel::new(
+        round,
+        params,
+        shared.config.limits.max_chunk_bytes,
+    ));
+    let mut guard = shared.training();
+    let t = guard.as_mut().expect("training");
+    t.models.insert(round, published.clone());
+    // The previous round's model is still needed by late evaluators only until the next round opens.
+    t.models.retain(|&r, _| r + 1 >= round);
+    Ok(published)
+}
+
+fn round_record(
+    id: &str,
+    round: u32,
+    sha: &str,
+    participants: Vec<AcceptedUpdate>,
+    evaluations: Vec<EvalRecord>,
+    timings: Timings,
+    attempts: u32,
+) -> RoundRecord {
+    let total_examples: u64 = participants.iter().map(|p| p.num_examples).sum();
+    let train_loss = participants
+        .iter()
+        .map(|p| p.train_loss * p.num_examples as f64)
+        .sum::<f64>()
+        / total_examples.max(1) as f64;
+    let eval_n: u64 = evaluations.iter().map(|e| e.num_examples).sum();
+    let weighted = |f: fn(&EvalRecord) -> f64| {
+        (eval_n > 0).then(|| {
+            evaluations
+                .iter()
+                .map(|e| f(e) * e.num_examples as f64)
+                .sum::<f64>()
+                / eval_n as f64
+        })
+    };
+    RoundRecord {
+        training_id: id.to_string(),
+        round,
+        finished_at: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .expect("RFC 3339 formatting of a UTC time cannot fail"),
+        model_sha256: sha.to_string(),
+        total_examples,
+        train_loss,
+        eval_loss: weighted(|e| e.loss),
+        eval_accuracy: weighted(|e| e.accuracy),
+        eval_macro_f1: weighted(|e| e.macro_f1),
+        participants,
+        evaluations,
+        timings,
+        attempts,
+    }
+}
+
+fn append_jsonl(path: &std::path::Path, record: &RoundRecord) -> Result<()> {
+    use std::io::Write;
+    let mut line = serde_json::to_string(record).expect("a round record always serialises");
+    line.push('\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| CoordinatorError::io(format!("opening {}", path.display()), e))?;
+    f.write_all(line.as_bytes())
+        .and_then(|_| f.sync_data())
+        .map_err(|e| CoordinatorError::io(format!("appending to {}", path.display()), e))
+}

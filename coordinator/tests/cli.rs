@@ -1,0 +1,189 @@
+//! The `sangsaeng-coordinator` binary as an operator uses it: help texts, PKI
+//! commands (key modes, fingerprints), and clear refusals of bad configuration.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sangsaeng-coordinator"))
+}
+
+const ROSTER: &str = r#"
+[[organisation]]
+id = "hanbit-motors"
+name = "Hanbit Motors"
+tier = "anchor"
+role = "participant"
+
+[[organisation]]
+id = "hanbit-admin"
+name = "Hanbit federation office"
+tier = "anchor"
+role = "admin"
+"#;
+
+#[test]
+fn help_explains_every_subcommand() {
+    for args in [
+        vec!["--help"],
+        vec!["serve", "--help"],
+        vec!["pki", "init", "--help"],
+        vec!["admin", "--help"],
+    ] {
+        let out = bin().args(&args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("Usage"), "{args:?}: {text}");
+    }
+    let text = String::from_utf8_lossy(&bin().args(["serve", "--help"]).output().unwrap().stdout)
+        .to_string();
+    for opt in [
+        "--roster",
+        "--plan",
+        "--listen",
+        "--ca",
+        "--cert",
+        "--key",
+        "--output-dir",
+        "--config",
+    ] {
+        assert!(text.contains(opt), "serve --help lacks {opt}");
+    }
+}
+
+#[test]
+fn pki_init_writes_private_keys_0600_and_prints_the_fingerprint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["pki", "init", "--out"])
+        .arg(dir.path())
+        .args(["--san", "coordinator.example", "--san", "10.1.2.3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let fp = bin()
+        .args(["pki", "fingerprint"])
+        .arg(dir.path().join("ca.pem"))
+        .output()
+        .unwrap();
+    let fp = String::from_utf8_lossy(&fp.stdout).trim().to_string();
+    assert_eq!(fp.split(':').count(), 32, "{fp}");
+    assert!(
+        stdout.contains(&fp),
+        "init must print the CA fingerprint: {stdout}"
+    );
+    for key in ["ca.key", "server.key"] {
+        let mode = std::fs::metadata(dir.path().join(key))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{key}");
+    }
+    // A second init in the same folder must not replace the CA.
+    let before = std::fs::read(dir.path().join("ca.key")).unwrap();
+    let again = bin().args(["pki", "init", "--out"]).arg(dir.path()).output().unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to replace"));
+    assert_eq!(std::fs::read(dir.path().join("ca.key")).unwrap(), before);
+}
+
+#[test]
+fn csr_enrolment_signs_only_the_named_organisation() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("roster.toml"), ROSTER).unwrap();
+    assert!(
+        bin()
+            .args(["pki", "init", "--out"])
+            .arg(d)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    // What `sangsaeng-participant enrol` does on the supplier's machine.
+    let (key, csr) = sangsaeng_common::pki::generate_csr("hanbit-motors").unwrap();
+    sangsaeng_common::pki::write_private_key(d.join("site.key"), &key).unwrap();
+    std::fs::write(d.join("site.csr"), csr).unwrap();
+    let sign = |org: &str| {
+        bin()
+            .args(["pki", "sign", "--ca-dir"])
+            .arg(d)
+            .arg("--csr")
+            .arg(d.join("site.csr"))
+            .args(["--org", org, "--roster"])
+            .arg(d.join("roster.toml"))
+            .arg("--out")
+            .arg(d.join(format!("{org}.pem")))
+            .output()
+            .unwrap()
+    };
+    let ok = sign("hanbit-motors");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let pem = std::fs::read_to_string(d.join("hanbit-motors.pem")).unwrap();
+    let der = rustls_pemfile_der(&pem);
+    assert_eq!(
+        sangsaeng_common::tls::identity_from_der(&der).unwrap(),
+        "hanbit-motors"
+    );
+    // A request for one organisation cannot be signed as another.
+    let wrong = sign("hanbit-admin");
+    assert!(!wrong.status.success());
+    // An organisation not on the roster is refused before signing.
+    let stranger = sign("stranger-co");
+    assert!(!stranger.status.success());
+    assert!(String::from_utf8_lossy(&stranger.stderr).contains("not in"));
+}
+
+fn rustls_pemfile_der(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+#[test]
+fn serve_refuses_bad_configuration_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("roster.toml"),
+        ROSTER.replace(
+            "tier = \"anchor\"\nrole = \"admin\"",
+            "tier = \"gold\"\nrole = \"admin\"",
+        ),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--roster"])
+        .arg(d.join("roster.toml"))
+        .args(["--ca", "x", "--cert", "y", "--key", "z"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("roster.toml") && err.contains("tier 'gold'"),
+        "{err}"
+    );
+    // Missing TLS files are named.
+    std::fs::write(d.join("roster.toml"), ROSTER).unwrap();
+    let out = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--roster"])
+        .arg(d.join("roster.toml"))
+        .args(["--ca", "/nonexistent/ca.pem", "--cert", "y", "--key", "z"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/ca.pem"));
+}

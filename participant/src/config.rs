@@ -1,0 +1,300 @@
+//! The participant daemon's typed configuration: a TOML file plus command-line
+//! overrides, validated once at start-up.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use sangsaeng_common::backend::BackendKind;
+use sangsaeng_common::data::SiteData;
+use sangsaeng_common::tls::TlsFiles;
+
+use crate::error::{ParticipantError, Result};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    coordinator: Option<String>,
+    server_name: Option<String>,
+    backend: Option<String>,
+    record_dir: Option<PathBuf>,
+    upload_chunk_bytes: Option<usize>,
+    tls: Option<TlsSection>,
+    data: Option<DataSection>,
+    #[serde(default)]
+    reconnect: Reconnect,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataSection {
+    files: Vec<PathBuf>,
+    label_column: String,
+    /// Optional: when absent the plan's feature columns are looked up by name.
+    feature_columns: Option<Vec<String>>,
+}
+
+/// Capped exponential backoff with jitter for reconnecting to the coordinator.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Reconnect {
+    pub initial_ms: u64,
+    pub max_ms: u64,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        // Half a second rides out a coordinator restart quickly; 30 s caps the
+        // load hundreds of suppliers put on a coordinator that is down for long.
+        Reconnect {
+            initial_ms: 500,
+            max_ms: 30_000,
+        }
+    }
+}
+
+impl Reconnect {
+    /// Delay before attempt `n` (0-based): doubling from `initial_ms`, capped at `max_ms`,
+    /// with ±20 % jitter so many suppliers do not reconnect in lockstep.
+    pub fn delay(&self, attempt: u32, jitter: f64) -> Duration {
+        let base = self
+            .initial_ms
+            .saturating_mul(1u64 << attempt.min(20))
+            .min(self.max_ms);
+        let j = 1.0 + 0.2 * jitter.clamp(-1.0, 1.0);
+        Duration::from_millis((base as f64 * j) as u64)
+    }
+}
+
+/// Command-line overrides; `None` keeps the file's value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub coordinator: Option<String>,
+    pub server_name: Option<String>,
+    pub backend: Option<String>,
+    pub record_dir: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub data_files: Vec<PathBuf>,
+    pub label_column: Option<String>,
+    pub exit_after_training: bool,
+}
+
+/// Validated configuration of one participant daemon.
+#[derive(Debug, Clone)]
+pub struct ParticipantConfig {
+    /// e.g. `https://coordinator.anchor.example:7443`.
+    pub coordinator: String,
+    /// The name in the coordinator's certificate.
+    pub server_name: String,
+    pub tls: TlsFiles,
+    pub data: SiteData,
+    /// When the data section lists no feature columns, the plan's are used.
+    pub features_from_plan: bool,
+    pub backend: BackendKind,
+    /// If set, every delta sent is also written here (the site's own record of what left it).
+    pub record_dir: Option<PathBuf>,
+    pub upload_chunk_bytes: usize,
+    pub reconnect: Reconnect,
+    /// Stop after the first training finishes (the example and tests); a daemon keeps running.
+    pub exit_after_training: bool,
+}
+
+pub const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:7443";
+/// Matches the coordinator's default chunk limit.
+pub const DEFAULT_UPLOAD_CHUNK: usize = 1 << 20;
+
+impl ParticipantConfig {
+    pub fn build(file: Option<&Path>, o: Overrides) -> Result<Self> {
+        let (fc, base) = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| ParticipantError::Config(format!("{}: {e}", p.display())))?;
+                let fc: FileConfig = toml::from_str(&text).map_err(|e| {
+                    ParticipantError::Config(format!(
+                        "{}: {}",
+                        p.display(),
+                        e.to_string()
+                            .split_whitespace()
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    ))
+                })?;
+                (
+                    Some(fc),
+                    p.parent().map(Path::to_path_buf).unwrap_or_default(),
+                )
+            }
+            None => (None, PathBuf::new()),
+        };
+        let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let missing = |what: &str, flag: &str| {
+            ParticipantError::Config(format!(
+                "no {what} given: pass {flag} or set it in the config file"
+            ))
+        };
+        let coordinator = o
+            .coordinator
+            .or(fc.as_ref().and_then(|f| f.coordinator.clone()))
+            .unwrap_or_else(|| DEFAULT_COORDINATOR.to_string());
+        if !coordinator.starts_with("https://") {
+            return Err(ParticipantError::Config(format!(
+                "coordinator '{coordinator}' must be an https:// address (all traffic is mutual TLS)"
+            )));
+        }
+        let server_name = o
+            .server_name
+            .or(fc.as_ref().and_then(|f| f.server_name.clone()))
+            .unwrap_or_else(|| "localhost".into());
+        let tls_file = fc.as_ref().and_then(|f| f.tls.clone());
+        let tls = TlsFiles {
+            ca: o
+                .ca
+                .or(tls_file.as_ref().map(|t| rel(t.ca.clone())))
+                .ok_or_else(|| missing("CA certificate", "--ca"))?,
+            cert: o
+                .cert
+                .or(tls_file.as_ref().map(|t| rel(t.cert.clone())))
+                .ok_or_else(|| missing("site certificate", "--cert"))?,
+            key: o
+                .key
+                .or(tls_file.as_ref().map(|t| rel(t.key.clone())))
+                .ok_or_else(|| missing("site key", "--key"))?,
+        };
+        let data_file = fc.as_ref().and_then(|f| f.data.clone());
+        let files: Vec<PathBuf> = if o.data_files.is_empty() {
+            data_file
+                .as_ref()
+                .map(|d| d.files.iter().cloned().map(&rel).collect())
+                .unwrap_or_default()
+        } else {
+            o.data_files
+        };
+        if files.is_empty() {
+            return Err(missing("data files", "--data"));
+        }
+        let label_column = o
+            .label_column
+            .or(data_file.as_ref().map(|d| d.label_column.clone()))
+            .ok_or_else(|| missing("label column", "--label-column"))?;
+        let feature_columns = data_file.as_ref().and_then(|d| d.feature_columns.clone());
+        let backend_name = o
+            .backend
+            .or(fc.as_ref().and_then(|f| f.backend.clone()))
+            .unwrap_or_else(|| "ndarray".into());
+        let backend: BackendKind = backend_name
+            .parse()
+            .map_err(|e| ParticipantError::Config(format!("backend: {e}")))?;
+        let upload_chunk_bytes = fc
+            .as_ref()
+            .and_then(|f| f.upload_chunk_bytes)
+            .unwrap_or(DEFAULT_UPLOAD_CHUNK);
+        if !(4096..=64 << 20).contains(&upload_chunk_bytes) || !upload_chunk_bytes.is_multiple_of(4) {
+            return Err(ParticipantError::Config(format!(
+                "upload_chunk_bytes: {upload_chunk_bytes} must be a multiple of 4 in 4096..=67108864"
+            )));
+        }
+        let reconnect = fc.as_ref().map(|f| f.reconnect.clone()).unwrap_or_default();
+        if reconnect.initial_ms == 0 || reconnect.max_ms < reconnect.initial_ms {
+            return Err(ParticipantError::Config(
+                "reconnect: initial_ms must be at least 1 and max_ms at least initial_ms".into(),
+            ));
+        }
+        Ok(ParticipantConfig {
+            coordinator,
+            server_name,
+            tls,
+            features_from_plan: feature_columns.is_none(),
+            data: SiteData {
+                files,
+                label_column,
+                feature_columns: feature_columns.unwrap_or_default(),
+            },
+            backend,
+            record_dir: o
+                .record_dir
+                .or(fc.as_ref().and_then(|f| f.record_dir.clone()).map(&rel)),
+            upload_chunk_bytes,
+            reconnect,
+            exit_after_training: o.exit_after_training,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let r = Reconnect::default();
+        assert_eq!(r.delay(0, 0.0), Duration::from_millis(500));
+        assert_eq!(r.delay(1, 0.0), Duration::from_millis(1000));
+        assert_eq!(r.delay(30, 0.0), Duration::from_millis(30_000));
+        assert_eq!(r.delay(30, 1.0), Duration::from_millis(36_000));
+        assert_eq!(r.delay(0, -1.0), Duration::from_millis(400));
+    }
+
+    #[test]
+    fn file_with_unknown_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.toml");
+        std::fs::write(&p, "coordinatr = \"https://x\"\n").unwrap();
+        let e = ParticipantConfig::build(Some(&p), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("coordinatr"), "{e}");
+    }
+
+    #[test]
+    fn paths_are_relative_to_the_file_and_overrides_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.toml");
+        std::fs::write(
+            &p,
+            r#"
+coordinator = "https://anchor.example:7443"
+[tls]
+ca = "pki/ca.pem"
+cert = "pki/me.pem"
+key = "pki/me.key"
+[data]
+files = ["line1.csv"]
+label_column = "fault"
+"#,
+        )
+        .unwrap();
+        let c = ParticipantConfig::build(
+            Some(&p),
+            Overrides {
+                server_name: Some("anchor.example".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.tls.ca, dir.path().join("pki/ca.pem"));
+        assert_eq!(c.data.files, vec![dir.path().join("line1.csv")]);
+        assert_eq!(c.server_name, "anchor.example");
+        assert!(c.features_from_plan);
+        let e = ParticipantConfig::build(
+            Some(&p),
+            Overrides {
+                coordinator: Some("http://plain".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("https://"), "{e}");
+    }
+}

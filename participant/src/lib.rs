@@ -1,0 +1,28 @@
+//! The Sangsaeng participant daemon, run by each supplier beside its private
+//! line data. It only dials out to the coordinator; the data never leaves the
+//! site, only aggregate feature statistics, weight deltas and evaluation metrics.
+//!
+//! Map of the crate:
+//! - [`config`]: typed, validated configuration (file + CLI) and reconnect backoff.
+//! - [`error`]: the crate's error enum; which errors are worth a reconnect.
+//! - [`site`]: loading, checking, splitting and scaling the site's CSV data.
+//! - [`session`]: the conversation with the coordinator: subscribe, statistics,
+//!   chunked model download with resume, local burn training, delta upload, evaluation.
+//!
+//! [`run`] is what `sangsaeng-participant run` calls; tests and the example call it too.
+
+pub mod config;
+pub mod error;
+pub mod session;
+pub mod site;
+
+use tokio_util::sync::CancellationToken;
+
+pub use config::ParticipantConfig;
+pub use error::{ParticipantError, Result};
+
+/// Runs the participant until `shutdown` is cancelled (then it tells the
+/// coordinator it leaves) or, with `exit_after_training`, until a training ends.
+pub async fn run(config: ParticipantConfig, shutdown: CancellationToken) -> Result<()> {
+    session::Session::new(config)?.run(shutdown).await
+}

@@ -1,0 +1,166 @@
+//! `sangsaeng-participant`: the supplier-side daemon and its enrolment and
+//! data-check commands. Parses arguments, sets up logging, builds the typed
+//! config and hands over to the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use sangsaeng_common::{data, pki, plan::TrainingPlan};
+use sangsaeng_participant::config::{Overrides, ParticipantConfig};
+
+/// Sangsaeng participant: trains the federation's model on this site's private
+/// line data and sends back only weight deltas. It only dials out.
+#[derive(Parser)]
+#[command(name = "sangsaeng-participant", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: connect to the coordinator and carry out training rounds.
+    Run(RunArgs),
+    /// Create this site's private key and a certificate request for the anchor
+    /// company's administrator to sign. The key never leaves this machine.
+    Enrol {
+        /// Organisation id, as listed in the federation's roster.
+        #[arg(long)]
+        org: String,
+        /// Folder to write <org>.key (mode 0600) and <org>.csr into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check local CSV files against a training plan without connecting anywhere.
+    CheckData {
+        /// The training plan (TOML) the federation will use.
+        #[arg(long)]
+        plan: PathBuf,
+        /// CSV files to check.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Config file (TOML). Its paths are relative to the file; options below override it.
+    #[arg(long, env = "SANGSAENG_PARTICIPANT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Coordinator address [default: https://127.0.0.1:7443]
+    #[arg(long, env = "SANGSAENG_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Name in the coordinator's certificate [default: localhost]
+    #[arg(long, env = "SANGSAENG_SERVER_NAME")]
+    server_name: Option<String>,
+    /// Project CA certificate (PEM); check its fingerprint with the anchor company.
+    #[arg(long, env = "SANGSAENG_CA")]
+    ca: Option<PathBuf>,
+    /// This site's certificate (PEM), signed by the project CA.
+    #[arg(long, env = "SANGSAENG_CERT")]
+    cert: Option<PathBuf>,
+    /// This site's private key (PEM).
+    #[arg(long, env = "SANGSAENG_KEY")]
+    key: Option<PathBuf>,
+    /// CSV file of line data (repeat for several files); replaces the config's list.
+    #[arg(long = "data")]
+    data: Vec<PathBuf>,
+    /// Name of the label column in the CSV files.
+    #[arg(long)]
+    label_column: Option<String>,
+    /// burn backend for local training: ndarray (default) or flex (if compiled in).
+    #[arg(long, env = "SANGSAENG_BACKEND")]
+    backend: Option<String>,
+    /// Keep a copy of every delta sent, under this folder (the site's own audit of what left it).
+    #[arg(long)]
+    record_dir: Option<PathBuf>,
+    /// Stop after the first training finishes instead of waiting for the next one.
+    #[arg(long)]
+    once: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match Cli::parse().command {
+        Command::Run(a) => run(a).await,
+        Command::Enrol { org, out } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let (key, csr) = pki::generate_csr(&org)?;
+            let key_path = out.join(format!("{org}.key"));
+            let csr_path = out.join(format!("{org}.csr"));
+            pki::write_private_key(&key_path, &key)?;
+            pki::write_public(&csr_path, &csr)?;
+            println!(
+                "private key: {} (mode 0600, keep it here)",
+                key_path.display()
+            );
+            println!("certificate request: {}", csr_path.display());
+            println!(
+                "send the request to the anchor company's administrator; check the CA fingerprint they give you with:"
+            );
+            println!("  sangsaeng-coordinator pki fingerprint ca.pem");
+            Ok(())
+        }
+        Command::CheckData { plan, files } => {
+            let plan = TrainingPlan::from_file(&plan)?;
+            let ds = data::load_csvs(&files, &plan.schema)?;
+            let counts = ds.class_counts(plan.n_classes());
+            println!("{} rows, {} features: OK", ds.len(), ds.n_features);
+            for (c, n) in plan.schema.classes.iter().zip(counts) {
+                println!("  class {c}: {n} rows");
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn run(a: RunArgs) -> anyhow::Result<()> {
+    let config = ParticipantConfig::build(
+        a.config.as_deref(),
+        Overrides {
+            coordinator: a.coordinator,
+            server_name: a.server_name,
+            backend: a.backend,
+            record_dir: a.record_dir,
+            ca: a.ca,
+            cert: a.cert,
+            key: a.key,
+            data_files: a.data,
+            label_column: a.label_column,
+            exit_after_training: a.once,
+        },
+    )?;
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing a SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested; abandoning local work and leaving the federation");
+        token.cancel();
+    });
+    sangsaeng_participant::run(config, shutdown)
+        .await
+        .context("participant stopped")?;
+    Ok(())
+}

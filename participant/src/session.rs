@@ -1,0 +1,483 @@
+//! One participant's conversation with the coordinator: dial out, subscribe,
+//! and carry out each pushed task (statistics, local training, evaluation).
+//!
+//! The daemon never listens on a port. If the connection drops it reconnects with
+//! capped exponential backoff and jitter; the coordinator resends a task it still
+//! waits for. Local training runs on a blocking thread so the connection stays
+//! responsive (keepalives) however long it takes.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use sangsaeng_common::model::ModelSpec;
+use sangsaeng_common::plan::TrainingPlan;
+use sangsaeng_common::train::{self, LocalTraining};
+use sangsaeng_common::weights;
+use sangsaeng_common::wire::plan_from_proto;
+use sangsaeng_proto::v1 as pb;
+use sangsaeng_proto::v1::federation_client::FederationClient;
+
+use crate::config::ParticipantConfig;
+use crate::error::{ParticipantError, Result};
+use crate::site::{self, Site};
+
+/// A broken-off model download resumes from the last good chunk this many times.
+const DOWNLOAD_ATTEMPTS: u32 = 4;
+
+/// Why a subscription ended without error.
+enum Ended {
+    /// The training finished and the config asks to stop.
+    Done,
+    /// Shutdown was requested.
+    Shutdown,
+}
+
+pub struct Session {
+    cfg: ParticipantConfig,
+    site: Site,
+    tls: sangsaeng_common::tls::TlsMaterial,
+    /// Trainings this site declined (e.g. schema mismatch): their tasks are ignored.
+    declined: HashMap<String, String>,
+    client: Option<FederationClient<Channel>>,
+    /// Set once a subscription was established; resets the reconnect backoff.
+    subscribed: bool,
+}
+
+impl Session {
+    pub fn new(cfg: ParticipantConfig) -> Result<Self> {
+        let tls = cfg.tls.load()?;
+        let site = Site::new(cfg.data.clone(), cfg.features_from_plan);
+        Ok(Session {
+            cfg,
+            site,
+            tls,
+            declined: HashMap::new(),
+            client: None,
+            subscribed: false,
+        })
+    }
+
+    /// Runs until shutdown (or, with `exit_after_training`, the end of a training).
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
+        let mut attempt: u32 = 0;
+        loop {
+            self.subscribed = false;
+            let outcome = self.connect_and_serve(&shutdown).await;
+            match outcome {
+                Ok(Ended::Done) => return Ok(()),
+                Ok(Ended::Shutdown) | Err(ParticipantError::Shutdown) => {
+                    self.leave("shutdown requested").await;
+                    return Ok(());
+                }
+                Err(e) if e.is_transient() => {
+                    if self.subscribed {
+                        attempt = 0;
+                    }
+                    self.client = None;
+                    let jitter = rand::random::<f64>() * 2.0 - 1.0;
+                    let delay = self.cfg.reconnect.delay(attempt, jitter);
+                    attempt = attempt.saturating_add(1);
+                    tracing::warn!("{e}; reconnecting in {:.1}s", delay.as_secs_f64());
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => return Ok(()),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn client(&mut self) -> Result<FederationClient<Channel>> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        let ch = sangsaeng_common::channel::connect(
+            &self.cfg.coordinator,
+            &self.tls,
+            &self.cfg.server_name,
+        )
+        .await?;
+        let max = self.cfg.upload_chunk_bytes.max(64 << 20) + (64 << 10);
+        let c = FederationClient::new(ch)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+        self.client = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn connect_and_serve(&mut self, shutdown: &CancellationToken) -> Result<Ended> {
+        let mut client = self.client().await?;
+        let mut tasks = client
+            .subscribe(pb::SubscribeRequest {
+                software_version: concat!("sangsaeng-participant ", env!("CARGO_PKG_VERSION"))
+                    .into(),
+            })
+            .await
+            .map_err(|s| ParticipantError::rpc("Subscribe", s))?
+            .into_inner();
+        self.subscribed = true;
+        tracing::info!(coordinator = %self.cfg.coordinator, "subscribed; waiting for tasks");
+        loop {
+            let task = tokio::select! {
+                t = tasks.message() => t.map_err(|s| ParticipantError::rpc("Subscribe", s))?,
+                _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
+            };
+            let Some(task) = task else {
+                return Err(ParticipantError::Rpc {
+                    rpc: "Subscribe",
+                    code: tonic::Code::Unavailable,
+                    message: "the coordinator closed the task stream".into(),
+                });
+            };
+            let finished = matches!(task.kind, Some(pb::task::Kind::Finished(_)));
+            if let Some(why) = self.declined.get(&task.training_id).filter(|_| !finished) {
+                tracing::debug!(training = %task.training_id, "ignoring task of a declined training: {why}");
+                continue;
+            }
+            let training_id = task.training_id.clone();
+            let round = task.round;
+            let result = tokio::select! {
+                r = self.handle(&mut client, task) => r,
+                _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
+            };
+            match result {
+                Ok(true) if self.cfg.exit_after_training => return Ok(Ended::Done),
+                Ok(_) => {}
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e @ ParticipantError::Rpc { .. }) => {
+                    // The coordinator refused this piece of work (e.g. the round closed);
+                    // the next task will come down the stream.
+                    tracing::warn!(training = %training_id, round, "{e}");
+                }
+                Err(e) => {
+                    // Our own data or the plan is unusable: say so to the coordinator and
+                    // sit this training out instead of failing every round again.
+                    let message = e.to_string();
+                    tracing::error!(training = %training_id, round, "cannot take part: {message}");
+                    let _ = client
+                        .report_problem(pb::ProblemReport {
+                            training_id: training_id.clone(),
+                            round,
+                            message: message.clone(),
+                        })
+                        .await;
+                    self.declined.insert(training_id, message);
+                }
+            }
+        }
+    }
+
+    /// Carries out one task; returns true when the training finished.
+    async fn handle(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        task: pb::Task,
+    ) -> Result<bool> {
+        let missing = |what: &str| {
+            ParticipantError::Common(sangsaeng_common::Error::Protocol(format!(
+                "task without {what}"
+            )))
+        };
+        let kind = task.kind.ok_or_else(|| missing("a kind"))?;
+        let tid = task.training_id;
+        match kind {
+            pb::task::Kind::Stats(s) => {
+                let plan = plan_from_proto(s.plan.as_ref().ok_or_else(|| missing("a plan"))?)?;
+                let prepared = self.site.prepare(&tid, &plan)?;
+                let stats = Site::stats(&prepared);
+                client
+                    .submit_stats(pb::StatsReport {
+                        training_id: tid.clone(),
+                        count: stats.count,
+                        sum: stats.sum,
+                        sum_sq: stats.sum_sq,
+                    })
+                    .await
+                    .map_err(|s| ParticipantError::rpc("SubmitStats", s))?;
+                tracing::info!(training = %tid, rows = stats.count, "sent feature statistics (counts and sums only)");
+                Ok(false)
+            }
+            pb::task::Kind::Train(t) => {
+                let plan = plan_from_proto(t.plan.as_ref().ok_or_else(|| missing("a plan"))?)?;
+                let info = t.model.ok_or_else(|| missing("a model"))?;
+                self.train(client, &tid, task.round, &plan, &info).await?;
+                Ok(false)
+            }
+            pb::task::Kind::Evaluate(e) => {
+                let plan = plan_from_proto(e.plan.as_ref().ok_or_else(|| missing("a plan"))?)?;
+                let info = e.model.ok_or_else(|| missing("a model"))?;
+                let prepared = self.site.prepare(&tid, &plan)?;
+                let params = download(client, &tid, &info).await?;
+                let (_, val) = site::scaled(&prepared, &plan)?;
+                let spec = ModelSpec::from_plan(&plan);
+                let backend = self.cfg.backend;
+                let ev = tokio::task::spawn_blocking(move || {
+                    train::evaluate(backend, &spec, &params, &val)
+                })
+                .await
+                .map_err(|e| ParticipantError::Transfer(format!("evaluation thread: {e}")))??;
+                client
+                    .submit_evaluation(pb::EvaluationReport {
+                        training_id: tid.clone(),
+                        model_round: info.round,
+                        num_examples: ev.n as u64,
+                        loss: ev.loss,
+                        accuracy: ev.accuracy,
+                        macro_f1: ev.macro_f1,
+                    })
+                    .await
+                    .map_err(|s| ParticipantError::rpc("SubmitEvaluation", s))?;
+                tracing::info!(
+                    training = %tid,
+                    round = info.round,
+                    "global model on local validation: loss {:.4}, accuracy {:.4}, macro-F1 {:.4}",
+                    ev.loss, ev.accuracy, ev.macro_f1
+                );
+                Ok(false)
+            }
+            pb::task::Kind::Finished(f) => {
+                tracing::info!(training = %tid, "training finished: {}", f.outcome);
+                Ok(true)
+            }
+        }
+    }
+
+    async fn train(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        tid: &str,
+        round: u32,
+        plan: &TrainingPlan,
+        info: &pb::ModelInfo,
+    ) -> Result<()> {
+        let prepared = self.site.prepare(tid, plan)?;
+        let start = download(client, tid, info).await?;
+        let (train_set, _) = site::scaled(&prepared, plan)?;
+        let n = train_set.len() as u64;
+        let spec = ModelSpec::from_plan(plan);
+        let cfg = LocalTraining::from_plan(plan, round);
+        let backend = self.cfg.backend;
+        let begin = std::time::Instant::now();
+        let start_for_thread = start.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            train::train_local(backend, &spec, &start_for_thread, &train_set, &cfg)
+        })
+        .await
+        .map_err(|e| ParticipantError::Transfer(format!("training thread: {e}")))??;
+        let delta: Vec<f32> = outcome
+            .params
+            .iter()
+            .zip(&start)
+            .map(|(l, g)| l - g)
+            .collect();
+        let loss = outcome.epoch_losses.last().copied().unwrap_or(f64::NAN);
+        tracing::info!(
+            training = tid,
+            round,
+            examples = n,
+            "local training done in {:.2}s, loss {:.4}",
+            begin.elapsed().as_secs_f64(),
+            loss
+        );
+        if let Some(dir) = &self.cfg.record_dir {
+            record_delta(dir, tid, round, plan, &delta, n)?;
+        }
+        let receipt = upload(
+            client,
+            tid,
+            round,
+            &info.sha256,
+            &delta,
+            n,
+            loss,
+            self.cfg.upload_chunk_bytes,
+        )
+        .await?;
+        tracing::info!(
+            training = tid,
+            round,
+            sha256 = &receipt.sha256[..12],
+            "delta accepted by the coordinator"
+        );
+        Ok(())
+    }
+
+    async fn leave(&mut self, reason: &str) {
+        if let Some(c) = self.client.as_mut() {
+            // Bounded: a coordinator that is gone must not hold up our shutdown.
+            let r = tokio::time::timeout(
+                std::time::Duration::from_secs(3),
+                c.leave(pb::LeaveRequest {
+                    reason: reason.into(),
+                }),
+            )
+            .await;
+            match r {
+                Ok(Ok(_)) => tracing::info!("told the coordinator we are leaving"),
+                _ => tracing::warn!("could not tell the coordinator we are leaving"),
+            }
+        }
+    }
+}
+
+/// Downloads a global model, checking each chunk and the whole; resumes a broken transfer.
+pub async fn download(
+    client: &mut FederationClient<Channel>,
+    training_id: &str,
+    info: &pb::ModelInfo,
+) -> Result<Vec<f32>> {
+    let expected_bytes = info
+        .num_params
+        .checked_mul(4)
+        .filter(|&b| b <= (1u64 << 36))
+        .ok_or_else(|| {
+            ParticipantError::Transfer(format!("implausible model size {}", info.num_params))
+        })? as usize;
+    let mut bytes: Vec<u8> = Vec::with_capacity(expected_bytes);
+    let mut next: u32 = 0;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let result: Result<bool> = async {
+            let mut stream = client
+                .download_model(pb::DownloadRequest {
+                    training_id: training_id.into(),
+                    model_round: info.round,
+                    start_chunk: next,
+                })
+                .await
+                .map_err(|s| ParticipantError::rpc("DownloadModel", s))?
+                .into_inner();
+            while let Some(c) = stream
+                .message()
+                .await
+                .map_err(|s| ParticipantError::rpc("DownloadModel", s))?
+            {
+                if c.index != next {
+                    return Err(ParticipantError::Transfer(format!(
+                        "chunk {} arrived, expected {next}",
+                        c.index
+                    )));
+                }
+                if c.model_sha256 != info.sha256 {
+                    return Err(ParticipantError::Transfer(
+                        "the model changed during the download".into(),
+                    ));
+                }
+                if weights::sha256_hex(&c.data) != c.sha256 {
+                    return Err(ParticipantError::Transfer(format!(
+                        "chunk {next} digest mismatch"
+                    )));
+                }
+                if bytes.len() + c.data.len() > expected_bytes {
+                    return Err(ParticipantError::Transfer(
+                        "the model is longer than announced".into(),
+                    ));
+                }
+                bytes.extend_from_slice(&c.data);
+                next += 1;
+                if next == c.total_chunks {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        }
+        .await;
+        match result {
+            Ok(true) => break,
+            Ok(false) => {
+                if attempts >= DOWNLOAD_ATTEMPTS {
+                    return Err(ParticipantError::Transfer(
+                        "model download ended early".into(),
+                    ));
+                }
+            }
+            Err(e) if e.is_transient() && attempts < DOWNLOAD_ATTEMPTS => {
+                tracing::warn!("model download interrupted at chunk {next} ({e}); resuming");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if bytes.len() != expected_bytes || weights::sha256_hex(&bytes) != info.sha256 {
+        return Err(ParticipantError::Transfer(format!(
+            "downloaded model of round {} does not match its digest",
+            info.round
+        )));
+    }
+    Ok(weights::from_le_bytes(&bytes)?)
+}
+
+/// Streams a delta: header, checked chunks, trailer with the whole digest.
+#[allow(clippy::too_many_arguments)]
+pub async fn upload(
+    client: &mut FederationClient<Channel>,
+    training_id: &str,
+    round: u32,
+    base_sha256: &str,
+    delta: &[f32],
+    num_examples: u64,
+    train_loss: f64,
+    chunk_bytes: usize,
+) -> Result<pb::UploadReceipt> {
+    use pb::update_message::Part;
+    let bytes = weights::to_le_bytes(delta);
+    let mut messages = Vec::with_capacity(bytes.len() / chunk_bytes + 2);
+    messages.push(Part::Header(pb::UpdateHeader {
+        training_id: training_id.into(),
+        round,
+        base_model_sha256: base_sha256.into(),
+        num_params: delta.len() as u64,
+        num_examples,
+        train_loss,
+    }));
+    for (i, c) in bytes.chunks(chunk_bytes).enumerate() {
+        messages.push(Part::Chunk(pb::UpdateChunk {
+            index: i as u32,
+            data: c.to_vec(),
+            sha256: weights::sha256_hex(c),
+        }));
+    }
+    messages.push(Part::Trailer(pb::UpdateTrailer {
+        sha256: weights::sha256_hex(&bytes),
+    }));
+    let stream = tokio_stream::iter(
+        messages
+            .into_iter()
+            .map(|p| pb::UpdateMessage { part: Some(p) }),
+    );
+    client
+        .upload_update(stream)
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| ParticipantError::rpc("UploadUpdate", s))
+}
+
+/// Keeps the site's own copy of what it sent (safetensors, same layout as the model).
+fn record_delta(
+    dir: &Path,
+    tid: &str,
+    round: u32,
+    plan: &TrainingPlan,
+    delta: &[f32],
+    n: u64,
+) -> Result<()> {
+    let d = dir.join(tid);
+    std::fs::create_dir_all(&d).map_err(|e| sangsaeng_common::Error::io(&d, e))?;
+    let meta = HashMap::from([
+        ("round".to_string(), round.to_string()),
+        ("num_examples".to_string(), n.to_string()),
+        ("sha256".to_string(), weights::digest(delta)),
+    ]);
+    let layout = ModelSpec::from_plan(plan).layout();
+    weights::save_safetensors(
+        &d.join(format!("delta-round-{round:04}.safetensors")),
+        &layout,
+        delta,
+        meta,
+    )?;
+    Ok(())
+}

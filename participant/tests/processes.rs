@@ -1,0 +1,277 @@
+//! A federation of separate OS processes, as deployed: the coordinator binary and
+//! two participant binaries talk mutual-TLS gRPC over loopback. Also checks that a
+//! participant told to stop (SIGTERM) leaves cleanly and tells the coordinator.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn participant() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sangsaeng-participant"))
+}
+
+/// The coordinator binary is built next to ours by `cargo test --workspace`.
+fn coordinator() -> Command {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_sangsaeng-participant")).with_file_name(format!(
+        "sangsaeng-coordinator{}",
+        std::env::consts::EXE_SUFFIX
+    ));
+    assert!(
+        p.exists(),
+        "{} missing: run through `cargo test --workspace`",
+        p.display()
+    );
+    Command::new(p)
+}
+
+const ROSTER: &str = r#"
+[[organisation]]
+id = "plant-a"
+name = "Plant A"
+tier = "anchor"
+role = "participant"
+
+[[organisation]]
+id = "supplier-b"
+name = "Supplier B"
+tier = "tier-2"
+role = "participant"
+
+[[organisation]]
+id = "ops"
+name = "Federation office"
+tier = "anchor"
+role = "admin"
+"#;
+
+const PLAN: &str = r#"
+[schema]
+feature_columns = ["temp", "pressure", "vibration"]
+label_column = "defect"
+classes = ["ok", "defect"]
+[model]
+hidden_layers = [8]
+[training]
+rounds = 3
+learning_rate = 0.05
+min_participants = 2
+round_deadline_secs = 60
+seed = 1
+"#;
+
+/// A separable toy line-data export: defects run hot and vibrate.
+fn write_csv(path: &Path, rows: usize, seed: u64) {
+    let mut s = String::from("timestamp,temp,pressure,vibration,defect\n");
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    let mut next = || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((x >> 33) as f64) / (1u64 << 31) as f64
+    };
+    for i in 0..rows {
+        let defect = i % 3 == 0;
+        let t = if defect { 80.0 } else { 60.0 } + 10.0 * next();
+        let v = if defect { 2.0 } else { 0.5 } + next();
+        s.push_str(&format!(
+            "2026-11-27T00:{:02}:00,{t:.3},{:.3},{v:.3},{}\n",
+            i % 60,
+            1.0 + next(),
+            if defect { "defect" } else { "ok" }
+        ));
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Killer(Child);
+impl Drop for Killer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+fn admin_status(d: &Path, url: &str) -> String {
+    let out = coordinator()
+        .args(["admin", "--coordinator", url, "--ca"])
+        .arg(d.join("pki/ca.pem"))
+        .arg("--cert")
+        .arg(d.join("pki/ops.pem"))
+        .arg("--key")
+        .arg(d.join("pki/ops.key"))
+        .arg("status")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+}
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+#[test]
+fn separate_processes_train_and_shut_down_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("roster.toml"), ROSTER).unwrap();
+    std::fs::write(d.join("plan.toml"), PLAN).unwrap();
+    write_csv(&d.join("a.csv"), 300, 1);
+    write_csv(&d.join("b.csv"), 120, 2);
+    let demo = coordinator()
+        .args(["pki", "demo", "--roster"])
+        .arg(d.join("roster.toml"))
+        .arg("--out")
+        .arg(d.join("pki"))
+        .output()
+        .unwrap();
+    assert!(
+        demo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+
+    let port = free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let mut coord = Killer(
+        coordinator()
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--roster",
+            ])
+            .arg(d.join("roster.toml"))
+            .arg("--plan")
+            .arg(d.join("plan.toml"))
+            .arg("--output-dir")
+            .arg(d.join("runs"))
+            .arg("--ca")
+            .arg(d.join("pki/ca.pem"))
+            .arg("--cert")
+            .arg(d.join("pki/server.pem"))
+            .arg("--key")
+            .arg(d.join("pki/server.key"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let start = |org: &str, csv: &str| {
+        participant()
+            .args([
+                "run",
+                "--once",
+                "--coordinator",
+                &url,
+                "--label-column",
+                "defect",
+                "--data",
+            ])
+            .arg(d.join(csv))
+            .arg("--ca")
+            .arg(d.join("pki/ca.pem"))
+            .arg("--cert")
+            .arg(d.join(format!("pki/{org}.pem")))
+            .arg("--key")
+            .arg(d.join(format!("pki/{org}.key")))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // Participants started before the coordinator listens must back off and retry.
+    let mut a = Killer(start("plant-a", "a.csv"));
+    let mut b = Killer(start("supplier-b", "b.csv"));
+    for p in [&mut a, &mut b] {
+        let status = wait_exit(&mut p.0, Duration::from_secs(240)).expect("participant finished");
+        assert!(status.success());
+    }
+    let status = admin_status(d, &url);
+    assert!(status.contains("phase completed, round 3/3"), "{status}");
+    let runs: Vec<_> = std::fs::read_dir(d.join("runs")).unwrap().collect();
+    assert_eq!(runs.len(), 1);
+    let run = runs[0].as_ref().unwrap().path();
+    assert!(run.join("global.safetensors").exists());
+    assert_eq!(
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        3
+    );
+
+    // A daemon (no --once) stopped with SIGTERM leaves and exits 0.
+    let mut daemon = Killer(
+        participant()
+            .args([
+                "run",
+                "--coordinator",
+                &url,
+                "--label-column",
+                "defect",
+                "--data",
+            ])
+            .arg(d.join("a.csv"))
+            .arg("--ca")
+            .arg(d.join("pki/ca.pem"))
+            .arg("--cert")
+            .arg(d.join("pki/plant-a.pem"))
+            .arg("--key")
+            .arg(d.join("pki/plant-a.key"))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !admin_status(d, &url)
+        .lines()
+        .any(|l| l.starts_with("plant-a") && l.contains(" yes "))
+    {
+        assert!(Instant::now() < deadline, "daemon never connected");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    sigterm(&daemon.0);
+    let s = wait_exit(&mut daemon.0, Duration::from_secs(20)).expect("daemon stopped");
+    assert!(s.success());
+    let mut log = String::new();
+    use std::io::Read;
+    daemon
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(log.contains("told the coordinator we are leaving"), "{log}");
+    assert!(
+        admin_status(d, &url)
+            .lines()
+            .any(|l| l.starts_with("plant-a") && l.contains(" no "))
+    );
+
+    // The coordinator stops gracefully on SIGTERM.
+    sigterm(&coord.0);
+    let s = wait_exit(&mut coord.0, Duration::from_secs(20)).expect("coordinator stopped");
+    assert!(s.success());
+}

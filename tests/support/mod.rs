@@ -1,0 +1,128 @@
+//! Shared helpers of the integration tests: a small Tennessee Eastman plan and
+//! per-site CSV files cut from the committed subset, a roster, and a federation
+//! launcher on loopback.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use sangsaeng::localnet::{self, Pki};
+use sangsaeng_common::data::{self, Dataset};
+use sangsaeng_common::plan::TrainingPlan;
+use sangsaeng_common::roster::Roster;
+
+pub const SITES: &[&str] = &["site-a", "site-b", "site-c"];
+
+pub fn te_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/tennessee-eastman")
+}
+
+pub fn columns() -> Vec<String> {
+    (1..=41)
+        .map(|i| format!("xmeas_{i}"))
+        .chain((1..=11).map(|i| format!("xmv_{i}")))
+        .collect()
+}
+
+/// A small plan on the Tennessee Eastman columns: 4 classes, one hidden layer.
+pub fn plan(rounds: u32, min_participants: usize) -> TrainingPlan {
+    let features = columns()
+        .iter()
+        .map(|c| format!("\"{c}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    TrainingPlan::from_toml(
+        &format!(
+            r#"
+[schema]
+feature_columns = [{features}]
+label_column = "fault"
+classes = ["0", "1", "2", "4"]
+[model]
+hidden_layers = [16]
+[training]
+rounds = {rounds}
+local_epochs = 1
+batch_size = 32
+learning_rate = 0.01
+min_participants = {min_participants}
+round_deadline_secs = 60
+seed = 3
+"#
+        ),
+        "test plan",
+    )
+    .unwrap()
+}
+
+pub fn plan_toml(rounds: u32, min_participants: usize) -> String {
+    plan(rounds, min_participants).to_toml()
+}
+
+pub fn roster(extra_participants: &[&str]) -> Roster {
+    let mut text = String::new();
+    for id in SITES.iter().chain(extra_participants) {
+        text.push_str(&format!(
+            "[[organisation]]\nid = \"{id}\"\nname = \"{id}\"\ntier = \"tier-1\"\nrole = \"participant\"\n\n"
+        ));
+    }
+    text.push_str("[[organisation]]\nid = \"ops-admin\"\nname = \"Ops\"\ntier = \"anchor\"\nrole = \"admin\"\n");
+    Roster::from_toml(&text, "test roster").unwrap()
+}
+
+/// Writes `n` sites' CSV files from the committed training subset (classes of the test
+/// plan only), each with a different share of rows so FedAvg weights differ.
+pub fn site_files(dir: &Path, n: usize) -> Vec<PathBuf> {
+    let plan = plan(1, 1);
+    let all = full_subset(&plan);
+    (0..n)
+        .map(|s| {
+            // Site s gets every (s+2)-th row starting at s: different sizes, all classes.
+            let mut ds = Dataset {
+                features: vec![],
+                labels: vec![],
+                n_features: all.n_features,
+            };
+            for i in (s..all.len()).step_by(s + 3) {
+                ds.features.extend_from_slice(all.row(i));
+                ds.labels.push(all.labels[i]);
+            }
+            let p = dir.join(format!("site-{s}.csv"));
+            data::write_csv(&p, &ds, &plan.schema).unwrap();
+            p
+        })
+        .collect()
+}
+
+/// The committed training rows restricted to the test plan's classes.
+fn full_subset(plan: &TrainingPlan) -> Dataset {
+    // Rows of other classes are filtered by writing a reduced CSV first.
+    let src = std::fs::read_to_string(te_dir().join("train.csv")).unwrap();
+    let mut lines = src.lines();
+    let header = lines.next().unwrap();
+    let label_at = header.split(',').position(|c| c == "fault").unwrap();
+    let keep: String = lines
+        .filter(|l| {
+            let v = l.split(',').nth(label_at).unwrap().trim();
+            let v = v.trim_end_matches(".0");
+            plan.schema.classes.iter().any(|c| c == v)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tmp.path(), format!("{header}\n{keep}")).unwrap();
+    data::load_csvs(&[tmp.path().to_path_buf()], &plan.schema).unwrap()
+}
+
+pub fn pki(dir: &Path, roster: &Roster) -> Pki {
+    localnet::write_pki(&dir.join("pki"), roster).unwrap()
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
