@@ -37,7 +37,7 @@ struct Args {
     #[arg(long, default_value = "work/supply-chain")]
     work: PathBuf,
     /// Federated rounds.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 20)]
     rounds: u32,
     /// Local epochs per round (local-only and centralized baselines train rounds × epochs).
     #[arg(long, default_value_t = 2)]
@@ -50,40 +50,52 @@ struct Args {
     results: Option<PathBuf>,
 }
 
-/// The firms: id, name, tier, fault types seen, share of the normal data, share of each fault's rows.
-const FIRMS: &[(&str, &str, &str, &[&str], f64, f64)] = &[
-    (
-        "hanbit-motors",
-        "Hanbit Motors (anchor plant)",
-        "anchor",
-        &["1", "2", "4", "5", "6"],
-        0.40,
-        0.6,
-    ),
-    (
-        "daesung-precision",
-        "Daesung Precision",
-        "tier-1",
-        &["1", "7", "11", "14"],
-        0.30,
-        0.6,
-    ),
-    (
-        "mirae-castings",
-        "Mirae Castings",
-        "tier-2",
-        &["2", "4", "7", "11"],
-        0.20,
-        0.4,
-    ),
-    (
-        "jinwoo-sensors",
-        "Jinwoo Sensors",
-        "tier-2",
-        &["5", "6", "14"],
-        0.10,
-        0.4,
-    ),
+/// One firm of the supply chain and the slice of the process it has seen.
+struct Firm {
+    id: &'static str,
+    name: &'static str,
+    tier: &'static str,
+    /// Fault types (besides normal operation) in its historian data.
+    faults: &'static [&'static str],
+    /// Share of the normal-operation rows it holds.
+    normal_share: f64,
+    /// Share of each of its fault types' rows it holds.
+    fault_share: f64,
+}
+
+const FIRMS: &[Firm] = &[
+    Firm {
+        id: "hanbit-motors",
+        name: "Hanbit Motors (anchor plant)",
+        tier: "anchor",
+        faults: &["1", "2", "4", "5", "6"],
+        normal_share: 0.40,
+        fault_share: 0.6,
+    },
+    Firm {
+        id: "daesung-precision",
+        name: "Daesung Precision",
+        tier: "tier-1",
+        faults: &["1", "7", "11", "14"],
+        normal_share: 0.30,
+        fault_share: 0.6,
+    },
+    Firm {
+        id: "mirae-castings",
+        name: "Mirae Castings",
+        tier: "tier-2",
+        faults: &["2", "4", "7", "11"],
+        normal_share: 0.20,
+        fault_share: 0.4,
+    },
+    Firm {
+        id: "jinwoo-sensors",
+        name: "Jinwoo Sensors",
+        tier: "tier-2",
+        faults: &["5", "6", "14"],
+        normal_share: 0.10,
+        fault_share: 0.4,
+    },
 ];
 const CLASSES: &[&str] = &["0", "1", "2", "4", "5", "6", "7", "11", "14"];
 
@@ -141,7 +153,7 @@ seed = {seed}
 
 fn roster() -> Roster {
     let mut text = String::new();
-    for (id, name, tier, ..) in FIRMS {
+    for Firm { id, name, tier, .. } in FIRMS {
         text.push_str(&format!(
             "[[organisation]]\nid = \"{id}\"\nname = \"{name}\"\ntier = \"{tier}\"\nrole = \"participant\"\nagreement = {{ signed = true, date = \"2026-03-02\" }}\n\n"
         ));
@@ -164,6 +176,7 @@ fn split_firms(all: &Dataset, plan: &TrainingPlan, seed: u64) -> Vec<Dataset> {
     // Scale of each sensor, so an offset is a fraction of its spread.
     let stats = FeatureStats::of(all);
     let scaling = stats.to_scaling().expect("pooled statistics");
+    let m = &scaling.mean;
     // Rows of each class, shuffled once.
     let mut by_class: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     for i in 0..all.len() {
@@ -186,17 +199,18 @@ fn split_firms(all: &Dataset, plan: &TrainingPlan, seed: u64) -> Vec<Dataset> {
     };
     FIRMS
         .iter()
-        .map(|(_, _, _, faults, normal_share, fault_share)| {
-            let mut rows = take(class_index("0"), *normal_share);
-            for f in *faults {
-                rows.extend(take(class_index(f), *fault_share));
+        .map(|firm| {
+            let mut rows = take(class_index("0"), firm.normal_share);
+            for f in firm.faults {
+                rows.extend(take(class_index(f), firm.fault_share));
             }
-            // Different instruments: gain within ±3 %, offset within ±5 % of a sensor's spread.
+            // Different instruments: each sensor has a span (gain) error of up to ±5 % around
+            // the plant's operating point and a zero (offset) error of up to ±0.2 of its spread.
             let gain: Vec<f64> = (0..d)
-                .map(|_| 1.0 + rng.random_range(-0.03..0.03))
+                .map(|_| 1.0 + rng.random_range(-0.05..0.05))
                 .collect();
             let offset: Vec<f64> = (0..d)
-                .map(|j| rng.random_range(-0.05..0.05) * scaling.std[j])
+                .map(|j| rng.random_range(-0.2..0.2) * scaling.std[j])
                 .collect();
             let mut ds = Dataset {
                 features: Vec::with_capacity(rows.len() * d),
@@ -205,7 +219,8 @@ fn split_firms(all: &Dataset, plan: &TrainingPlan, seed: u64) -> Vec<Dataset> {
             };
             for &i in &rows {
                 for (j, &x) in all.row(i).iter().enumerate() {
-                    ds.features.push((x as f64 * gain[j] + offset[j]) as f32);
+                    ds.features
+                        .push((m[j] + gain[j] * (x as f64 - m[j]) + offset[j]) as f32);
                 }
                 ds.labels.push(all.labels[i]);
             }
@@ -248,6 +263,8 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,sangsaeng_participant=warn".into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let started = Instant::now();
@@ -264,7 +281,7 @@ async fn main() -> anyhow::Result<()> {
     let test = data::load_csvs(&[data_dir().join("test.csv")], &plan.schema)?;
     let firms = split_firms(&pooled, &plan, args.seed);
     let mut files = vec![];
-    for ((id, ..), ds) in FIRMS.iter().zip(&firms) {
+    for (Firm { id, .. }, ds) in FIRMS.iter().zip(&firms) {
         let dir = args.work.join("sites").join(id);
         std::fs::create_dir_all(&dir)?;
         let f = dir.join("line-data.csv");
@@ -293,7 +310,7 @@ async fn main() -> anyhow::Result<()> {
     let participants: Vec<_> = FIRMS
         .iter()
         .zip(&files)
-        .map(|((id, ..), f)| {
+        .map(|(Firm { id, .. }, f)| {
             let cfg =
                 localnet::participant_config(&pki, &coord.url, id, vec![f.clone()], "fault", None);
             localnet::spawn_participant(cfg, stop.clone())
@@ -330,7 +347,7 @@ async fn main() -> anyhow::Result<()> {
     let federated = train::evaluate(backend, &spec, &global, &fed_test)?;
     let epochs = args.rounds * args.local_epochs;
     let mut rows = vec![("federated (4 firms, Sangsaeng)".to_string(), federated)];
-    for ((id, ..), ds) in FIRMS.iter().zip(&firms) {
+    for (Firm { id, .. }, ds) in FIRMS.iter().zip(&firms) {
         rows.push((
             format!("local only: {id}"),
             train_alone(&plan, ds, &test, epochs)?,

@@ -54,12 +54,12 @@ pub fn write_pki(dir: &Path, roster: &Roster) -> sangsaeng_common::Result<Pki> {
         &["localhost".to_string(), "127.0.0.1".to_string()],
         30,
     )?;
-    pki::write_public(&dir.join("server.pem"), &cert)?;
-    pki::write_private_key(&dir.join("server.key"), &key)?;
+    pki::write_public(dir.join("server.pem"), &cert)?;
+    pki::write_private_key(dir.join("server.key"), &key)?;
     for org in roster.iter() {
         let (cert, key) = pki::issue_client_cert(&ca, &org.id, 30)?;
-        pki::write_public(&dir.join(format!("{}.pem", org.id)), &cert)?;
-        pki::write_private_key(&dir.join(format!("{}.key", org.id)), &key)?;
+        pki::write_public(dir.join(format!("{}.pem", org.id)), &cert)?;
+        pki::write_private_key(dir.join(format!("{}.key", org.id)), &key)?;
     }
     Ok(Pki {
         dir: dir.to_path_buf(),

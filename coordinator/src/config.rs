@@ -66,7 +66,9 @@ impl Limits {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
-        if !(4096..=64 << 20).contains(&self.max_chunk_bytes) || !self.max_chunk_bytes.is_multiple_of(4) {
+        if !(4096..=64 << 20).contains(&self.max_chunk_bytes)
+            || !self.max_chunk_bytes.is_multiple_of(4)
+        {
             return Err(format!(
                 "limits.max_chunk_bytes: {} must be a multiple of 4 in 4096..=67108864",
                 self.max_chunk_bytes

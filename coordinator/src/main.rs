@@ -232,7 +232,7 @@ fn pki_command(p: PkiCommand) -> anyhow::Result<()> {
                     r.display()
                 );
             }
-            let ca = pki::CaBundle::load(&ca_dir.join("ca.pem"), &ca_dir.join("ca.key"))?;
+            let ca = pki::CaBundle::load(ca_dir.join("ca.pem"), ca_dir.join("ca.key"))?;
             let csr_pem = std::fs::read_to_string(&csr)
                 .with_context(|| format!("reading {}", csr.display()))?;
             let cert = pki::sign_csr(&ca, &csr_pem, Some(&org), days)?;
@@ -251,8 +251,8 @@ fn pki_command(p: PkiCommand) -> anyhow::Result<()> {
             let ca = init_ca(&out, "Sangsaeng demo CA", &sans, 825)?;
             for org in roster.iter() {
                 let (cert, key) = pki::issue_client_cert(&ca, &org.id, 365)?;
-                pki::write_public(&out.join(format!("{}.pem", org.id)), &cert)?;
-                pki::write_private_key(&out.join(format!("{}.key", org.id)), &key)?;
+                pki::write_public(out.join(format!("{}.pem", org.id)), &cert)?;
+                pki::write_private_key(out.join(format!("{}.key", org.id)), &key)?;
                 println!(
                     "issued {}.pem / {}.key ({}, {})",
                     org.id, org.id, org.tier, org.role
@@ -279,8 +279,8 @@ fn init_ca(out: &Path, name: &str, sans: &[String], days: u32) -> anyhow::Result
     let ca = pki::CaBundle::create(name, days)?;
     ca.write(out)?;
     let (cert, key) = pki::issue_server_cert(&ca, "sangsaeng-coordinator", sans, days)?;
-    pki::write_public(&out.join("server.pem"), &cert)?;
-    pki::write_private_key(&out.join("server.key"), &key)?;
+    pki::write_public(out.join("server.pem"), &cert)?;
+    pki::write_private_key(out.join("server.key"), &key)?;
     println!("CA and server certificate written to {}", out.display());
     println!("server names: {}", sans.join(", "));
     println!(

@@ -87,7 +87,11 @@ fn pki_init_writes_private_keys_0600_and_prints_the_fingerprint() {
     }
     // A second init in the same folder must not replace the CA.
     let before = std::fs::read(dir.path().join("ca.key")).unwrap();
-    let again = bin().args(["pki", "init", "--out"]).arg(dir.path()).output().unwrap();
+    let again = bin()
+        .args(["pki", "init", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to replace"));
     assert_eq!(std::fs::read(dir.path().join("ca.key")).unwrap(), before);

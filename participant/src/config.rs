@@ -199,7 +199,8 @@ impl ParticipantConfig {
             .as_ref()
             .and_then(|f| f.upload_chunk_bytes)
             .unwrap_or(DEFAULT_UPLOAD_CHUNK);
-        if !(4096..=64 << 20).contains(&upload_chunk_bytes) || !upload_chunk_bytes.is_multiple_of(4) {
+        if !(4096..=64 << 20).contains(&upload_chunk_bytes) || !upload_chunk_bytes.is_multiple_of(4)
+        {
             return Err(ParticipantError::Config(format!(
                 "upload_chunk_bytes: {upload_chunk_bytes} must be a multiple of 4 in 4096..=67108864"
             )));
