@@ -139,3 +139,54 @@ async fn federated_loss_decreases_over_rounds_on_tennessee_eastman() {
     let last = records.last().unwrap()["eval_accuracy"].as_f64().unwrap();
     assert!(last > 0.5, "accuracy after 4 rounds is only {last}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coordinator_shuts_down_promptly_with_participants_connected() {
+    support::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let files = support::site_files(dir.path(), 2);
+    let roster = support::roster(&[]);
+    let pki = support::pki(dir.path(), &roster);
+    let coord = localnet::start_coordinator(
+        &pki,
+        roster,
+        None,
+        &dir.path().join("runs"),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let stop = CancellationToken::new();
+    let handles: Vec<_> = support::SITES
+        .iter()
+        .zip(files)
+        .map(|(org, f)| {
+            let mut cfg =
+                localnet::participant_config(&pki, &coord.url, org, vec![f], "fault", None);
+            cfg.exit_after_training = false;
+            localnet::spawn_participant(cfg, stop.clone())
+        })
+        .collect();
+    let admin = pki.material("ops-admin");
+    localnet::wait_for_status(&coord.url, &admin, Duration::from_secs(30), |s| {
+        s.participants.iter().filter(|p| p.connected).count() == 2
+    })
+    .await
+    .expect("both participants connected");
+    // Open subscription streams must not hold the shutdown up.
+    tokio::time::timeout(Duration::from_secs(10), coord.stop())
+        .await
+        .expect("coordinator stopped within 10 s")
+        .unwrap();
+    // The participants ride it out (reconnecting with backoff) until told to stop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(handles.iter().all(|h| !h.is_finished()));
+    stop.cancel();
+    for h in handles {
+        tokio::time::timeout(Duration::from_secs(10), h)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}

@@ -242,6 +242,11 @@ impl CoordinatorConfig {
         Ok(cfg)
     }
 
+    /// The durable state store, kept beside the trainings' outputs.
+    pub fn state_path(&self) -> PathBuf {
+        self.output_dir.join("coordinator-state.redb")
+    }
+
     /// Checks a plan against this coordinator's limits (on top of the plan's own validation).
     pub fn check_plan(&self, plan: &TrainingPlan) -> Result<()> {
         let n = sangsaeng_common::model::ModelSpec::from_plan(plan).num_params();

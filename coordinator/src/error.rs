@@ -38,6 +38,9 @@ pub enum CoordinatorError {
     /// A shared-library error (bad plan, bad update, file I/O).
     #[error(transparent)]
     Common(#[from] sangsaeng_common::Error),
+    /// The durable state store failed or holds damaged records.
+    #[error("state store: {0}")]
+    Store(String),
     /// The gRPC server failed.
     #[error("server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -82,7 +85,8 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::Config(_) => Code::InvalidArgument,
             CoordinatorError::Common(_)
             | CoordinatorError::Transport(_)
-            | CoordinatorError::Io { .. } => Code::Internal,
+            | CoordinatorError::Io { .. }
+            | CoordinatorError::Store(_) => Code::Internal,
         };
         // Internal details stay in the coordinator's log; the caller gets a pointer to it.
         let message = if code == Code::Internal {

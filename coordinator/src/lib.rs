@@ -12,6 +12,7 @@
 //! - [`service`]: the `Federation` service (subscribe, statistics, transfers, evaluation).
 //! - [`admin`]: the `Admin` service (status, start a training) and [`admin::status`].
 //! - [`training`]: the round driver and the per-round records on disk.
+//! - [`store`]: the durable record (redb) that lets a restarted coordinator resume.
 //! - [`transfer`]: chunked model downloads and checked delta uploads.
 //! - [`client`]: an admin client used by the CLI and tests.
 //!
@@ -25,6 +26,7 @@ pub mod config;
 pub mod error;
 pub mod service;
 pub mod state;
+pub mod store;
 pub mod training;
 pub mod transfer;
 
@@ -64,7 +66,8 @@ pub async fn run(
         CoordinatorError::io(format!("creating {}", config.output_dir.display()), e)
     })?;
     let initial_plan = config.initial_plan.clone();
-    let shared = Shared::new(config, shutdown.clone());
+    let store = store::Store::open(&config.state_path())?;
+    let shared = Shared::new(config, store, shutdown.clone());
     tracing::info!(
         %addr,
         roster = %shared.config.roster_path.display(),
@@ -72,9 +75,32 @@ pub async fn run(
         output = %shared.config.output_dir.display(),
         "coordinator listening (mutual TLS)"
     );
-    if let Some(plan) = initial_plan {
+    // An unfinished training (the coordinator stopped or crashed during it) is resumed
+    // where it was; a plan given on the command line only starts when none is pending.
+    let mut pending = shared.store.unfinished()?;
+    pending.sort_by(|a, b| a.id.cmp(&b.id));
+    if let Some(rec) = pending.pop() {
+        for stale in pending {
+            tracing::warn!(training = %stale.id, "an older unfinished training is abandoned; one training runs at a time");
+            training::abandon(&shared, stale)?;
+        }
+        if initial_plan.is_some() {
+            tracing::warn!(training = %rec.id, "resuming the unfinished training; the --plan given is not started");
+        }
+        training::resume(&shared, rec)?;
+    } else if let Some(plan) = initial_plan {
         training::start(&shared, plan)?;
     }
+    // Subscriptions are long-lived streams; graceful shutdown waits for open RPCs, so
+    // end them when shutdown starts. Participants see the stream close and reconnect
+    // with backoff, which is what should happen when the coordinator restarts.
+    let closer = shared.clone();
+    tokio::spawn(async move {
+        closer.shutdown.cancelled().await;
+        for p in closer.participants().values_mut() {
+            p.tasks = None;
+        }
+    });
     let federation = FederationServer::new(service::FederationService::new(shared.clone()))
         .max_decoding_message_size(limits.max_message_bytes())
         .max_encoding_message_size(limits.max_message_bytes());

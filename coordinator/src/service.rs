@@ -460,30 +460,51 @@ impl FederationService {
             };
             let (delta, sha256) = rx.finish(&trailer)?;
 
-            // Fold in under the lock, after re-checking the round did not close meanwhile:
-            // the accumulator then only ever holds updates of the round it belongs to.
+            let update = AcceptedUpdate {
+                org_id: org.to_string(),
+                sha256: sha256.clone(),
+                num_examples: header.num_examples,
+                train_loss: header.train_loss,
+            };
+            // Check against the accumulator first (without changing it), then make the
+            // contribution durable, then fold it in: an update is acknowledged only once
+            // it would survive a crash. The store write happens outside the lock so an
+            // fsync does not stall the other participants' requests.
+            let open = |t: &crate::state::Training| t.phase == Phase::Training && t.round == round;
+            let closed = || {
+                CoordinatorError::FailedPrecondition(format!(
+                    "round {round} closed while this update was being received"
+                ))
+            };
+            {
+                let mut guard = self.shared.training();
+                let t = current(&mut guard, &header.training_id)?;
+                if !open(t) {
+                    return Err(closed());
+                }
+                let acc = t
+                    .accumulator
+                    .as_ref()
+                    .expect("a training round has an accumulator");
+                acc.check(&delta, header.num_examples)?;
+            }
+            self.shared.store.put_contribution(
+                &header.training_id,
+                round,
+                &crate::store::StoredContribution::new(&update, &delta),
+            )?;
             let accepted_in_round = {
                 let mut guard = self.shared.training();
                 let t = current(&mut guard, &header.training_id)?;
-                if t.phase != Phase::Training || t.round != round {
-                    return Err(CoordinatorError::FailedPrecondition(format!(
-                        "round {round} closed while this update was being received"
-                    )));
+                if !open(t) {
+                    return Err(closed());
                 }
                 let acc = t
                     .accumulator
                     .as_mut()
                     .expect("a training round has an accumulator");
                 acc.add(&delta, header.num_examples)?;
-                t.accepted.insert(
-                    org.to_string(),
-                    AcceptedUpdate {
-                        org_id: org.to_string(),
-                        sha256: sha256.clone(),
-                        num_examples: header.num_examples,
-                        train_loss: header.train_loss,
-                    },
-                );
+                t.accepted.insert(org.to_string(), update);
                 t.accepted.len() as u32
             };
             Ok::<_, CoordinatorError>((sha256, accepted_in_round))

@@ -20,6 +20,7 @@ use sangsaeng_common::roster::Roster;
 use sangsaeng_proto::v1 as pb;
 
 use crate::config::CoordinatorConfig;
+use crate::store::Store;
 use crate::transfer::PublishedModel;
 
 /// Tasks waiting to be read by one participant. Small: a participant has at most
@@ -73,7 +74,7 @@ impl Phase {
 }
 
 /// An update that passed every check and was folded into the round's accumulator.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AcceptedUpdate {
     pub org_id: String,
     pub sha256: String,
@@ -163,10 +164,12 @@ pub struct Shared {
     pub progress: Notify,
     pub upload_permits: Semaphore,
     pub shutdown: CancellationToken,
+    /// Durable record of trainings, rounds and accepted contributions.
+    pub store: Store,
 }
 
 impl Shared {
-    pub fn new(config: CoordinatorConfig, shutdown: CancellationToken) -> Arc<Self> {
+    pub fn new(config: CoordinatorConfig, store: Store, shutdown: CancellationToken) -> Arc<Self> {
         let permits = config.limits.max_concurrent_uploads;
         Arc::new(Shared {
             roster: config.roster.clone(),
@@ -176,6 +179,7 @@ impl Shared {
             progress: Notify::new(),
             upload_permits: Semaphore::new(permits),
             shutdown,
+            store,
         })
     }
 

@@ -27,6 +27,7 @@ use sangsaeng_proto::v1 as pb;
 
 use crate::error::{CoordinatorError, Result};
 use crate::state::{AcceptedUpdate, EvalRecord, Phase, Shared, Training};
+use crate::store::{Store, StoredContribution, TrainingRecord};
 use crate::transfer::PublishedModel;
 
 /// Evaluation is a forward pass over a validation split: it gets a shorter wait than training.
@@ -60,7 +61,7 @@ pub struct Timings {
     pub round_secs: f64,
 }
 
-/// Starts a training: creates its folder and state, and spawns its driver.
+/// Starts a training: creates its folder, its durable record and its state, and spawns its driver.
 pub fn start(shared: &Arc<Shared>, plan: TrainingPlan) -> Result<String> {
     shared.config.check_plan(&plan)?;
     let id = format!(
@@ -72,7 +73,7 @@ pub fn start(shared: &Arc<Shared>, plan: TrainingPlan) -> Result<String> {
             .expect("formatting a UTC time cannot fail")
     );
     {
-        let mut guard = shared.training();
+        let guard = shared.training();
         if let Some(t) = guard.as_ref().filter(|t| !t.phase.is_finished()) {
             return Err(CoordinatorError::FailedPrecondition(format!(
                 "training {} is still running (phase: {}); one training runs at a time",
@@ -80,49 +81,108 @@ pub fn start(shared: &Arc<Shared>, plan: TrainingPlan) -> Result<String> {
                 t.phase.name()
             )));
         }
-        let output_dir = shared.config.output_dir.join(&id);
-        std::fs::create_dir_all(&output_dir)
-            .map_err(|e| CoordinatorError::io(format!("creating {}", output_dir.display()), e))?;
-        std::fs::write(output_dir.join("plan.toml"), plan.to_toml())
-            .map_err(|e| CoordinatorError::io("writing plan.toml", e))?;
-        *guard = Some(Training::new(id.clone(), plan, output_dir));
     }
+    let output_dir = shared.config.output_dir.join(&id);
+    std::fs::create_dir_all(&output_dir)
+        .map_err(|e| CoordinatorError::io(format!("creating {}", output_dir.display()), e))?;
+    std::fs::write(output_dir.join("plan.toml"), plan.to_toml())
+        .map_err(|e| CoordinatorError::io("writing plan.toml", e))?;
+    let rec = Store::new_record(&id, plan.to_toml(), &output_dir);
+    shared.store.put_training(&rec)?;
+    *shared.training() = Some(Training::new(id.clone(), plan, output_dir));
     tracing::info!(training = %id, "training started");
+    spawn_driver(shared, rec, None);
+    Ok(id)
+}
+
+/// Resumes an unfinished training from the store after a restart.
+pub fn resume(shared: &Arc<Shared>, rec: TrainingRecord) -> Result<()> {
+    let plan = TrainingPlan::from_toml(&rec.plan_toml, &format!("stored plan of {}", rec.id))?;
+    // Without scaling the statistics phase had not finished: it simply runs again.
+    let global = match plan.scaling {
+        Some(_) => shared.store.model(&rec.id)?,
+        None => None,
+    };
+    tracing::info!(
+        training = %rec.id,
+        completed_round = rec.completed_round,
+        rounds = plan.training.rounds,
+        "resuming the unfinished training"
+    );
+    *shared.training() = Some(Training::new(
+        rec.id.clone(),
+        plan,
+        rec.output_dir.clone().into(),
+    ));
+    spawn_driver(shared, rec, global);
+    Ok(())
+}
+
+/// Marks an unfinished training as failed without running it.
+pub fn abandon(shared: &Shared, mut rec: TrainingRecord) -> Result<()> {
+    rec.finished = true;
+    rec.error = Some("abandoned at restart: a newer training was pending".into());
+    shared.store.put_training(&rec)
+}
+
+fn spawn_driver(shared: &Arc<Shared>, rec: TrainingRecord, global: Option<Vec<f32>>) {
     let driver = shared.clone();
-    let tid = id.clone();
+    let tid = rec.id.clone();
     tokio::spawn(async move {
-        let outcome = drive(&driver).await;
+        let outcome = drive(&driver, rec, global).await;
+        let interrupted = driver.shutdown.is_cancelled();
         let mut guard = driver.training();
-        if let Some(t) = guard.as_mut() {
-            match outcome {
-                Ok(()) => {
-                    t.phase = Phase::Completed;
-                    tracing::info!(training = %tid, "training completed: {}", t.output_dir.display());
-                }
-                Err(e) => {
-                    t.phase = Phase::Failed;
-                    t.error = Some(e.to_string());
-                    tracing::error!(training = %tid, "training failed: {e}");
+        let Some(t) = guard.as_mut() else { return };
+        match &outcome {
+            Ok(()) => {
+                t.phase = Phase::Completed;
+                tracing::info!(training = %tid, "training completed: {}", t.output_dir.display());
+            }
+            // Stopped by shutdown: the store keeps it unfinished, so the next start resumes it.
+            Err(_) if interrupted => {
+                t.phase = Phase::Failed;
+                t.error =
+                    Some("interrupted by shutdown; resumes when the coordinator restarts".into());
+                tracing::info!(training = %tid, round = t.round, "training interrupted by shutdown; it resumes at the next start");
+                return;
+            }
+            Err(e) => {
+                t.phase = Phase::Failed;
+                t.error = Some(e.to_string());
+                tracing::error!(training = %tid, "training failed: {e}");
+            }
+        }
+        t.current_task = None;
+        let error = t.error.clone();
+        let outcome_text = error
+            .clone()
+            .unwrap_or_else(|| format!("completed {} rounds", t.plan.training.rounds));
+        let task = task(
+            &tid,
+            t.round,
+            pb::task::Kind::Finished(pb::TrainingFinished {
+                outcome: outcome_text,
+            }),
+        );
+        drop(guard);
+        match driver.store.training(&tid) {
+            Ok(Some(mut rec)) => {
+                rec.finished = true;
+                rec.error = error;
+                if let Err(e) = driver.store.put_training(&rec) {
+                    tracing::error!(training = %tid, "could not record the end of the training: {e}");
                 }
             }
-            t.current_task = None;
-            let outcome = t
-                .error
-                .clone()
-                .unwrap_or_else(|| format!("completed {} rounds", t.plan.training.rounds));
-            let task = task(
-                &tid,
-                t.round,
-                pb::task::Kind::Finished(pb::TrainingFinished { outcome }),
-            );
-            drop(guard);
-            for org in driver.connected() {
-                driver.send_task(&org, task.clone());
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(training = %tid, "could not record the end of the training: {e}")
             }
+        }
+        for org in driver.connected() {
+            driver.send_task(&org, task.clone());
         }
         driver.notify();
     });
-    Ok(id)
 }
 
 fn task(training_id: &str, round: u32, kind: pb::task::Kind) -> pb::Task {
@@ -195,19 +255,22 @@ async fn wait_for_participants(shared: &Shared, min: usize) -> Result<()> {
 }
 
 /// Sends a phase's task to every eligible participant and records who was asked.
+///
+/// `preload` are contributions to this training round already durably accepted
+/// before a restart: they are folded in first and their senders are not asked again.
 fn open_phase(
     shared: &Shared,
     phase: Phase,
     round: u32,
+    preload: Vec<StoredContribution>,
     make: impl Fn(&Training) -> pb::Task,
-) -> BTreeSet<String> {
-    let selected = eligible(shared);
+) -> Result<BTreeSet<String>> {
+    let mut selected = eligible(shared);
     let task = {
         let mut guard = shared.training();
         let t = guard.as_mut().expect("a driver runs only with a training");
         t.phase = phase;
         t.round = round;
-        t.selected = selected.clone();
         t.stats.clear();
         t.accepted.clear();
         t.rejected.clear();
@@ -215,16 +278,32 @@ fn open_phase(
         t.evaluations.clear();
         if phase == Phase::Training {
             let n = t.models[&(round - 1)].params.len();
-            t.accumulator = Some(Accumulator::new(n));
+            let mut acc = Accumulator::new(n);
+            for c in preload {
+                acc.add(&c.delta()?, c.num_examples)?;
+                selected.insert(c.org_id.clone());
+                t.accepted.insert(c.org_id.clone(), c.accepted());
+            }
+            t.accumulator = Some(acc);
         }
+        t.selected = selected.clone();
         let task = make(t);
         t.current_task = Some(task.clone());
         task
     };
-    for org in &selected {
+    let asked: BTreeSet<String> = {
+        let guard = shared.training();
+        let t = guard.as_ref().expect("training");
+        selected
+            .iter()
+            .filter(|o| !t.has_answered(o))
+            .cloned()
+            .collect()
+    };
+    for org in &asked {
         shared.send_task(org, task.clone());
     }
-    selected
+    Ok(selected)
 }
 
 /// True when every selected participant answered, left or declined.
@@ -236,7 +315,11 @@ fn all_answered(shared: &Shared) -> bool {
         .all(|o| t.has_answered(o) || (!shared.is_connected(o) && !t.uploading.contains(o)))
 }
 
-async fn drive(shared: &Arc<Shared>) -> Result<()> {
+async fn drive(
+    shared: &Arc<Shared>,
+    mut rec: TrainingRecord,
+    stored_global: Option<Vec<f32>>,
+) -> Result<()> {
     let (plan, id, out_dir) = {
         let guard = shared.training();
         let t = guard.as_ref().expect("a driver runs only with a training");
@@ -246,97 +329,76 @@ async fn drive(shared: &Arc<Shared>) -> Result<()> {
     let deadline = Duration::from_secs(plan.training.round_deadline_secs);
     let limits = shared.config.limits.clone();
 
-    // Federated feature scaling: only counts, sums and sums of squares leave a site.
-    let scaling = {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            wait_for_participants(shared, min).await?;
-            let wire_plan = plan_to_proto(&plan);
-            let selected = open_phase(shared, Phase::CollectingStatistics, 0, |t| {
-                task(
-                    &t.id,
-                    0,
-                    pb::task::Kind::Stats(pb::StatsTask {
-                        plan: Some(wire_plan.clone()),
-                    }),
-                )
-            });
-            tracing::info!(
-                participants = selected.len(),
-                "collecting feature statistics"
-            );
-            wait_until(
-                shared,
-                Some(tokio::time::Instant::now() + deadline),
-                all_answered,
-            )
-            .await?;
-            let stats: BTreeMap<String, FeatureStats> = shared
-                .training()
-                .as_ref()
-                .map(|t| t.stats.clone())
-                .unwrap_or_default();
-            if stats.len() >= min {
-                let mut total = FeatureStats {
-                    count: 0,
-                    sum: vec![0.0; plan.n_features()],
-                    sum_sq: vec![0.0; plan.n_features()],
-                };
-                // BTreeMap order: the merged statistics do not depend on arrival order.
-                for s in stats.values() {
-                    total.merge(s)?;
-                }
-                tracing::info!(
-                    sites = stats.len(),
-                    rows = total.count,
-                    "global feature scaling computed"
-                );
-                break total.to_scaling()?;
-            }
-            let msg = format!(
-                "only {} of the required {min} participants sent statistics",
-                stats.len()
-            );
-            if attempt >= limits.round_attempts {
-                return Err(CoordinatorError::FailedPrecondition(format!(
-                    "{msg} after {attempt} attempts"
-                )));
-            }
-            tracing::warn!(
-                "{msg}; retrying (attempt {attempt} of {})",
-                limits.round_attempts
-            );
+    let (plan, mut global) = match stored_global {
+        Some(global) => (plan, global),
+        None => {
+            let plan = collect_scaling(shared, plan, &limits).await?;
+            std::fs::write(out_dir.join("plan.toml"), plan.to_toml())
+                .map_err(|e| CoordinatorError::io("writing plan.toml", e))?;
+            let global = ModelSpec::from_plan(&plan).init_params(plan.training.seed);
+            rec.plan_toml = plan.to_toml();
+            rec.completed_round = 0;
+            rec.evaluated_round = 0;
+            shared.store.complete_round(&rec, &global)?;
+            (plan, global)
         }
     };
-    let mut plan = plan;
-    plan.scaling = Some(scaling);
+    shared.training().as_mut().expect("training").plan = plan.clone();
     let wire_plan = plan_to_proto(&plan);
-    std::fs::write(out_dir.join("plan.toml"), plan.to_toml())
-        .map_err(|e| CoordinatorError::io("writing plan.toml", e))?;
-
     let spec = ModelSpec::from_plan(&plan);
     let layout = spec.layout();
-    let mut global = spec.init_params(plan.training.seed);
-    publish(shared, &plan, &layout, 0, global.clone())?;
+    let metrics_path = out_dir.join("metrics.jsonl");
+    let first_round = rec.completed_round + 1;
+    let mut published = publish(shared, &plan, &layout, rec.completed_round, global.clone())?;
     tracing::info!(
         training = %id,
         params = global.len(),
         rounds = plan.training.rounds,
-        "initial global model published"
+        from_round = first_round,
+        "global model published"
     );
 
-    let metrics_path = out_dir.join("metrics.jsonl");
-    for round in 1..=plan.training.rounds {
+    // A restart between committing a round and writing its metrics: evaluate it now.
+    if rec.completed_round > rec.evaluated_round {
+        let round = rec.completed_round;
+        let evaluations = evaluate(shared, &wire_plan, &published, deadline).await?;
+        let timings = Timings {
+            train_phase_secs: 0.0,
+            aggregate_secs: 0.0,
+            eval_phase_secs: 0.0,
+            round_secs: 0.0,
+        };
+        let record = round_record(
+            &id,
+            round,
+            &published.sha256,
+            rec.last_updates.clone(),
+            evaluations,
+            timings,
+            1,
+        );
+        append_jsonl(&metrics_path, &record)?;
+        rec.evaluated_round = round;
+        shared.store.put_training(&rec)?;
+    }
+
+    for round in first_round..=plan.training.rounds {
         let round_start = Instant::now();
         let mut attempt = 0;
         let (accepted, acc, train_secs) = loop {
             attempt += 1;
             wait_for_participants(shared, min).await?;
             let phase_start = Instant::now();
-            let model_info =
-                shared.training().as_ref().expect("training").models[&(round - 1)].info();
-            let selected = open_phase(shared, Phase::Training, round, |t| {
+            let model_info = published.info();
+            let preload = shared.store.contributions(&id, round)?;
+            if !preload.is_empty() {
+                tracing::info!(
+                    round,
+                    updates = preload.len(),
+                    "restoring updates accepted before the restart"
+                );
+            }
+            let selected = open_phase(shared, Phase::Training, round, preload, |t| {
                 task(
                     &t.id,
                     round,
@@ -345,7 +407,7 @@ async fn drive(shared: &Arc<Shared>) -> Result<()> {
                         model: Some(model_info.clone()),
                     }),
                 )
-            });
+            })?;
             tracing::info!(round, participants = selected.len(), "round opened");
             let all = wait_until(
                 shared,
@@ -395,6 +457,7 @@ async fn drive(shared: &Arc<Shared>) -> Result<()> {
                     "{msg} after {attempt} attempts"
                 )));
             }
+            shared.store.clear_contributions(&id, round)?;
             tracing::warn!(
                 "{msg}; re-running the round (attempt {attempt} of {})",
                 limits.round_attempts
@@ -404,27 +467,13 @@ async fn drive(shared: &Arc<Shared>) -> Result<()> {
         let agg_start = Instant::now();
         global = acc.apply_to(&global)?;
         let aggregate_secs = agg_start.elapsed().as_secs_f64();
-        let published = publish(shared, &plan, &layout, round, global.clone())?;
+        rec.completed_round = round;
+        rec.last_updates = accepted.clone();
+        shared.store.complete_round(&rec, &global)?;
+        published = publish(shared, &plan, &layout, round, global.clone())?;
 
         let eval_start = Instant::now();
-        let eval_info = published.info();
-        open_phase(shared, Phase::Evaluating, round, |t| {
-            task(
-                &t.id,
-                round,
-                pb::task::Kind::Evaluate(pb::EvaluateTask {
-                    plan: Some(wire_plan.clone()),
-                    model: Some(eval_info.clone()),
-                }),
-            )
-        });
-        let eval_deadline = tokio::time::Instant::now() + deadline / EVALUATION_DEADLINE_FRACTION;
-        wait_until(shared, Some(eval_deadline), all_answered).await?;
-        let evaluations: Vec<EvalRecord> = shared
-            .training()
-            .as_ref()
-            .map(|t| t.evaluations.values().cloned().collect())
-            .unwrap_or_default();
+        let evaluations = evaluate(shared, &wire_plan, &published, deadline).await?;
         let record = round_record(
             &id,
             round,
@@ -440,6 +489,8 @@ async fn drive(shared: &Arc<Shared>) -> Result<()> {
             attempt,
         );
         append_jsonl(&metrics_path, &record)?;
+        rec.evaluated_round = round;
+        shared.store.put_training(&rec)?;
         tracing::info!(
             "round {}/{}: {} updates, {} examples, train loss {:.4}, val loss {}, accuracy {}, macro-F1 {}, {:.2}s",
             round,
@@ -461,6 +512,100 @@ async fn drive(shared: &Arc<Shared>) -> Result<()> {
         model_metadata(&plan, plan.training.rounds),
     )?;
     Ok(())
+}
+
+/// Federated feature scaling: only counts, sums and sums of squares leave a site.
+async fn collect_scaling(
+    shared: &Shared,
+    mut plan: TrainingPlan,
+    limits: &crate::config::Limits,
+) -> Result<TrainingPlan> {
+    let min = plan.training.min_participants;
+    let deadline = Duration::from_secs(plan.training.round_deadline_secs);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        wait_for_participants(shared, min).await?;
+        let wire_plan = plan_to_proto(&plan);
+        let selected = open_phase(shared, Phase::CollectingStatistics, 0, vec![], |t| {
+            task(
+                &t.id,
+                0,
+                pb::task::Kind::Stats(pb::StatsTask {
+                    plan: Some(wire_plan.clone()),
+                }),
+            )
+        })?;
+        tracing::info!(
+            participants = selected.len(),
+            "collecting feature statistics"
+        );
+        wait_until(
+            shared,
+            Some(tokio::time::Instant::now() + deadline),
+            all_answered,
+        )
+        .await?;
+        let stats: BTreeMap<String, FeatureStats> = shared
+            .training()
+            .as_ref()
+            .map(|t| t.stats.clone())
+            .unwrap_or_default();
+        if stats.len() >= min {
+            let mut total = FeatureStats::empty(plan.n_features());
+            // BTreeMap order: the merged statistics do not depend on arrival order.
+            for s in stats.values() {
+                total.merge(s)?;
+            }
+            tracing::info!(
+                sites = stats.len(),
+                rows = total.count,
+                "global feature scaling computed"
+            );
+            plan.scaling = Some(total.to_scaling()?);
+            return Ok(plan);
+        }
+        let msg = format!(
+            "only {} of the required {min} participants sent statistics",
+            stats.len()
+        );
+        if attempt >= limits.round_attempts {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "{msg} after {attempt} attempts"
+            )));
+        }
+        tracing::warn!(
+            "{msg}; retrying (attempt {attempt} of {})",
+            limits.round_attempts
+        );
+    }
+}
+
+/// Asks every connected participant to score a global model on its validation split.
+async fn evaluate(
+    shared: &Shared,
+    wire_plan: &pb::TrainingPlan,
+    model: &PublishedModel,
+    deadline: Duration,
+) -> Result<Vec<EvalRecord>> {
+    let info = model.info();
+    open_phase(shared, Phase::Evaluating, model.round, vec![], |t| {
+        task(
+            &t.id,
+            model.round,
+            pb::task::Kind::Evaluate(pb::EvaluateTask {
+                plan: Some(wire_plan.clone()),
+                model: Some(info.clone()),
+            }),
+        )
+    })?;
+    let eval_deadline = tokio::time::Instant::now() + deadline / EVALUATION_DEADLINE_FRACTION;
+    wait_until(shared, Some(eval_deadline), all_answered).await?;
+    Ok(shared
+        .training()
+        .as_ref()
+        .map(|t| t.evaluations.values().cloned().collect())
+        .unwrap_or_default())
 }
 
 fn fmt_opt(v: Option<f64>) -> String {
