@@ -105,7 +105,11 @@ impl Federation for FederationService {
         // A participant that reconnects in the middle of a phase it was selected
         // for gets that phase's task again instead of being waited for in vain.
         let resend = {
-            let t = self.shared.training();
+            let mut t = self.shared.training();
+            // Coming back after a Leave: it is waited for again in the current phase.
+            if let Some(t) = t.as_mut() {
+                t.left.remove(&org);
+            }
             t.as_ref().and_then(|t| {
                 (t.selected.contains(&org) && !t.has_answered(&org) && !t.phase.is_finished())
                     .then(|| t.current_task.clone())
@@ -158,6 +162,7 @@ impl Federation for FederationService {
             stats
                 .validate(t.plan.n_features())
                 .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
+            check_stats_bounds(&stats, self.shared.config.limits.max_examples_per_update)?;
             t.stats.insert(org.clone(), stats);
             Ok(())
         })();
@@ -236,10 +241,12 @@ impl Federation for FederationService {
             }
             let finite = [r.loss, r.accuracy, r.macro_f1].iter().all(|v| v.is_finite());
             let in_range = (0.0..=1.0).contains(&r.accuracy) && (0.0..=1.0).contains(&r.macro_f1);
-            if !finite || !in_range || r.num_examples == 0 {
-                return Err(CoordinatorError::InvalidArgument(
-                    "evaluation metrics must be finite, accuracy and macro-F1 in [0, 1], over at least one example".into(),
-                ));
+            // Bounded like an update's weight: the round's record sums these counts.
+            let max_rows = self.shared.config.limits.max_examples_per_update;
+            if !finite || !in_range || r.num_examples == 0 || r.num_examples > max_rows {
+                return Err(CoordinatorError::InvalidArgument(format!(
+                    "evaluation metrics must be finite, accuracy and macro-F1 in [0, 1], over at least one and at most {max_rows} examples"
+                )));
             }
             if t.evaluations.contains_key(&org) {
                 return Err(CoordinatorError::AlreadyExists(format!(
@@ -295,9 +302,39 @@ impl Federation for FederationService {
         if let Some(p) = self.shared.participants().get_mut(&org) {
             p.tasks = None;
         }
+        if let Some(t) = self.shared.training().as_mut() {
+            t.left.insert(org.clone());
+        }
         self.shared.notify();
         Ok(Response::new(pb::Ack::default()))
     }
+}
+
+/// Bounds one site's statistics by what its rows can produce (at most
+/// `max_rows` rows of 32-bit values), so that merging every site's statistics can
+/// neither overflow the row count nor reach infinity: statistics that are valid on
+/// their own must not be able to fail the whole training when merged.
+fn check_stats_bounds(stats: &FeatureStats, max_rows: u64) -> Result<()> {
+    if stats.count > max_rows {
+        return Err(CoordinatorError::InvalidArgument(format!(
+            "feature statistics cover {} rows, above the limit of {max_rows}",
+            stats.count
+        )));
+    }
+    let max_abs = f64::from(f32::MAX);
+    let (max_sum, max_sum_sq) = (
+        stats.count as f64 * max_abs,
+        stats.count as f64 * max_abs * max_abs,
+    );
+    let beyond = |v: &[f64], bound: f64| v.iter().position(|x| x.abs() > bound);
+    if let Some(j) = beyond(&stats.sum, max_sum).or(beyond(&stats.sum_sq, max_sum_sq)) {
+        return Err(CoordinatorError::InvalidArgument(format!(
+            "feature statistics: the sums of feature {} are beyond what {} rows of 32-bit values can add up to",
+            j + 1,
+            stats.count
+        )));
+    }
+    Ok(())
 }
 
 /// The training a request names, if it is the current one.
@@ -327,6 +364,23 @@ async fn next_part(
             "upload idle for more than {}s",
             idle.as_secs()
         ))),
+        // tonic's decoder could not read the message: the caller sent bytes that are not
+        // an UpdateMessage (INTERNAL, as gRPC reports parse errors) or one above the
+        // message size limit. Neither gets better by retrying, unlike a broken stream.
+        Ok(Err(status))
+            if status.code() == tonic::Code::Internal && status.message().contains("decod") =>
+        {
+            Err(CoordinatorError::InvalidArgument(format!(
+                "upload message could not be decoded: {}",
+                status.message()
+            )))
+        }
+        Ok(Err(status)) if status.code() == tonic::Code::OutOfRange => {
+            Err(CoordinatorError::ResourceExhausted(format!(
+                "upload message refused: {}",
+                status.message()
+            )))
+        }
         Ok(Err(status)) => Err(CoordinatorError::Aborted(format!(
             "upload stream broke: {}",
             status.message()
@@ -362,17 +416,6 @@ impl FederationService {
     ) -> Result<pb::UploadReceipt> {
         let limits = &self.shared.config.limits;
         let idle = limits.transfer_idle();
-        // Bounded: each upload in flight buffers one delta, so this caps memory.
-        let _permit = tokio::time::timeout(idle, self.shared.upload_permits.acquire())
-            .await
-            .map_err(|_| {
-                CoordinatorError::ResourceExhausted(format!(
-                    "{} uploads are already in progress; retry shortly",
-                    limits.max_concurrent_uploads
-                ))
-            })?
-            .map_err(|_| CoordinatorError::Aborted("the coordinator is shutting down".into()))?;
-
         let header = match next_part(&mut stream, idle).await? {
             pb::update_message::Part::Header(h) => h,
             _ => {
@@ -444,6 +487,18 @@ impl FederationService {
             shared: &self.shared,
             org: org.to_string(),
         };
+        // Bounded: each upload in flight buffers one delta, so this caps memory. Taken
+        // only after the header passed its checks, so a caller holds at most one slot
+        // (its upload is marked) and streams that never send a header hold none.
+        let _permit = tokio::time::timeout(idle, self.shared.upload_permits.acquire())
+            .await
+            .map_err(|_| {
+                CoordinatorError::ResourceExhausted(format!(
+                    "{} uploads are already in progress; retry shortly",
+                    limits.max_concurrent_uploads
+                ))
+            })?
+            .map_err(|_| CoordinatorError::Aborted("the coordinator is shutting down".into()))?;
 
         let outcome = async {
             let mut rx = DeltaReceiver::new(num_params, limits.max_chunk_bytes);

@@ -113,6 +113,10 @@ pub struct Training {
     /// Participants whose update for this round was refused; they are not waited for.
     pub rejected: BTreeMap<String, String>,
     pub evaluations: BTreeMap<String, EvalRecord>,
+    /// Participants that said they leave (Leave RPC) during this phase: not waited for.
+    /// One that merely disconnected is waited for until the deadline, since it may
+    /// come back (it gets the phase's task again when it resubscribes).
+    pub left: BTreeSet<String>,
     /// The task each selected participant was sent this phase, resent if it reconnects.
     pub current_task: Option<pb::Task>,
     pub error: Option<String>,
@@ -135,6 +139,7 @@ impl Training {
             uploading: BTreeSet::new(),
             rejected: BTreeMap::new(),
             evaluations: BTreeMap::new(),
+            left: BTreeSet::new(),
             current_task: None,
             error: None,
         }
@@ -142,7 +147,7 @@ impl Training {
 
     /// Whether `org` has answered the current phase (or can no longer answer).
     pub fn has_answered(&self, org: &str) -> bool {
-        if self.declined.contains_key(org) {
+        if self.declined.contains_key(org) || self.left.contains(org) {
             return true;
         }
         match self.phase {

@@ -276,6 +276,7 @@ fn open_phase(
         t.rejected.clear();
         t.uploading.clear();
         t.evaluations.clear();
+        t.left.clear();
         if phase == Phase::Training {
             let n = t.models[&(round - 1)].params.len();
             let mut acc = Accumulator::new(n);
@@ -306,13 +307,12 @@ fn open_phase(
     Ok(selected)
 }
 
-/// True when every selected participant answered, left or declined.
+/// True when every selected participant answered, left or declined. A participant
+/// that only lost its connection is still waited for (until the deadline).
 fn all_answered(shared: &Shared) -> bool {
     let guard = shared.training();
     let Some(t) = guard.as_ref() else { return true };
-    t.selected
-        .iter()
-        .all(|o| t.has_answered(o) || (!shared.is_connected(o) && !t.uploading.contains(o)))
+    t.selected.iter().all(|o| t.has_answered(o))
 }
 
 async fn drive(

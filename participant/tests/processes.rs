@@ -310,10 +310,10 @@ fn only_run(runs: &Path) -> PathBuf {
 }
 
 /// Runs a whole training with two `--once` participants; returns its output folder.
-fn train(d: &Path, runs: &str, kill_after_rounds: Option<usize>) -> PathBuf {
+fn train(d: &Path, runs: &str, plan: &str, kill_after_rounds: Option<usize>) -> PathBuf {
     let port = free_port();
     let url = format!("https://127.0.0.1:{port}");
-    let mut coord = Killer(serve(d, port, runs, "slow-plan.toml"));
+    let mut coord = Killer(serve(d, port, runs, plan));
     let start = |org: &str, csv: &str| {
         participant()
             .args([
@@ -361,7 +361,7 @@ fn train(d: &Path, runs: &str, kill_after_rounds: Option<usize>) -> PathBuf {
             !run.join("global.safetensors").exists(),
             "the training ended before the kill"
         );
-        coord = Killer(serve(d, port, runs, "slow-plan.toml"));
+        coord = Killer(serve(d, port, runs, plan));
     }
     for p in [&mut a, &mut b] {
         let status = wait_exit(&mut p.0, Duration::from_secs(300)).expect("participant finished");
@@ -393,8 +393,8 @@ fn a_coordinator_killed_mid_training_resumes_and_ends_with_the_same_model() {
         .unwrap();
     assert!(demo.status.success());
 
-    let reference = train(d, "runs-uninterrupted", None);
-    let resumed = train(d, "runs-killed", Some(2));
+    let reference = train(d, "runs-uninterrupted", "slow-plan.toml", None);
+    let resumed = train(d, "runs-killed", "slow-plan.toml", Some(2));
 
     let plan = sangsaeng_common::plan::TrainingPlan::from_file(&resumed.join("plan.toml")).unwrap();
     let layout = sangsaeng_common::model::ModelSpec::from_plan(&plan).layout();
@@ -419,4 +419,150 @@ fn a_coordinator_killed_mid_training_resumes_and_ends_with_the_same_model() {
         .collect();
     rounds.dedup();
     assert_eq!(rounds, vec![1, 2, 3, 4, 5]);
+}
+
+/// Tiny deterministic generator for kill timings (the seed is printed to reproduce a run).
+fn lcg(state: &mut u64) -> u64 {
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *state >> 33
+}
+
+fn start_site(d: &Path, url: &str, org: &str, csv: &str) -> Child {
+    participant()
+        .args([
+            "run",
+            "--once",
+            "--coordinator",
+            url,
+            "--label-column",
+            "defect",
+            "--data",
+        ])
+        .arg(d.join(csv))
+        .arg("--ca")
+        .arg(d.join("pki/ca.pem"))
+        .arg("--cert")
+        .arg(d.join(format!("pki/{org}.pem")))
+        .arg("--key")
+        .arg(d.join(format!("pki/{org}.key")))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Fault injection: SIGKILL the coordinator at random moments N times (N from
+/// `SANGSAENG_FAULT_KILLS`, default 3) and once a participant, restarting each.
+/// Every committed round must survive and the final model must equal the
+/// uninterrupted run's, bit for bit. `docs/RELIABILITY.md` records a run with N = 20.
+#[test]
+fn fault_injection_random_kills_of_coordinator_and_participant() {
+    let kills: usize = std::env::var("SANGSAENG_FAULT_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut seed: u64 = std::env::var("SANGSAENG_FAULT_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("fault injection: {kills} coordinator kills, seed {seed}");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("roster.toml"), ROSTER).unwrap();
+    let rounds = 6 + kills as u32;
+    let plan = PLAN.replace(
+        "rounds = 3",
+        &format!("rounds = {rounds}\nlocal_epochs = 100\nbatch_size = 16"),
+    );
+    std::fs::write(d.join("fault-plan.toml"), plan).unwrap();
+    write_csv(&d.join("a.csv"), 300, 1);
+    write_csv(&d.join("b.csv"), 120, 2);
+    let demo = coordinator()
+        .args(["pki", "demo", "--roster"])
+        .arg(d.join("roster.toml"))
+        .arg("--out")
+        .arg(d.join("pki"))
+        .output()
+        .unwrap();
+    assert!(demo.status.success());
+    let reference = train(d, "runs-reference", "fault-plan.toml", None);
+
+    let port = free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let runs = "runs-faults";
+    let mut coord = Killer(serve(d, port, runs, "fault-plan.toml"));
+    let mut a = Killer(start_site(d, &url, "plant-a", "a.csv"));
+    let mut b = Killer(start_site(d, &url, "supplier-b", "b.csv"));
+    let finished = |d: &Path| {
+        std::fs::read_dir(d.join(runs))
+            .ok()
+            .and_then(|mut r| r.find_map(|e| e.ok().filter(|e| e.path().is_dir())))
+            .is_some_and(|e| e.path().join("global.safetensors").exists())
+    };
+    let mut done = 0;
+    while done < kills && !finished(d) {
+        std::thread::sleep(Duration::from_millis(200 + lcg(&mut seed) % 1300));
+        if finished(d) {
+            break;
+        }
+        coord.0.kill().unwrap();
+        coord.0.wait().unwrap();
+        done += 1;
+        coord = Killer(serve(d, port, runs, "fault-plan.toml"));
+        if done == 1 {
+            // A participant dies too (mid-training or mid-upload) and is restarted.
+            std::thread::sleep(Duration::from_millis(lcg(&mut seed) % 800));
+            b.0.kill().unwrap();
+            b.0.wait().unwrap();
+            b = Killer(start_site(d, &url, "supplier-b", "b.csv"));
+        }
+    }
+    eprintln!("fault injection: {done} coordinator kills done");
+    assert!(
+        done >= kills.min(3),
+        "the training ended after only {done} kills; make it longer"
+    );
+    for p in [&mut a, &mut b] {
+        let status = wait_exit(&mut p.0, Duration::from_secs(600)).expect("participant finished");
+        assert!(status.success());
+    }
+    drop(coord);
+    let resumed = only_run(&d.join(runs));
+    let plan = sangsaeng_common::plan::TrainingPlan::from_file(&resumed.join("plan.toml")).unwrap();
+    let layout = sangsaeng_common::model::ModelSpec::from_plan(&plan).layout();
+    let load = |p: &Path| {
+        sangsaeng_common::weights::load_safetensors(&p.join("global.safetensors"), &layout).unwrap()
+    };
+    assert_eq!(
+        load(&reference)
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<_>>(),
+        load(&resumed)
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<_>>(),
+        "after {done} kills the final model differs from the uninterrupted run"
+    );
+    let metrics = std::fs::read_to_string(resumed.join("metrics.jsonl")).unwrap();
+    let mut seen: Vec<u64> = metrics
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["round"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    seen.dedup();
+    assert_eq!(
+        seen,
+        (1..=rounds as u64).collect::<Vec<_>>(),
+        "a committed round was lost or redone"
+    );
 }
