@@ -258,14 +258,7 @@ fn train_alone(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sangsaeng_participant=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    sangsaeng_common::process::init_logging("info,sangsaeng_participant=warn");
     let args = Args::parse();
     let started = Instant::now();
     let plan = plan(args.rounds, args.local_epochs, args.seed);

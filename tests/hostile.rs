@@ -442,6 +442,7 @@ fn header(r: &Round, num_params: usize, num_examples: u64) -> pb::UpdateHeader {
         num_params: num_params as u64,
         num_examples,
         train_loss: 0.5,
+        ..Default::default()
     }
 }
 
@@ -1201,6 +1202,88 @@ async fn stalled_upload_is_aborted_after_the_idle_limit_and_may_be_retried() {
     fed.after_refusal("site-a", "idle", Then::StillWaitedFor)
         .await;
     a.upload(p).await.expect("the retry is accepted");
+    let db = delta(r.n(), 22);
+    b.upload(parts(&r, &db, 500)).await.unwrap();
+    evaluate_all(&mut [&mut a, &mut b]).await;
+    let out = fed.completed().await;
+    check_round(&out, 1, &[("site-a", &da, 300), ("site-b", &db, 500)]);
+    drop((a, b));
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_off_upload_resumes_from_the_last_good_chunk() {
+    let limits = Limits {
+        transfer_idle_secs: 1,
+        ..limits()
+    };
+    let (fed, mut a, mut b, r) = two_sites_in_round(limits, 1).await;
+    let da = delta(r.n(), 11);
+    let bytes = weights::to_le_bytes(&da);
+    let digest = weights::sha256_hex(&bytes);
+    let mut p = parts(&r, &da, 300);
+    header_mut(&mut p).delta_sha256 = digest.clone();
+    assert!(p.len() >= 5, "the delta must span several chunks");
+    // Header and two chunks, then the connection goes quiet and is cut.
+    let (tx, pending) = a.upload_by_hand();
+    for part in &p[..3] {
+        tx.send(pb::UpdateMessage {
+            part: Some(part.clone()),
+        })
+        .await
+        .unwrap();
+    }
+    let cut = tokio::time::timeout(Duration::from_secs(20), pending)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_refused(cut, Code::Aborted, "idle");
+    drop(tx);
+    let client = a.client.clone();
+    let progress = |sha: String| {
+        let mut c = client.clone();
+        let req = pb::UploadProgressRequest {
+            training_id: r.tid.clone(),
+            round: r.round,
+            delta_sha256: sha,
+        };
+        async move {
+            c.upload_progress(req)
+                .await
+                .unwrap()
+                .into_inner()
+                .next_chunk
+        }
+    };
+    assert_eq!(
+        progress(digest.clone()).await,
+        2,
+        "the two good chunks are kept"
+    );
+    assert_eq!(
+        progress("0".repeat(64)).await,
+        0,
+        "another delta has nothing kept"
+    );
+    // Resuming from the wrong chunk is refused and does not lose what was kept.
+    let mut wrong = vec![p[0].clone()];
+    header_mut(&mut wrong).first_chunk = 3;
+    wrong.extend(p[4..].iter().cloned());
+    assert_refused(
+        a.upload(wrong).await,
+        Code::FailedPrecondition,
+        "nothing kept to resume from chunk 3",
+    );
+    assert_eq!(progress(digest.clone()).await, 2);
+    // The right resume sends only the missing chunks.
+    let mut rest = vec![p[0].clone()];
+    header_mut(&mut rest).first_chunk = 2;
+    rest.extend(p[3..].iter().cloned());
+    let receipt = a
+        .upload(rest)
+        .await
+        .expect("the resumed upload is accepted");
+    assert_eq!(receipt.sha256, digest);
     let db = delta(r.n(), 22);
     b.upload(parts(&r, &db, 500)).await.unwrap();
     evaluate_all(&mut [&mut a, &mut b]).await;

@@ -8,8 +8,10 @@
 //! - [`pki`] and [`tls`]: the project CA, CSR enrolment, and the rustls/tonic
 //!   mutual-TLS configuration plus identity extraction from a peer certificate.
 //! - [`channel`]: dialing the coordinator over mutual TLS with bounded timeouts.
+//! - [`config_file`]: reading daemon config files (errors name file and key).
 //! - [`data`]: reading a site's CSV line data, checking it against the plan's
 //!   schema, federated feature statistics and scaling.
+//! - [`process`]: logging set-up and SIGINT/SIGTERM handling shared by the daemons.
 //! - [`backend`]: the single place that chooses the burn backend.
 //! - [`model`]: the burn MLP, its parameter layout and flat (de)serialisation.
 //! - [`train`]: local training and evaluation; [`metrics`]: accuracy and macro-F1.
@@ -19,6 +21,7 @@
 
 pub mod backend;
 pub mod channel;
+pub mod config_file;
 pub mod data;
 pub mod error;
 pub mod fedavg;
@@ -26,6 +29,7 @@ pub mod metrics;
 pub mod model;
 pub mod pki;
 pub mod plan;
+pub mod process;
 pub mod roster;
 pub mod tls;
 pub mod train;

@@ -156,31 +156,17 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 impl CoordinatorConfig {
     /// Merges file and overrides, loads roster and plan, and validates everything.
     pub fn build(file: Option<&Path>, o: Overrides) -> Result<Self> {
-        let (cf, base) = match file {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| CoordinatorError::Config(format!("{}: {e}", p.display())))?;
-                let cf: ConfigFile = toml::from_str(&text).map_err(|e| {
-                    CoordinatorError::Config(format!(
-                        "{}: {}",
-                        p.display(),
-                        e.to_string()
-                            .split_whitespace()
-                            .collect::<Vec<_>>()
-                            .join(" ")
-                    ))
-                })?;
-                (
-                    Some(cf),
-                    p.parent().map(Path::to_path_buf).unwrap_or_default(),
-                )
-            }
-            None => (None, PathBuf::new()),
+        let file = file
+            .map(sangsaeng_common::config_file::read::<ConfigFile>)
+            .transpose()?;
+        let rel = |p: PathBuf| match &file {
+            Some(f) => f.resolve(&p),
+            None => p,
         };
-        let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let cf = file.as_ref().map(|f| &f.values);
         let listen = o
             .listen
-            .or(cf.as_ref().and_then(|c| c.listen))
+            .or(cf.and_then(|c| c.listen))
             .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
         let missing = |what: &str, flag: &str| {
             CoordinatorError::Config(format!(
@@ -189,19 +175,19 @@ impl CoordinatorConfig {
         };
         let roster_path = o
             .roster
-            .or(cf.as_ref().and_then(|c| c.roster.clone()).map(rel))
+            .or(cf.and_then(|c| c.roster.clone()).map(rel))
             .ok_or_else(|| missing("roster", "--roster"))?;
         let roster = Roster::from_file(&roster_path)?;
-        let plan_path = o.plan.or(cf.as_ref().and_then(|c| c.plan.clone()).map(rel));
+        let plan_path = o.plan.or(cf.and_then(|c| c.plan.clone()).map(rel));
         let initial_plan = plan_path
             .as_deref()
             .map(TrainingPlan::from_file)
             .transpose()?;
         let output_dir = o
             .output_dir
-            .or(cf.as_ref().and_then(|c| c.output_dir.clone()).map(rel))
+            .or(cf.and_then(|c| c.output_dir.clone()).map(rel))
             .unwrap_or_else(|| PathBuf::from("sangsaeng-runs"));
-        let tls_file = cf.as_ref().and_then(|c| c.tls.clone());
+        let tls_file = cf.and_then(|c| c.tls.clone());
         let pick = |over: Option<PathBuf>, f: Option<PathBuf>, what: &str, flag: &str| {
             over.or(f.map(rel)).ok_or_else(|| missing(what, flag))
         };
@@ -225,7 +211,7 @@ impl CoordinatorConfig {
                 "--key",
             )?,
         };
-        let limits = cf.map(|c| c.limits).unwrap_or_default();
+        let limits = cf.map(|c| c.limits.clone()).unwrap_or_default();
         limits.validate().map_err(CoordinatorError::Config)?;
         let cfg = CoordinatorConfig {
             listen,

@@ -152,13 +152,7 @@ enum AdminAction {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    sangsaeng_common::process::init_logging("info");
     match Cli::parse().command {
         Command::Serve(a) => serve(a).await,
         Command::Pki(p) => pki_command(p),
@@ -183,27 +177,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    sangsaeng_common::process::cancel_on_signal(shutdown.clone(), "finishing in-flight requests");
     sangsaeng_coordinator::run(listener, config, shutdown).await?;
     Ok(())
-}
-
-/// SIGINT or SIGTERM cancel one token; everything that runs watches it.
-async fn cancel_on_signal(token: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutdown requested; finishing in-flight requests");
-    token.cancel();
 }
 
 fn pki_command(p: PkiCommand) -> anyhow::Result<()> {

@@ -222,6 +222,29 @@ impl Federation for FederationService {
         }
     }
 
+    async fn upload_progress(
+        &self,
+        req: Request<pb::UploadProgressRequest>,
+    ) -> std::result::Result<Response<pb::UploadProgressResponse>, Status> {
+        let org = self.caller(&req, "UploadProgress")?;
+        let r = req.into_inner();
+        let next_chunk = {
+            let mut guard = self.shared.training();
+            let t = current(&mut guard, &r.training_id)
+                .map_err(|e| self.refuse(&org, "UploadProgress", e))?;
+            t.partial
+                .get(&org)
+                .filter(|p| {
+                    p.round == r.round
+                        && !r.delta_sha256.is_empty()
+                        && p.delta_sha256 == r.delta_sha256
+                })
+                .map(|p| p.receiver.next_index())
+                .unwrap_or(0)
+        };
+        Ok(Response::new(pb::UploadProgressResponse { next_chunk }))
+    }
+
     async fn submit_evaluation(
         &self,
         req: Request<pb::EvaluationReport>,
@@ -409,6 +432,85 @@ impl Drop for UploadMark<'_> {
 }
 
 impl FederationService {
+    /// A fresh receiver, or the one kept from this organisation's broken-off upload
+    /// when the header asks to resume it (and describes the same update).
+    fn resume_or_new(
+        &self,
+        org: &str,
+        header: &pb::UpdateHeader,
+        num_params: usize,
+    ) -> Result<DeltaReceiver> {
+        let mut guard = self.shared.training();
+        let Some(t) = guard.as_mut() else {
+            return Err(CoordinatorError::FailedPrecondition(
+                "no training is running".into(),
+            ));
+        };
+        if header.first_chunk == 0 {
+            // A new upload replaces whatever was kept of an earlier one.
+            t.partial.remove(org);
+            return Ok(DeltaReceiver::new(
+                num_params,
+                self.shared.config.limits.max_chunk_bytes,
+            ));
+        }
+        let matches = t.partial.get(org).is_some_and(|p| {
+            !header.delta_sha256.is_empty()
+                && p.round == header.round
+                && p.base_model_sha256 == header.base_model_sha256
+                && p.num_examples == header.num_examples
+                && p.delta_sha256 == header.delta_sha256
+                && p.receiver.next_index() == header.first_chunk
+        });
+        // A mismatching request leaves the kept part alone: the right resume may follow.
+        match if matches { t.partial.remove(org) } else { None } {
+            Some(p) => {
+                tracing::info!(
+                    org,
+                    round = header.round,
+                    from = header.first_chunk,
+                    "upload resumed"
+                );
+                Ok(p.receiver)
+            }
+            _ => Err(CoordinatorError::FailedPrecondition(format!(
+                "nothing kept to resume from chunk {}: ask UploadProgress, or start again from chunk 0",
+                header.first_chunk
+            ))),
+        }
+    }
+
+    /// Keeps a broken-off upload for resumption, if it declared its digest and
+    /// there is room (at most `max_concurrent_uploads` are kept, bounding memory).
+    fn keep_partial(&self, org: &str, header: &pb::UpdateHeader, receiver: DeltaReceiver) {
+        if header.delta_sha256.is_empty() || receiver.next_index() == 0 {
+            return;
+        }
+        let mut guard = self.shared.training();
+        let Some(t) = guard.as_mut() else { return };
+        if t.round != header.round
+            || t.partial.len() >= self.shared.config.limits.max_concurrent_uploads
+        {
+            return;
+        }
+        tracing::info!(
+            org,
+            round = header.round,
+            chunks = receiver.next_index(),
+            "kept a broken-off upload for resumption"
+        );
+        t.partial.insert(
+            org.to_string(),
+            crate::state::PartialUpload {
+                round: header.round,
+                base_model_sha256: header.base_model_sha256.clone(),
+                num_examples: header.num_examples,
+                delta_sha256: header.delta_sha256.clone(),
+                receiver,
+            },
+        );
+    }
+
     async fn receive_update(
         &self,
         org: &str,
@@ -501,9 +603,19 @@ impl FederationService {
             .map_err(|_| CoordinatorError::Aborted("the coordinator is shutting down".into()))?;
 
         let outcome = async {
-            let mut rx = DeltaReceiver::new(num_params, limits.max_chunk_bytes);
+            let mut rx = self.resume_or_new(org, &header, num_params)?;
             let trailer = loop {
-                match next_part(&mut stream, idle).await? {
+                let part = match next_part(&mut stream, idle).await {
+                    Ok(part) => part,
+                    // The connection broke or went quiet: keep what arrived so the
+                    // participant can resume from the next chunk.
+                    Err(e @ CoordinatorError::Aborted(_)) => {
+                        self.keep_partial(org, &header, rx);
+                        return Err(e);
+                    }
+                    Err(e) => return Err(e),
+                };
+                match part {
                     pb::update_message::Part::Chunk(c) => rx.push(&c)?,
                     pb::update_message::Part::Trailer(t) => break t,
                     pb::update_message::Part::Header(_) => {
@@ -513,6 +625,12 @@ impl FederationService {
                     }
                 }
             };
+            if !header.delta_sha256.is_empty() && trailer.sha256 != header.delta_sha256 {
+                return Err(CoordinatorError::InvalidArgument(format!(
+                    "the trailer's digest {} differs from the digest {} declared in the header",
+                    trailer.sha256, header.delta_sha256
+                )));
+            }
             let (delta, sha256) = rx.finish(&trailer)?;
 
             let update = AcceptedUpdate {

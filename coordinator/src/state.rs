@@ -91,6 +91,16 @@ pub struct EvalRecord {
     pub macro_f1: f64,
 }
 
+/// An upload that broke off, kept so its sender can resume from the next chunk.
+#[derive(Debug)]
+pub struct PartialUpload {
+    pub round: u32,
+    pub base_model_sha256: String,
+    pub num_examples: u64,
+    pub delta_sha256: String,
+    pub receiver: crate::transfer::DeltaReceiver,
+}
+
 /// The training in progress (or the last one, once finished).
 #[derive(Debug)]
 pub struct Training {
@@ -113,6 +123,8 @@ pub struct Training {
     /// Participants whose update for this round was refused; they are not waited for.
     pub rejected: BTreeMap<String, String>,
     pub evaluations: BTreeMap<String, EvalRecord>,
+    /// Broken-off uploads of this round, by organisation (bounded by `max_concurrent_uploads`).
+    pub partial: BTreeMap<String, PartialUpload>,
     /// Participants that said they leave (Leave RPC) during this phase: not waited for.
     /// One that merely disconnected is waited for until the deadline, since it may
     /// come back (it gets the phase's task again when it resubscribes).
@@ -140,6 +152,7 @@ impl Training {
             rejected: BTreeMap::new(),
             evaluations: BTreeMap::new(),
             left: BTreeSet::new(),
+            partial: BTreeMap::new(),
             current_task: None,
             error: None,
         }

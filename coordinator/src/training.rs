@@ -277,6 +277,7 @@ fn open_phase(
         t.uploading.clear();
         t.evaluations.clear();
         t.left.clear();
+        t.partial.clear();
         if phase == Phase::Training {
             let n = t.models[&(round - 1)].params.len();
             let mut acc = Accumulator::new(n);

@@ -64,6 +64,7 @@ impl PublishedModel {
 }
 
 /// Receives a delta's chunks in order, checking each, into one preallocated buffer.
+/// It can be set aside when a connection breaks and resumed at [`DeltaReceiver::next_index`].
 pub struct DeltaReceiver {
     expected_values: usize,
     max_chunk_bytes: usize,
@@ -72,7 +73,22 @@ pub struct DeltaReceiver {
     hasher: sha2::Sha256,
 }
 
+impl std::fmt::Debug for DeltaReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeltaReceiver")
+            .field("expected_values", &self.expected_values)
+            .field("received_values", &self.values.len())
+            .field("next_index", &self.next_index)
+            .finish()
+    }
+}
+
 impl DeltaReceiver {
+    /// Index of the next chunk expected (the number of chunks accepted so far).
+    pub fn next_index(&self) -> u32 {
+        self.next_index
+    }
+
     pub fn new(expected_values: usize, max_chunk_bytes: usize) -> Self {
         DeltaReceiver {
             expected_values,

@@ -116,28 +116,14 @@ pub const DEFAULT_UPLOAD_CHUNK: usize = 1 << 20;
 
 impl ParticipantConfig {
     pub fn build(file: Option<&Path>, o: Overrides) -> Result<Self> {
-        let (fc, base) = match file {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| ParticipantError::Config(format!("{}: {e}", p.display())))?;
-                let fc: FileConfig = toml::from_str(&text).map_err(|e| {
-                    ParticipantError::Config(format!(
-                        "{}: {}",
-                        p.display(),
-                        e.to_string()
-                            .split_whitespace()
-                            .collect::<Vec<_>>()
-                            .join(" ")
-                    ))
-                })?;
-                (
-                    Some(fc),
-                    p.parent().map(Path::to_path_buf).unwrap_or_default(),
-                )
-            }
-            None => (None, PathBuf::new()),
+        let file = file
+            .map(sangsaeng_common::config_file::read::<FileConfig>)
+            .transpose()?;
+        let rel = |p: PathBuf| match &file {
+            Some(f) => f.resolve(&p),
+            None => p,
         };
-        let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let fc = file.as_ref().map(|f| &f.values);
         let missing = |what: &str, flag: &str| {
             ParticipantError::Config(format!(
                 "no {what} given: pass {flag} or set it in the config file"
@@ -145,7 +131,7 @@ impl ParticipantConfig {
         };
         let coordinator = o
             .coordinator
-            .or(fc.as_ref().and_then(|f| f.coordinator.clone()))
+            .or(fc.and_then(|f| f.coordinator.clone()))
             .unwrap_or_else(|| DEFAULT_COORDINATOR.to_string());
         if !coordinator.starts_with("https://") {
             return Err(ParticipantError::Config(format!(
@@ -154,9 +140,9 @@ impl ParticipantConfig {
         }
         let server_name = o
             .server_name
-            .or(fc.as_ref().and_then(|f| f.server_name.clone()))
+            .or(fc.and_then(|f| f.server_name.clone()))
             .unwrap_or_else(|| "localhost".into());
-        let tls_file = fc.as_ref().and_then(|f| f.tls.clone());
+        let tls_file = fc.and_then(|f| f.tls.clone());
         let tls = TlsFiles {
             ca: o
                 .ca
@@ -171,7 +157,7 @@ impl ParticipantConfig {
                 .or(tls_file.as_ref().map(|t| rel(t.key.clone())))
                 .ok_or_else(|| missing("site key", "--key"))?,
         };
-        let data_file = fc.as_ref().and_then(|f| f.data.clone());
+        let data_file = fc.and_then(|f| f.data.clone());
         let files: Vec<PathBuf> = if o.data_files.is_empty() {
             data_file
                 .as_ref()
@@ -190,7 +176,7 @@ impl ParticipantConfig {
         let feature_columns = data_file.as_ref().and_then(|d| d.feature_columns.clone());
         let backend_name = o
             .backend
-            .or(fc.as_ref().and_then(|f| f.backend.clone()))
+            .or(fc.and_then(|f| f.backend.clone()))
             .unwrap_or_else(|| "ndarray".into());
         let backend: BackendKind = backend_name
             .parse()
@@ -205,7 +191,7 @@ impl ParticipantConfig {
                 "upload_chunk_bytes: {upload_chunk_bytes} must be a multiple of 4 in 4096..=67108864"
             )));
         }
-        let reconnect = fc.as_ref().map(|f| f.reconnect.clone()).unwrap_or_default();
+        let reconnect = fc.map(|f| f.reconnect.clone()).unwrap_or_default();
         if reconnect.initial_ms == 0 || reconnect.max_ms < reconnect.initial_ms {
             return Err(ParticipantError::Config(
                 "reconnect: initial_ms must be at least 1 and max_ms at least initial_ms".into(),
@@ -224,7 +210,7 @@ impl ParticipantConfig {
             backend,
             record_dir: o
                 .record_dir
-                .or(fc.as_ref().and_then(|f| f.record_dir.clone()).map(&rel)),
+                .or(fc.and_then(|f| f.record_dir.clone()).map(&rel)),
             upload_chunk_bytes,
             reconnect,
             exit_after_training: o.exit_after_training,

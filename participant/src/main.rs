@@ -84,13 +84,7 @@ struct RunArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    sangsaeng_common::process::init_logging("info");
     match Cli::parse().command {
         Command::Run(a) => run(a).await,
         Command::Enrol { org, out } => {
@@ -141,24 +135,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         },
     )?;
     let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("installing a SIGTERM handler");
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        tracing::info!("shutdown requested; abandoning local work and leaving the federation");
-        token.cancel();
-    });
+    sangsaeng_common::process::cancel_on_signal(
+        shutdown.clone(),
+        "abandoning local work and leaving the federation",
+    );
     sangsaeng_participant::run(config, shutdown)
         .await
         .context("participant stopped")?;

@@ -44,6 +44,19 @@ pub struct Session {
     client: Option<FederationClient<Channel>>,
     /// Set once a subscription was established; resets the reconnect backoff.
     subscribed: bool,
+    /// The last delta computed and not yet acknowledged: if the connection breaks
+    /// during its upload, the same round's task comes again after reconnecting and
+    /// the upload resumes instead of training again.
+    pending: Option<PendingUpload>,
+}
+
+struct PendingUpload {
+    training_id: String,
+    round: u32,
+    base_sha256: String,
+    delta: Vec<f32>,
+    num_examples: u64,
+    train_loss: f64,
 }
 
 impl Session {
@@ -57,6 +70,7 @@ impl Session {
             declined: HashMap::new(),
             client: None,
             subscribed: false,
+            pending: None,
         })
     }
 
@@ -254,6 +268,71 @@ impl Session {
         plan: &TrainingPlan,
         info: &pb::ModelInfo,
     ) -> Result<()> {
+        let reuse = self.pending.as_ref().is_some_and(|p| {
+            p.training_id == tid && p.round == round && p.base_sha256 == info.sha256
+        });
+        if !reuse {
+            let pending = self.compute_delta(client, tid, round, plan, info).await?;
+            self.pending = Some(pending);
+        }
+        let p = self.pending.as_ref().expect("a delta to upload");
+        let delta_sha = weights::digest(&p.delta);
+        // Ask how much of an earlier, broken-off upload of this delta the coordinator kept.
+        let first_chunk = if reuse {
+            client
+                .upload_progress(pb::UploadProgressRequest {
+                    training_id: tid.into(),
+                    round,
+                    delta_sha256: delta_sha.clone(),
+                })
+                .await
+                .map_err(|s| ParticipantError::rpc("UploadProgress", s))?
+                .into_inner()
+                .next_chunk
+        } else {
+            0
+        };
+        if first_chunk > 0 {
+            tracing::info!(
+                training = tid,
+                round,
+                from_chunk = first_chunk,
+                "resuming the upload"
+            );
+        }
+        let receipt = upload(
+            client,
+            &UploadSpec {
+                training_id: tid,
+                round,
+                base_sha256: &info.sha256,
+                delta: &p.delta,
+                num_examples: p.num_examples,
+                train_loss: p.train_loss,
+                chunk_bytes: self.cfg.upload_chunk_bytes,
+                first_chunk,
+            },
+        )
+        .await?;
+        self.pending = None;
+        tracing::info!(
+            training = tid,
+            round,
+            sha256 = &receipt.sha256[..12],
+            "delta accepted by the coordinator"
+        );
+        Ok(())
+    }
+
+    /// Downloads the round's model, trains locally and returns the delta to send.
+    async fn compute_delta(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        tid: &str,
+        round: u32,
+        plan: &TrainingPlan,
+        info: &pb::ModelInfo,
+    ) -> Result<PendingUpload> {
         let prepared = self.site.prepare(tid, plan)?;
         let start = download(client, tid, info).await?;
         let (train_set, _) = site::scaled(&prepared, plan)?;
@@ -286,24 +365,14 @@ impl Session {
         if let Some(dir) = &self.cfg.record_dir {
             record_delta(dir, tid, round, plan, &delta, n)?;
         }
-        let receipt = upload(
-            client,
-            tid,
+        Ok(PendingUpload {
+            training_id: tid.to_string(),
             round,
-            &info.sha256,
-            &delta,
-            n,
-            loss,
-            self.cfg.upload_chunk_bytes,
-        )
-        .await?;
-        tracing::info!(
-            training = tid,
-            round,
-            sha256 = &receipt.sha256[..12],
-            "delta accepted by the coordinator"
-        );
-        Ok(())
+            base_sha256: info.sha256.clone(),
+            delta,
+            num_examples: n,
+            train_loss: loss,
+        })
     }
 
     async fn leave(&mut self, reason: &str) {
@@ -411,30 +480,44 @@ pub async fn download(
     Ok(weights::from_le_bytes(&bytes)?)
 }
 
-/// Streams a delta: header, checked chunks, trailer with the whole digest.
-#[allow(clippy::too_many_arguments)]
+/// What to upload: one delta of one round.
+pub struct UploadSpec<'a> {
+    pub training_id: &'a str,
+    pub round: u32,
+    pub base_sha256: &'a str,
+    pub delta: &'a [f32],
+    pub num_examples: u64,
+    pub train_loss: f64,
+    pub chunk_bytes: usize,
+    /// 0 for a new upload; the coordinator's `next_chunk` to resume one.
+    pub first_chunk: u32,
+}
+
+/// Streams a delta: header (with the whole digest declared, so a broken-off
+/// upload can be resumed), checked chunks from `first_chunk`, trailer.
 pub async fn upload(
     client: &mut FederationClient<Channel>,
-    training_id: &str,
-    round: u32,
-    base_sha256: &str,
-    delta: &[f32],
-    num_examples: u64,
-    train_loss: f64,
-    chunk_bytes: usize,
+    u: &UploadSpec<'_>,
 ) -> Result<pb::UploadReceipt> {
     use pb::update_message::Part;
-    let bytes = weights::to_le_bytes(delta);
-    let mut messages = Vec::with_capacity(bytes.len() / chunk_bytes + 2);
+    let bytes = weights::to_le_bytes(u.delta);
+    let delta_sha256 = weights::sha256_hex(&bytes);
+    let mut messages = Vec::with_capacity(bytes.len() / u.chunk_bytes + 2);
     messages.push(Part::Header(pb::UpdateHeader {
-        training_id: training_id.into(),
-        round,
-        base_model_sha256: base_sha256.into(),
-        num_params: delta.len() as u64,
-        num_examples,
-        train_loss,
+        training_id: u.training_id.into(),
+        round: u.round,
+        base_model_sha256: u.base_sha256.into(),
+        num_params: u.delta.len() as u64,
+        num_examples: u.num_examples,
+        train_loss: u.train_loss,
+        delta_sha256: delta_sha256.clone(),
+        first_chunk: u.first_chunk,
     }));
-    for (i, c) in bytes.chunks(chunk_bytes).enumerate() {
+    for (i, c) in bytes
+        .chunks(u.chunk_bytes)
+        .enumerate()
+        .skip(u.first_chunk as usize)
+    {
         messages.push(Part::Chunk(pb::UpdateChunk {
             index: i as u32,
             data: c.to_vec(),
@@ -442,7 +525,7 @@ pub async fn upload(
         }));
     }
     messages.push(Part::Trailer(pb::UpdateTrailer {
-        sha256: weights::sha256_hex(&bytes),
+        sha256: delta_sha256,
     }));
     let stream = tokio_stream::iter(
         messages

@@ -178,31 +178,9 @@ fn separate_processes_train_and_shut_down_cleanly() {
             .spawn()
             .unwrap(),
     );
-    let start = |org: &str, csv: &str| {
-        participant()
-            .args([
-                "run",
-                "--once",
-                "--coordinator",
-                &url,
-                "--label-column",
-                "defect",
-                "--data",
-            ])
-            .arg(d.join(csv))
-            .arg("--ca")
-            .arg(d.join("pki/ca.pem"))
-            .arg("--cert")
-            .arg(d.join(format!("pki/{org}.pem")))
-            .arg("--key")
-            .arg(d.join(format!("pki/{org}.key")))
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
     // Participants started before the coordinator listens must back off and retry.
-    let mut a = Killer(start("plant-a", "a.csv"));
-    let mut b = Killer(start("supplier-b", "b.csv"));
+    let mut a = Killer(start_site(d, &url, "plant-a", "a.csv"));
+    let mut b = Killer(start_site(d, &url, "supplier-b", "b.csv"));
     for p in [&mut a, &mut b] {
         let status = wait_exit(&mut p.0, Duration::from_secs(240)).expect("participant finished");
         assert!(status.success());
@@ -314,30 +292,8 @@ fn train(d: &Path, runs: &str, plan: &str, kill_after_rounds: Option<usize>) -> 
     let port = free_port();
     let url = format!("https://127.0.0.1:{port}");
     let mut coord = Killer(serve(d, port, runs, plan));
-    let start = |org: &str, csv: &str| {
-        participant()
-            .args([
-                "run",
-                "--once",
-                "--coordinator",
-                &url,
-                "--label-column",
-                "defect",
-                "--data",
-            ])
-            .arg(d.join(csv))
-            .arg("--ca")
-            .arg(d.join("pki/ca.pem"))
-            .arg("--cert")
-            .arg(d.join(format!("pki/{org}.pem")))
-            .arg("--key")
-            .arg(d.join(format!("pki/{org}.key")))
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let mut a = Killer(start("plant-a", "a.csv"));
-    let mut b = Killer(start("supplier-b", "b.csv"));
+    let mut a = Killer(start_site(d, &url, "plant-a", "a.csv"));
+    let mut b = Killer(start_site(d, &url, "supplier-b", "b.csv"));
     if let Some(k) = kill_after_rounds {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
