@@ -251,3 +251,58 @@ async fn a_site_whose_data_does_not_match_the_plan_is_reported_and_the_others_tr
     }
     coord.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_refused_and_the_others_keep_working() {
+    support::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let roster = support::roster(&[]);
+    let pki = support::pki(dir.path(), &roster);
+    let limits = sangsaeng_coordinator::config::Limits {
+        max_connections: 2,
+        ..Default::default()
+    };
+    let coord = localnet::start_coordinator(&pki, roster, None, &dir.path().join("runs"), limits)
+        .await
+        .unwrap();
+    let admin = pki.material("ops-admin");
+    let mut a = AdminClient::connect(&coord.url, &admin, "localhost")
+        .await
+        .unwrap();
+    a.status().await.unwrap();
+    let mut b = AdminClient::connect(&coord.url, &admin, "localhost")
+        .await
+        .unwrap();
+    b.status().await.unwrap();
+    let third = async {
+        let mut c = AdminClient::connect(&coord.url, &admin, "localhost").await?;
+        c.status().await
+    }
+    .await;
+    assert!(third.is_err(), "a third connection must be refused");
+    a.status()
+        .await
+        .expect("the first connection keeps working");
+    b.status()
+        .await
+        .expect("the second connection keeps working");
+    // Once a connection closes, its place is free again.
+    drop(b);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let attempt = async {
+            let mut c = AdminClient::connect(&coord.url, &admin, "localhost").await?;
+            c.status().await
+        }
+        .await;
+        if attempt.is_ok() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the freed place was never reused"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    coord.stop().await.unwrap();
+}

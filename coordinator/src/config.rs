@@ -29,6 +29,9 @@ pub struct Limits {
     pub max_concurrent_uploads: usize,
     /// HTTP/2 streams one connection may open at once (Subscribe + a transfer + spare).
     pub max_streams_per_connection: u32,
+    /// TCP connections open at once; more are closed on arrival. Each participant
+    /// holds one; the default leaves room for hundreds of suppliers and their retries.
+    pub max_connections: usize,
     /// Seconds an upload or download may sit idle between two messages before it is cut.
     pub transfer_idle_secs: u64,
     /// How many times a round that got fewer than `min_participants` updates is re-run
@@ -47,6 +50,7 @@ impl Default for Limits {
             max_chunk_bytes: 1 << 20,
             max_concurrent_uploads: 4,
             max_streams_per_connection: 8,
+            max_connections: 1024,
             transfer_idle_secs: 60,
             round_attempts: 3,
             max_model_params: 1 << 28,
@@ -82,6 +86,9 @@ impl Limits {
                 "limits.max_streams_per_connection: must be at least 2 (subscription + transfer)"
                     .into(),
             );
+        }
+        if self.max_connections == 0 {
+            return Err("limits.max_connections: must be at least 1".into());
         }
         if self.transfer_idle_secs == 0 {
             return Err("limits.transfer_idle_secs: must be at least 1".into());

@@ -13,6 +13,7 @@
 //! - [`admin`]: the `Admin` service (status, start a training) and [`admin::status`].
 //! - [`training`]: the round driver and the per-round records on disk.
 //! - [`store`]: the durable record (redb) that lets a restarted coordinator resume.
+//! - [`incoming`]: accepting connections under `limits.max_connections`.
 //! - [`transfer`]: chunked model downloads and checked delta uploads.
 //! - [`client`]: an admin client used by the CLI and tests.
 //!
@@ -24,6 +25,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod incoming;
 pub mod service;
 pub mod state;
 pub mod store;
@@ -33,7 +35,6 @@ pub mod transfer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 use sangsaeng_proto::v1::admin_server::AdminServer;
 use sangsaeng_proto::v1::federation_server::FederationServer;
@@ -113,7 +114,10 @@ pub async fn run(
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE))
         .add_service(federation)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown.cancelled())
+        .serve_with_incoming_shutdown(
+            incoming::limited(listener, limits.max_connections),
+            shutdown.cancelled(),
+        )
         .await?;
     tracing::info!("coordinator stopped");
     Ok(())
