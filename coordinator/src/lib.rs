@@ -44,13 +44,14 @@ pub use error::{CoordinatorError, Result};
 pub use state::Shared;
 
 /// Keepalive pings detect a participant whose machine or network vanished
-/// without closing its connection, so it is marked offline instead of waited for.
+/// without closing its connection, so operators see it offline within a minute.
 const HTTP2_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Serves the coordinator on `listener` until `shutdown` is cancelled.
 ///
-/// If the config holds an initial plan, that training starts at once (and waits
-/// for enough participants). Returns after in-flight RPCs have ended.
+/// An unfinished training found in the state store is resumed; otherwise, if the
+/// config holds an initial plan, that training starts at once (and waits for
+/// enough participants). Returns after in-flight RPCs have ended.
 pub async fn run(
     listener: TcpListener,
     config: CoordinatorConfig,
