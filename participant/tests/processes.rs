@@ -136,22 +136,7 @@ fn sigterm(child: &Child) {
 fn separate_processes_train_and_shut_down_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::write(d.join("roster.toml"), ROSTER).unwrap();
-    std::fs::write(d.join("plan.toml"), PLAN).unwrap();
-    write_csv(&d.join("a.csv"), 300, 1);
-    write_csv(&d.join("b.csv"), 120, 2);
-    let demo = coordinator()
-        .args(["pki", "demo", "--roster"])
-        .arg(d.join("roster.toml"))
-        .arg("--out")
-        .arg(d.join("pki"))
-        .output()
-        .unwrap();
-    assert!(
-        demo.status.success(),
-        "{}",
-        String::from_utf8_lossy(&demo.stderr)
-    );
+    setup(d, "plan.toml", PLAN);
 
     let port = free_port();
     let url = format!("https://127.0.0.1:{port}");
@@ -327,17 +312,10 @@ fn train(d: &Path, runs: &str, plan: &str, kill_after_rounds: Option<usize>) -> 
     only_run(&d.join(runs))
 }
 
-#[test]
-fn a_coordinator_killed_mid_training_resumes_and_ends_with_the_same_model() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// A folder with the roster, a plan (`plan_file`), two sites' CSV files and a demo PKI.
+fn setup(d: &Path, plan_file: &str, plan: &str) {
     std::fs::write(d.join("roster.toml"), ROSTER).unwrap();
-    // Enough local work per round that the kill lands mid-training.
-    let slow = PLAN.replace(
-        "rounds = 3",
-        "rounds = 5\nlocal_epochs = 150\nbatch_size = 16",
-    );
-    std::fs::write(d.join("slow-plan.toml"), slow).unwrap();
+    std::fs::write(d.join(plan_file), plan).unwrap();
     write_csv(&d.join("a.csv"), 300, 1);
     write_csv(&d.join("b.csv"), 120, 2);
     let demo = coordinator()
@@ -347,25 +325,32 @@ fn a_coordinator_killed_mid_training_resumes_and_ends_with_the_same_model() {
         .arg(d.join("pki"))
         .output()
         .unwrap();
-    assert!(demo.status.success());
+    assert!(
+        demo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+}
 
-    let reference = train(d, "runs-uninterrupted", "slow-plan.toml", None);
-    let resumed = train(d, "runs-killed", "slow-plan.toml", Some(2));
-
+/// Asserts two trainings ended with the same model, bit for bit, and that every
+/// round 1..=rounds of `resumed` is recorded (one round may be evaluated twice around a kill).
+fn assert_same_outcome(reference: &Path, resumed: &Path, rounds: u64, context: &str) {
     let plan = sangsaeng_common::plan::TrainingPlan::from_file(&resumed.join("plan.toml")).unwrap();
     let layout = sangsaeng_common::model::ModelSpec::from_plan(&plan).layout();
-    let load = |p: &Path| {
-        sangsaeng_common::weights::load_safetensors(&p.join("global.safetensors"), &layout).unwrap()
+    let bits = |p: &Path| {
+        sangsaeng_common::weights::load_safetensors(&p.join("global.safetensors"), &layout)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<_>>()
     };
-    let (a, b) = (load(&reference), load(&resumed));
     assert_eq!(
-        a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-        b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-        "the resumed training must end with the uninterrupted run's model, bit for bit"
+        bits(reference),
+        bits(resumed),
+        "{context}: the final model differs from the uninterrupted run"
     );
-    // Every round was recorded; none lost (a round evaluated twice around the kill may repeat).
     let metrics = std::fs::read_to_string(resumed.join("metrics.jsonl")).unwrap();
-    let mut rounds: Vec<u64> = metrics
+    let mut seen: Vec<u64> = metrics
         .lines()
         .map(|l| {
             serde_json::from_str::<serde_json::Value>(l).unwrap()["round"]
@@ -373,8 +358,27 @@ fn a_coordinator_killed_mid_training_resumes_and_ends_with_the_same_model() {
                 .unwrap()
         })
         .collect();
-    rounds.dedup();
-    assert_eq!(rounds, vec![1, 2, 3, 4, 5]);
+    seen.dedup();
+    assert_eq!(
+        seen,
+        (1..=rounds).collect::<Vec<_>>(),
+        "{context}: a committed round was lost or redone"
+    );
+}
+
+#[test]
+fn a_coordinator_killed_mid_training_resumes_and_ends_with_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Enough local work per round that the kill lands mid-training.
+    let slow = PLAN.replace(
+        "rounds = 3",
+        "rounds = 5\nlocal_epochs = 150\nbatch_size = 16",
+    );
+    setup(d, "slow-plan.toml", &slow);
+    let reference = train(d, "runs-uninterrupted", "slow-plan.toml", None);
+    let resumed = train(d, "runs-killed", "slow-plan.toml", Some(2));
+    assert_same_outcome(&reference, &resumed, 5, "killed after round 2");
 }
 
 /// Tiny deterministic generator for kill timings (the seed is printed to reproduce a run).
@@ -430,23 +434,12 @@ fn fault_injection_random_kills_of_coordinator_and_participant() {
     eprintln!("fault injection: {kills} coordinator kills, seed {seed}");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::write(d.join("roster.toml"), ROSTER).unwrap();
     let rounds = 6 + kills as u32;
     let plan = PLAN.replace(
         "rounds = 3",
         &format!("rounds = {rounds}\nlocal_epochs = 100\nbatch_size = 16"),
     );
-    std::fs::write(d.join("fault-plan.toml"), plan).unwrap();
-    write_csv(&d.join("a.csv"), 300, 1);
-    write_csv(&d.join("b.csv"), 120, 2);
-    let demo = coordinator()
-        .args(["pki", "demo", "--roster"])
-        .arg(d.join("roster.toml"))
-        .arg("--out")
-        .arg(d.join("pki"))
-        .output()
-        .unwrap();
-    assert!(demo.status.success());
+    setup(d, "fault-plan.toml", &plan);
     let reference = train(d, "runs-reference", "fault-plan.toml", None);
 
     let port = free_port();
@@ -490,35 +483,10 @@ fn fault_injection_random_kills_of_coordinator_and_participant() {
     }
     drop(coord);
     let resumed = only_run(&d.join(runs));
-    let plan = sangsaeng_common::plan::TrainingPlan::from_file(&resumed.join("plan.toml")).unwrap();
-    let layout = sangsaeng_common::model::ModelSpec::from_plan(&plan).layout();
-    let load = |p: &Path| {
-        sangsaeng_common::weights::load_safetensors(&p.join("global.safetensors"), &layout).unwrap()
-    };
-    assert_eq!(
-        load(&reference)
-            .iter()
-            .map(|v| v.to_bits())
-            .collect::<Vec<_>>(),
-        load(&resumed)
-            .iter()
-            .map(|v| v.to_bits())
-            .collect::<Vec<_>>(),
-        "after {done} kills the final model differs from the uninterrupted run"
-    );
-    let metrics = std::fs::read_to_string(resumed.join("metrics.jsonl")).unwrap();
-    let mut seen: Vec<u64> = metrics
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["round"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
-    seen.dedup();
-    assert_eq!(
-        seen,
-        (1..=rounds as u64).collect::<Vec<_>>(),
-        "a committed round was lost or redone"
+    assert_same_outcome(
+        &reference,
+        &resumed,
+        rounds as u64,
+        &format!("after {done} kills"),
     );
 }
