@@ -201,13 +201,45 @@ pub fn load_csvs(files: &[PathBuf], schema: &DataSchema) -> Result<Dataset> {
     Ok(out)
 }
 
+/// Reads CSV text from any reader with the same checks as [`load_csvs`];
+/// `origin` only names the source in errors. This is the entry point the CSV
+/// fuzz target drives (`fuzz/fuzz_targets/csv_rows.rs`).
+pub fn load_csv_reader(
+    origin: &Path,
+    reader: impl std::io::Read,
+    schema: &DataSchema,
+) -> Result<Dataset> {
+    let mut out = Dataset {
+        n_features: schema.feature_columns.len(),
+        ..Dataset::default()
+    };
+    load_reader(
+        origin,
+        reader,
+        schema,
+        &LabelMap::new(&schema.classes),
+        &mut out,
+    )?;
+    Ok(out)
+}
+
 fn load_one(file: &Path, schema: &DataSchema, labels: &LabelMap, out: &mut Dataset) -> Result<()> {
     let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    load_reader(file, std::io::BufReader::new(f), schema, labels, out)
+}
+
+fn load_reader(
+    file: &Path,
+    reader: impl std::io::Read,
+    schema: &DataSchema,
+    labels: &LabelMap,
+    out: &mut Dataset,
+) -> Result<()> {
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(true)
         // Ragged rows are checked by hand below so the error names the line in our words.
         .flexible(true)
-        .from_reader(std::io::BufReader::new(f));
+        .from_reader(reader);
     let header = rdr.headers().map_err(|e| csv_err(file, e))?.clone();
     if header.is_empty() || (header.len() == 1 && header[0].trim().is_empty()) {
         return Err(data_err(

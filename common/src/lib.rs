@@ -12,13 +12,17 @@
 //! - [`data`]: reading a site's CSV line data, checking it against the plan's
 //!   schema, federated feature statistics and scaling.
 //! - [`process`]: logging set-up and SIGINT/SIGTERM handling shared by the daemons.
-//! - [`backend`]: the single place that chooses the burn backend.
-//! - [`model`]: the burn MLP, its parameter layout and flat (de)serialisation.
-//! - [`train`]: local training and evaluation; [`metrics`]: accuracy and macro-F1.
+//! - [`model`]: the MLP's shape, parameter layout and seeded initialisation
+//!   (plain Rust: the coordinator never loads burn).
+//! - With the `train` feature (default): [`backend`], the single place that
+//!   chooses the burn backend; [`mlp`], the burn module; [`train`], local
+//!   training and evaluation.
+//! - [`metrics`]: accuracy and macro-F1.
 //! - [`fedavg`]: exact (order-independent) example-weighted aggregation of deltas.
 //! - [`weights`]: model files (safetensors) and digests.
 //! - [`wire`]: conversions between the protocol messages and these types.
 
+#[cfg(feature = "train")]
 pub mod backend;
 pub mod channel;
 pub mod config_file;
@@ -26,12 +30,15 @@ pub mod data;
 pub mod error;
 pub mod fedavg;
 pub mod metrics;
+#[cfg(feature = "train")]
+pub mod mlp;
 pub mod model;
 pub mod pki;
 pub mod plan;
 pub mod process;
 pub mod roster;
 pub mod tls;
+#[cfg(feature = "train")]
 pub mod train;
 pub mod weights;
 pub mod wire;

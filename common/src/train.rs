@@ -21,7 +21,8 @@ use rand_chacha::ChaCha8Rng;
 use crate::backend::BackendKind;
 use crate::data::Dataset;
 use crate::metrics::{self, Evaluation};
-use crate::model::{Mlp, ModelSpec, check_params, read_vec};
+use crate::mlp::{Mlp, read_vec};
+use crate::model::{ModelSpec, check_params};
 use crate::plan::{Optimizer, TrainingPlan};
 use crate::{Error, Result};
 

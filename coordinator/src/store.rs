@@ -111,7 +111,8 @@ fn db_err(e: impl std::fmt::Display) -> CoordinatorError {
     CoordinatorError::Store(e.to_string())
 }
 
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+/// Encodes a record for the store (public for the fuzz targets' round trips).
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     bincode::serde::encode_to_vec(v, bincode::config::standard())
         .expect("encoding a plain record cannot fail")
 }

@@ -1,0 +1,26 @@
+//! Fuzz target: a site's CSV line data (an MES/historian export).
+//!
+//! The participant reads these files before anything else; a malformed file
+//! must give an error that names the file, line and column, never a panic.
+//! Loaded data must satisfy what training relies on: one label per row, a
+//! known class, every feature finite.
+#![no_main]
+
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+use sangsaeng_common::data::load_csv_reader;
+use sangsaeng_common::plan::DataSchema;
+
+fuzz_target!(|data: &[u8]| {
+    let schema = DataSchema {
+        feature_columns: vec!["a".into(), "b".into(), "c".into()],
+        label_column: "fault".into(),
+        classes: vec!["0".into(), "1".into(), "ok".into()],
+    };
+    if let Ok(d) = load_csv_reader(Path::new("fuzz.csv"), data, &schema) {
+        assert_eq!(d.features.len(), d.labels.len() * 3);
+        assert!(d.labels.iter().all(|&l| l < 3));
+        assert!(d.features.iter().all(|v| v.is_finite()));
+    }
+});

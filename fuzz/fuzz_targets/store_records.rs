@@ -1,0 +1,38 @@
+//! Fuzz target: the coordinator's durable records as read back from disk.
+//!
+//! A damaged or foreign `coordinator-state.redb` hands these bytes to
+//! `store::decode` at start-up (resume) and when a round completes. Every input
+//! must give a record or a clear `corrupt` error, never a panic or an
+//! unbounded allocation; a record that decodes must survive encode + decode.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use sangsaeng_common::weights;
+use sangsaeng_coordinator::store::{self, StoredContribution, TrainingRecord};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&kind, bytes)) = data.split_first() else {
+        return;
+    };
+    match kind % 3 {
+        0 => {
+            if let Ok(rec) = store::decode::<TrainingRecord>(bytes, "training record") {
+                let again = store::decode::<TrainingRecord>(&store::encode(&rec), "again")
+                    .expect("an encoded record decodes");
+                assert_eq!(again, rec);
+            }
+        }
+        1 => {
+            if let Ok(c) = store::decode::<StoredContribution>(bytes, "contribution") {
+                let _ = c.delta();
+                let _ = c.accepted();
+            }
+        }
+        _ => {
+            // Stored models are raw little-endian f32.
+            if let Ok(v) = weights::from_le_bytes(bytes) {
+                assert_eq!(weights::to_le_bytes(&v), bytes);
+            }
+        }
+    }
+});
