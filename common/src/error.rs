@@ -49,6 +49,10 @@ pub enum Error {
     #[error("aggregation: {0}")]
     Aggregation(String),
 
+    /// A signature could not be made, or does not verify.
+    #[error("signature: {0}")]
+    Signature(String),
+
     /// A protocol message is missing a field or holds an impossible value.
     #[error("protocol: {0}")]
     Protocol(String),

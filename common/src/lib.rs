@@ -20,6 +20,8 @@
 //! - [`metrics`]: accuracy and macro-F1.
 //! - [`fedavg`]: exact (order-independent) example-weighted aggregation of deltas.
 //! - [`weights`]: model files (safetensors) and digests.
+//! - [`signing`]: ECDSA P-256 signatures with an endpoint's TLS key, and DSSE
+//!   envelopes (audit log entries, release provenance).
 //! - [`wire`]: conversions between the protocol messages and these types.
 
 #[cfg(feature = "train")]
@@ -37,6 +39,7 @@ pub mod pki;
 pub mod plan;
 pub mod process;
 pub mod roster;
+pub mod signing;
 pub mod tls;
 #[cfg(feature = "train")]
 pub mod train;

@@ -52,13 +52,12 @@ pub fn digest(values: &[f32]) -> String {
     hex::encode(h.finalize())
 }
 
-/// Writes `values` as safetensors, one tensor per layout entry, with string metadata.
-pub fn save_safetensors(
-    path: &Path,
+/// Encodes `values` as safetensors, one tensor per layout entry, with string metadata.
+pub fn safetensors_bytes(
     layout: &[TensorSpec],
     values: &[f32],
     metadata: HashMap<String, String>,
-) -> Result<()> {
+) -> Result<Vec<u8>> {
     let expected: usize = layout
         .iter()
         .map(|t| t.shape.iter().product::<usize>())
@@ -79,39 +78,49 @@ pub fn save_safetensors(
         views.push((t.name.clone(), view));
         offset += n;
     }
+    safetensors::tensor::serialize(views, Some(metadata))
+        .map_err(|e| Error::Model(format!("encoding safetensors: {e}")))
+}
+
+/// Writes `values` as safetensors (see [`safetensors_bytes`]).
+pub fn save_safetensors(
+    path: &Path,
+    layout: &[TensorSpec],
+    values: &[f32],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let bytes = safetensors_bytes(layout, values, metadata)?;
     // Write to a temporary file and rename, so a crash never leaves a half-written model.
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::tensor::serialize_to_file(views, Some(metadata), &tmp)
-        .map_err(|e| Error::Model(format!("{}: {e}", tmp.display())))?;
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Reads a safetensors model and checks it has exactly the layout's tensors.
 pub fn load_safetensors(path: &Path, layout: &[TensorSpec]) -> Result<Vec<f32>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::Model(format!("{}: not a safetensors file: {e}", path.display())))?;
+    parse_safetensors(&bytes, layout, &path.display().to_string())
+}
+
+/// Decodes safetensors bytes holding exactly the layout's tensors; `origin` names them in errors.
+pub fn parse_safetensors(bytes: &[u8], layout: &[TensorSpec], origin: &str) -> Result<Vec<f32>> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::Model(format!("{origin}: not a safetensors file: {e}")))?;
     if st.len() != layout.len() {
         return Err(Error::Model(format!(
-            "{}: holds {} tensors, the model has {}",
-            path.display(),
+            "{origin}: holds {} tensors, the model has {}",
             st.len(),
             layout.len()
         )));
     }
     let mut out = Vec::new();
     for t in layout {
-        let view = st.tensor(&t.name).map_err(|_| {
-            Error::Model(format!(
-                "{}: tensor '{}' is missing",
-                path.display(),
-                t.name
-            ))
-        })?;
+        let view = st
+            .tensor(&t.name)
+            .map_err(|_| Error::Model(format!("{origin}: tensor '{}' is missing", t.name)))?;
         if view.dtype() != Dtype::F32 || view.shape() != t.shape.as_slice() {
             return Err(Error::Model(format!(
-                "{}: tensor '{}' is {:?} {:?}, expected F32 {:?}",
-                path.display(),
+                "{origin}: tensor '{}' is {:?} {:?}, expected F32 {:?}",
                 t.name,
                 view.dtype(),
                 view.shape(),

@@ -1,5 +1,6 @@
-//! The `Admin` service: status and starting trainings, for organisations whose
-//! roster role is `admin`. A participant certificate gets PERMISSION_DENIED.
+//! The `Admin` service: status, starting trainings and releasing models, for
+//! organisations whose roster role is `admin`. A participant certificate gets
+//! PERMISSION_DENIED; a refused release attempt is written to the audit log too.
 
 use std::sync::Arc;
 
@@ -93,5 +94,59 @@ impl Admin for AdminService {
         let training_id = crate::training::start(&self.shared, plan)?;
         tracing::info!(admin, training = %training_id, "training started by admin");
         Ok(Response::new(pb::StartTrainingResponse { training_id }))
+    }
+
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let admin = match authorize(&self.shared, &req, Role::Admin, "Release") {
+            Ok(a) => a,
+            Err(e) => {
+                // Who tried matters as much as who succeeded.
+                let caller = sangsaeng_common::tls::peer_identity(&req)
+                    .unwrap_or_else(|_| "(no valid certificate identity)".into());
+                self.shared.audit.record(
+                    "release_attempted",
+                    serde_json::json!({
+                        "by": caller,
+                        "training": req.get_ref().training_id,
+                        "outcome": "denied",
+                        "error": e.to_string(),
+                    }),
+                );
+                return Err(e.into());
+            }
+        };
+        let r = req.into_inner();
+        let outcome = crate::release::release(
+            &self.shared,
+            &admin,
+            crate::release::ReleaseRequest {
+                training_id: r.training_id,
+                policy_toml: r.policy_toml,
+                registry: (!r.registry.is_empty()).then_some(r.registry),
+                plain_http: r.plain_http,
+                tag: r.tag,
+            },
+        )
+        .await?;
+        Ok(Response::new(pb::ReleaseResponse {
+            released: outcome.released,
+            rules: outcome
+                .rules
+                .into_iter()
+                .map(|r| pb::RuleResult {
+                    rule: r.rule,
+                    requirement: r.requirement,
+                    actual: r.actual,
+                    passed: r.passed,
+                })
+                .collect(),
+            manifest_digest: outcome.manifest_digest,
+            location: outcome.location,
+            signature_digest: outcome.signature_digest,
+            audit_seq: outcome.audit_seq,
+        }))
     }
 }

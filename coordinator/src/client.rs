@@ -19,6 +19,8 @@ fn status_error(s: tonic::Status) -> CoordinatorError {
         tonic::Code::Unauthenticated => CoordinatorError::Unauthenticated(m),
         tonic::Code::InvalidArgument => CoordinatorError::InvalidArgument(m),
         tonic::Code::FailedPrecondition => CoordinatorError::FailedPrecondition(m),
+        tonic::Code::NotFound => CoordinatorError::NotFound(m),
+        tonic::Code::Unavailable => CoordinatorError::Registry(m),
         _ => CoordinatorError::Aborted(m),
     }
 }
@@ -46,6 +48,57 @@ impl AdminClient {
             .map(|r| r.into_inner().training_id)
             .map_err(status_error)
     }
+}
+
+impl AdminClient {
+    /// Asks the coordinator to release a training's model (see [`crate::release`]).
+    pub async fn release(&mut self, req: pb::ReleaseRequest) -> Result<pb::ReleaseResponse> {
+        self.inner
+            .release(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(status_error)
+    }
+}
+
+/// Renders the rule evaluation and outcome of a release for the administrator.
+pub fn render_release(r: &pb::ReleaseResponse) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<30} {:<6} {:<60} actual",
+        "rule", "result", "requirement"
+    );
+    for rule in &r.rules {
+        let _ = writeln!(
+            out,
+            "{:<30} {:<6} {:<60} {}",
+            rule.rule,
+            if rule.passed { "pass" } else { "FAIL" },
+            rule.requirement,
+            rule.actual
+        );
+    }
+    if r.released {
+        let _ = writeln!(out, "\nreleased to {}", r.location);
+        let _ = writeln!(out, "  model manifest     {}", r.manifest_digest);
+        let _ = writeln!(out, "  signature manifest {}", r.signature_digest);
+    } else {
+        let failed: Vec<&str> = r
+            .rules
+            .iter()
+            .filter(|x| !x.passed)
+            .map(|x| x.rule.as_str())
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nrelease REFUSED: rule(s) failed: {}",
+            failed.join(", ")
+        );
+    }
+    let _ = writeln!(out, "audit log entry {}", r.audit_seq);
+    out
 }
 
 /// Renders a status report as a table for operators.

@@ -161,6 +161,11 @@ pub struct CoordinatorConfig {
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 
 impl CoordinatorConfig {
+    /// The audit log, beside the state store in the output folder.
+    pub fn audit_path(&self) -> PathBuf {
+        self.output_dir.join(crate::audit::FILE_NAME)
+    }
+
     /// Merges file and overrides, loads roster and plan, and validates everything.
     pub fn build(file: Option<&Path>, o: Overrides) -> Result<Self> {
         let file = file

@@ -38,6 +38,12 @@ pub enum CoordinatorError {
     /// A shared-library error (bad plan, bad update, file I/O).
     #[error(transparent)]
     Common(#[from] sangsaeng_common::Error),
+    /// The audit log cannot be written, or does not verify.
+    #[error("audit log: {0}")]
+    Audit(String),
+    /// The registry refused or could not be reached during a release.
+    #[error("registry: {0}")]
+    Registry(String),
     /// The durable state store failed or holds damaged records.
     #[error("state store: {0}")]
     Store(String),
@@ -83,6 +89,10 @@ impl From<CoordinatorError> for Status {
                 | C::Data { .. },
             ) => Code::InvalidArgument,
             CoordinatorError::Config(_) => Code::InvalidArgument,
+            CoordinatorError::Common(C::Signature(_)) | CoordinatorError::Audit(_) => {
+                Code::FailedPrecondition
+            }
+            CoordinatorError::Registry(_) => Code::Unavailable,
             CoordinatorError::Common(_)
             | CoordinatorError::Transport(_)
             | CoordinatorError::Io { .. }

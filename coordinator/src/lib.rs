@@ -10,8 +10,11 @@
 //! - [`auth`]: caller identity from the client certificate, checked against the roster per RPC.
 //! - [`state`]: shared state: presence of participants and the training in progress.
 //! - [`service`]: the `Federation` service (subscribe, statistics, transfers, evaluation).
-//! - [`admin`]: the `Admin` service (status, start a training) and [`admin::status`].
+//! - [`admin`]: the `Admin` service (status, start a training, release) and [`admin::status`].
 //! - [`training`]: the round driver and the per-round records on disk.
+//! - [`audit`]: the signed, hash-chained audit log and its verification.
+//! - [`release`]: opening rules, the release artifact (safetensors, model card,
+//!   in-toto provenance, DSSE signature) and OCI layout/registry storage.
 //! - [`store`]: the durable record (redb) that lets a restarted coordinator resume.
 //! - [`incoming`]: accepting connections under `limits.max_connections`.
 //! - [`transfer`]: chunked model downloads and checked delta uploads.
@@ -21,11 +24,13 @@
 //! listener on `127.0.0.1:0`.
 
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod client;
 pub mod config;
 pub mod error;
 pub mod incoming;
+pub mod release;
 pub mod service;
 pub mod state;
 pub mod store;
@@ -69,7 +74,10 @@ pub async fn run(
     })?;
     let initial_plan = config.initial_plan.clone();
     let store = store::Store::open(&config.state_path())?;
-    let shared = Shared::new(config, store, shutdown.clone());
+    let signer = sangsaeng_common::signing::Signer::from_pem_file(&config.tls.key)?;
+    let audit = audit::AuditLog::open(&config.audit_path(), signer)?;
+    record_start(&audit, &config)?;
+    let shared = Shared::new(config, store, audit, shutdown.clone());
     tracing::info!(
         %addr,
         roster = %shared.config.roster_path.display(),
@@ -121,6 +129,70 @@ pub async fn run(
         )
         .await?;
     tracing::info!("coordinator stopped");
+    Ok(())
+}
+
+/// Records the configuration this run uses, and what changed in the roster since
+/// the last run, as the first audit entries of the run.
+fn record_start(audit: &audit::AuditLog, config: &CoordinatorConfig) -> Result<()> {
+    let roster_toml = config.roster.to_toml();
+    let orgs: Vec<serde_json::Value> = config
+        .roster
+        .iter()
+        .map(|o| {
+            serde_json::json!({
+                "id": o.id, "tier": o.tier, "role": o.role,
+                "agreement_signed": o.agreement.signed, "agreement_date": o.agreement.date,
+            })
+        })
+        .collect();
+    let previous = audit::read_unverified(audit.path())?
+        .into_iter()
+        .rev()
+        .find(|e| e.kind == "coordinator_started");
+    audit.append(
+        "coordinator_started",
+        serde_json::json!({
+            "version": version(),
+            "listen": config.listen.to_string(),
+            "output_dir": config.output_dir.display().to_string(),
+            "limits": format!("{:?}", config.limits),
+            "roster_sha256": audit::text_digest(&roster_toml),
+            "organisations": orgs,
+        }),
+    )?;
+    if let Some(prev) = previous
+        && prev.data["roster_sha256"] != serde_json::json!(audit::text_digest(&roster_toml))
+    {
+        let before: std::collections::BTreeMap<String, serde_json::Value> =
+            prev.data["organisations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|o| Some((o["id"].as_str()?.to_string(), o.clone())))
+                .collect();
+        let after: std::collections::BTreeMap<String, serde_json::Value> = orgs
+            .iter()
+            .filter_map(|o| Some((o["id"].as_str()?.to_string(), o.clone())))
+            .collect();
+        let added: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+        let removed: Vec<&String> = before.keys().filter(|k| !after.contains_key(*k)).collect();
+        let changed: Vec<&String> = after
+            .iter()
+            .filter(|(k, v)| before.get(*k).is_some_and(|b| b != *v))
+            .map(|(k, _)| k)
+            .collect();
+        tracing::info!(
+            ?added,
+            ?removed,
+            ?changed,
+            "the roster changed since the last run"
+        );
+        audit.append(
+            "roster_changed",
+            serde_json::json!({"added": added, "removed": removed, "changed": changed}),
+        )?;
+    }
     Ok(())
 }
 

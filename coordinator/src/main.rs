@@ -32,6 +32,70 @@ enum Command {
     Pki(PkiCommand),
     /// Talk to a running coordinator with an admin certificate.
     Admin(AdminArgs),
+    /// Check the coordinator's audit log (hash chain and signatures).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Pull a released model and verify it, offline (no coordinator needed).
+    #[command(subcommand)]
+    Release(ReleaseCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify every entry: hash, signature, sequence and link. Reports the first
+    /// entry where the chain breaks (an edit, a deletion, a reordering).
+    Verify {
+        /// The audit log (`<output_dir>/audit.jsonl`).
+        #[arg(long)]
+        log: PathBuf,
+        /// The coordinator's certificate (PEM), whose key signed the entries.
+        #[arg(long)]
+        cert: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReleaseCommand {
+    /// Fetch a release (weights, card, provenance, signature) into a folder,
+    /// checking every digest on the way.
+    Pull {
+        #[command(flatten)]
+        from: ReleaseSource,
+        /// Tag of the release.
+        #[arg(long)]
+        tag: String,
+        /// Folder to write the files into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Verify a pulled release: the provenance signature by the coordinator,
+    /// the weights against the provenance and, with --audit, the provenance
+    /// against the signed audit log round by round.
+    Verify {
+        /// Folder written by `release pull`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The coordinator's certificate (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+        /// The coordinator's audit log, to check the provenance against.
+        #[arg(long)]
+        audit: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct ReleaseSource {
+    /// An OCI image-layout folder (the coordinator's default target: <output_dir>/registry).
+    #[arg(long)]
+    layout: Option<PathBuf>,
+    /// A registry repository, e.g. registry.example.kr/ai-factory/te-classifier.
+    #[arg(long)]
+    registry: Option<String>,
+    /// Use plain HTTP for --registry (a registry on loopback).
+    #[arg(long, requires = "registry")]
+    plain_http: bool,
 }
 
 #[derive(Args)]
@@ -148,16 +212,97 @@ enum AdminAction {
         #[arg(long)]
         plan: PathBuf,
     },
+    /// Release a completed training's model under a policy of opening rules.
+    /// Prints every rule with its value and pass/fail; exits with status 1 when
+    /// a rule fails (nothing is released then).
+    Release {
+        /// Training id (see `admin status`).
+        #[arg(long)]
+        training: String,
+        /// Opening-rules policy (TOML); see docs/RELEASE.md.
+        #[arg(long)]
+        policy: PathBuf,
+        /// Registry repository to push to; without it the coordinator writes its
+        /// OCI layout folder (<output_dir>/registry).
+        #[arg(long)]
+        registry: Option<String>,
+        /// Use plain HTTP for --registry (a registry on loopback).
+        #[arg(long, requires = "registry")]
+        plain_http: bool,
+        /// Tag of the release [default: the training id].
+        #[arg(long, default_value = "")]
+        tag: String,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     sangsaeng_common::process::init_logging("info");
+    // One rustls provider (ring) for tonic and for the registry client.
+    sangsaeng_common::tls::install_crypto_provider();
     match Cli::parse().command {
         Command::Serve(a) => serve(a).await,
         Command::Pki(p) => pki_command(p),
         Command::Admin(a) => admin(a).await,
+        Command::Audit(a) => audit_command(a),
+        Command::Release(r) => release_command(r).await,
     }
+}
+
+fn audit_command(a: AuditCommand) -> anyhow::Result<()> {
+    match a {
+        AuditCommand::Verify { log, cert } => {
+            let verifier = sangsaeng_common::signing::Verifier::from_cert_pem_file(&cert)?;
+            match sangsaeng_coordinator::audit::verify_file(&log, &verifier) {
+                Ok(r) => {
+                    println!(
+                        "{}: {} entries, chain and signatures intact; head {}",
+                        log.display(),
+                        r.entries,
+                        r.head
+                    );
+                    Ok(())
+                }
+                Err(e) => anyhow::bail!("the audit log does not verify: {e}"),
+            }
+        }
+    }
+}
+
+async fn release_command(r: ReleaseCommand) -> anyhow::Result<()> {
+    use sangsaeng_coordinator::release::{self, oci};
+    match r {
+        ReleaseCommand::Pull { from, tag, out } => {
+            let source = match (from.layout, from.registry) {
+                (Some(dir), _) => oci::Source::Layout(dir),
+                (None, Some(r)) => {
+                    oci::Source::Registry(oci::Registry::parse(&r, from.plain_http)?)
+                }
+                (None, None) => unreachable!("clap requires one source"),
+            };
+            let pulled = oci::pull(&source, &tag).await?;
+            oci::save(&pulled, &out)?;
+            println!("pulled release '{tag}' into {}", out.display());
+            println!("  model manifest     {}", pulled.model_digest);
+            println!("  signature manifest {}", pulled.signature_digest);
+        }
+        ReleaseCommand::Verify { dir, cert, audit } => {
+            let verifier = sangsaeng_common::signing::Verifier::from_cert_pem_file(&cert)?;
+            let v = release::verify(&dir, &verifier, audit.as_deref())?;
+            println!(
+                "verified: training {}, {} rounds, final parameters sha256 {}{}",
+                v.training,
+                v.rounds,
+                v.final_params_sha256,
+                if v.audit_checked {
+                    "; provenance matches the signed audit log"
+                } else {
+                    " (audit log not checked: pass --audit)"
+                }
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
@@ -286,6 +431,29 @@ async fn admin(a: AdminArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("reading {}", plan.display()))?;
             let id = client.start_training(text).await?;
             println!("training {id} started");
+        }
+        AdminAction::Release {
+            training,
+            policy,
+            registry,
+            plain_http,
+            tag,
+        } => {
+            let policy_toml = std::fs::read_to_string(&policy)
+                .with_context(|| format!("reading {}", policy.display()))?;
+            let r = client
+                .release(sangsaeng_proto::v1::ReleaseRequest {
+                    training_id: training,
+                    policy_toml,
+                    registry: registry.unwrap_or_default(),
+                    plain_http,
+                    tag,
+                })
+                .await?;
+            print!("{}", sangsaeng_coordinator::client::render_release(&r));
+            if !r.released {
+                std::process::exit(1);
+            }
         }
     }
     Ok(())

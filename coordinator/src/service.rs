@@ -102,6 +102,10 @@ impl Federation for FederationService {
             version = %req.get_ref().software_version,
             "participant connected"
         );
+        self.shared.audit.record(
+            "joined",
+            serde_json::json!({"org": org, "software_version": req.get_ref().software_version}),
+        );
         // A participant that reconnects in the middle of a phase it was selected
         // for gets that phase's task again instead of being waited for in vain.
         let resend = {
@@ -322,6 +326,9 @@ impl Federation for FederationService {
         let org = self.caller(&req, "Leave")?;
         let reason = req.into_inner().reason;
         tracing::info!(org, reason, "participant leaves");
+        self.shared
+            .audit
+            .record("left", serde_json::json!({"org": org, "reason": reason}));
         if let Some(p) = self.shared.participants().get_mut(&org) {
             p.tasks = None;
         }

@@ -19,6 +19,7 @@ use sangsaeng_common::plan::TrainingPlan;
 use sangsaeng_common::roster::Roster;
 use sangsaeng_proto::v1 as pb;
 
+use crate::audit::AuditLog;
 use crate::config::CoordinatorConfig;
 use crate::store::Store;
 use crate::transfer::PublishedModel;
@@ -184,10 +185,17 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Durable record of trainings, rounds and accepted contributions.
     pub store: Store,
+    /// Signed, hash-chained record of joins, rounds and releases.
+    pub audit: AuditLog,
 }
 
 impl Shared {
-    pub fn new(config: CoordinatorConfig, store: Store, shutdown: CancellationToken) -> Arc<Self> {
+    pub fn new(
+        config: CoordinatorConfig,
+        store: Store,
+        audit: AuditLog,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         let permits = config.limits.max_concurrent_uploads;
         Arc::new(Shared {
             roster: config.roster.clone(),
@@ -198,6 +206,7 @@ impl Shared {
             upload_permits: Semaphore::new(permits),
             shutdown,
             store,
+            audit,
         })
     }
 

@@ -89,6 +89,14 @@ pub fn start(shared: &Arc<Shared>, plan: TrainingPlan) -> Result<String> {
         .map_err(|e| CoordinatorError::io("writing plan.toml", e))?;
     let rec = Store::new_record(&id, plan.to_toml(), &output_dir);
     shared.store.put_training(&rec)?;
+    shared.audit.append(
+        "training_started",
+        serde_json::json!({
+            "training": id,
+            "plan_sha256": crate::audit::text_digest(&rec.plan_toml),
+            "plan_toml": rec.plan_toml,
+        }),
+    )?;
     *shared.training() = Some(Training::new(id.clone(), plan, output_dir));
     tracing::info!(training = %id, "training started");
     spawn_driver(shared, rec, None);
@@ -379,6 +387,7 @@ async fn drive(
             1,
         );
         append_jsonl(&metrics_path, &record)?;
+        audit_round(shared, &record)?;
         rec.evaluated_round = round;
         shared.store.put_training(&rec)?;
     }
@@ -490,6 +499,7 @@ async fn drive(
             attempt,
         );
         append_jsonl(&metrics_path, &record)?;
+        audit_round(shared, &record)?;
         rec.evaluated_round = round;
         shared.store.put_training(&rec)?;
         tracing::info!(
@@ -511,6 +521,40 @@ async fn drive(
         &layout,
         &global,
         model_metadata(&plan, plan.training.rounds),
+    )?;
+    shared.audit.append(
+        "training_finished",
+        serde_json::json!({
+            "training": id,
+            "rounds": plan.training.rounds,
+            "plan_sha256": crate::audit::text_digest(&plan.to_toml()),
+            "global_model_sha256": weights::digest(&global),
+        }),
+    )?;
+    Ok(())
+}
+
+/// The audit entry of a completed and evaluated round: who contributed, with which
+/// update (digest) and weight, the resulting global model and its evaluation.
+/// Written after the round is committed and its metrics line written, so a
+/// restart that re-evaluates a committed round also writes its entry.
+fn audit_round(shared: &Shared, r: &RoundRecord) -> Result<()> {
+    let contributions: Vec<serde_json::Value> = r
+        .participants
+        .iter()
+        .map(|p| serde_json::json!({"org": p.org_id, "sha256": p.sha256, "weight": p.num_examples}))
+        .collect();
+    shared.audit.append(
+        "round_completed",
+        serde_json::json!({
+            "training": r.training_id,
+            "round": r.round,
+            "contributions": contributions,
+            "global_model_sha256": r.model_sha256,
+            "eval_macro_f1": r.eval_macro_f1,
+            "eval_accuracy": r.eval_accuracy,
+            "eval_examples": r.evaluations.iter().map(|e| e.num_examples).sum::<u64>(),
+        }),
     )?;
     Ok(())
 }

@@ -1,0 +1,517 @@
+//! The opening rules of the AI Factory programme's delegation type, as a policy
+//! file, and their evaluation against what the audit log says about a training.
+//!
+//! Every rule key must be present (a forgotten rule is an error, not a silent
+//! default) and an unknown key is refused by name, so a typo can never turn a
+//! rule off. Evaluation is a pure function of the policy, the [`Facts`] and the
+//! roster: each rule is reported with the requirement, the actual value and
+//! pass/fail, and the release goes ahead only if all pass.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use sangsaeng_common::roster::Roster;
+
+use crate::error::{CoordinatorError, Result};
+
+/// A release policy (TOML).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub rules: Rules,
+    pub disclosure: Disclosure,
+    pub licence: Licence,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rules {
+    /// Every organisation whose updates shaped the model must have signed the
+    /// data submission agreement (roster `agreement.signed`): the intersection
+    /// of consents over all rounds, not the union.
+    pub require_consent: bool,
+    /// At least this many distinct organisations contributed accepted updates.
+    pub min_contributors: usize,
+    /// No organisation's share of a round's aggregation weight above this (0, 1].
+    pub max_weight_share: f64,
+    /// At least this many completed rounds, and the training finished.
+    pub min_rounds: u32,
+    /// Federated macro-F1 of the final global model at least this, in [0, 1].
+    pub min_macro_f1: f64,
+    /// When true, only a model trained with differential privacy within
+    /// `max_epsilon` may be released; a model trained without it fails closed.
+    pub require_differential_privacy: bool,
+    /// Largest privacy loss ε allowed when differential privacy is required.
+    pub max_epsilon: f64,
+}
+
+/// How contributors appear in the model card and provenance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContributorDisclosure {
+    /// Organisation id and name.
+    Name,
+    /// Tier only ("tier-1", "tier-2", ...).
+    Tier,
+    /// Only how many organisations contributed.
+    Count,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Disclosure {
+    pub contributors: ContributorDisclosure,
+}
+
+/// The licence and usage terms that travel with the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Licence {
+    /// SPDX identifier or licence name, e.g. "Apache-2.0" or "KOGL-Type-1".
+    pub id: String,
+    /// Usage terms in words (who may use the model and for what).
+    pub terms: String,
+}
+
+impl Policy {
+    /// Parses and checks a policy; errors name the file and the rule.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        let p: Policy = toml::from_str(text).map_err(|e| {
+            CoordinatorError::InvalidArgument(format!("policy {origin}: {}", e.message().trim()))
+        })?;
+        p.validate()
+            .map_err(|m| CoordinatorError::InvalidArgument(format!("policy {origin}: {m}")))?;
+        Ok(p)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        let r = &self.rules;
+        if !(r.max_weight_share > 0.0 && r.max_weight_share <= 1.0) {
+            return Err(format!(
+                "rules.max_weight_share must lie in (0, 1], got {}",
+                r.max_weight_share
+            ));
+        }
+        if !(0.0..=1.0).contains(&r.min_macro_f1) {
+            return Err(format!(
+                "rules.min_macro_f1 must lie in [0, 1], got {}",
+                r.min_macro_f1
+            ));
+        }
+        if r.min_contributors == 0 {
+            return Err("rules.min_contributors must be at least 1".into());
+        }
+        if !(r.max_epsilon.is_finite() && r.max_epsilon > 0.0) {
+            return Err(format!(
+                "rules.max_epsilon must be a positive number, got {}",
+                r.max_epsilon
+            ));
+        }
+        if self.licence.id.trim().is_empty() {
+            return Err("licence.id must name the licence the model is released under".into());
+        }
+        Ok(())
+    }
+}
+
+/// One accepted update as the audit log records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Contribution {
+    pub org: String,
+    pub sha256: String,
+    pub weight: u64,
+}
+
+/// One completed round as the audit log records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundFact {
+    pub round: u32,
+    pub contributions: Vec<Contribution>,
+    pub global_model_sha256: String,
+    pub eval_macro_f1: Option<f64>,
+    pub eval_accuracy: Option<f64>,
+}
+
+/// What is known about a training when a release is requested.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Facts {
+    pub training: String,
+    /// The training ran all its planned rounds.
+    pub finished: bool,
+    pub planned_rounds: u32,
+    /// Completed rounds, ascending, one per round.
+    pub rounds: Vec<RoundFact>,
+    /// Privacy loss ε of the training, `None` when trained without differential privacy.
+    pub epsilon: Option<f64>,
+}
+
+impl Facts {
+    /// Every organisation with an accepted update in any round.
+    pub fn contributors(&self) -> BTreeSet<String> {
+        self.rounds
+            .iter()
+            .flat_map(|r| r.contributions.iter().map(|c| c.org.clone()))
+            .collect()
+    }
+
+    /// The largest share of one round's aggregation weight held by one organisation.
+    pub fn largest_share(&self) -> Option<(String, u32, f64)> {
+        let mut best: Option<(String, u32, f64)> = None;
+        for r in &self.rounds {
+            let total: u64 = r.contributions.iter().map(|c| c.weight).sum();
+            if total == 0 {
+                continue;
+            }
+            let mut per_org: BTreeMap<&str, u64> = BTreeMap::new();
+            for c in &r.contributions {
+                *per_org.entry(&c.org).or_default() += c.weight;
+            }
+            for (org, w) in per_org {
+                let share = w as f64 / total as f64;
+                if best.as_ref().is_none_or(|b| share > b.2) {
+                    best = Some((org.to_string(), r.round, share));
+                }
+            }
+        }
+        best
+    }
+}
+
+/// A rule's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleResult {
+    pub rule: String,
+    pub requirement: String,
+    pub actual: String,
+    pub passed: bool,
+}
+
+fn rule(rule: &str, requirement: String, actual: String, passed: bool) -> RuleResult {
+    RuleResult {
+        rule: rule.into(),
+        requirement,
+        actual,
+        passed,
+    }
+}
+
+/// Evaluates every rule, in policy order.
+pub fn evaluate(policy: &Policy, facts: &Facts, roster: &Roster) -> Vec<RuleResult> {
+    let r = &policy.rules;
+    let contributors = facts.contributors();
+    let mut out = Vec::new();
+
+    let unconsented: Vec<String> = contributors
+        .iter()
+        .filter(|id| !roster.get(id).is_some_and(|o| o.agreement.signed))
+        .cloned()
+        .collect();
+    out.push(if r.require_consent {
+        rule(
+            "require_consent",
+            "every contributing organisation signed the data submission agreement".into(),
+            if unconsented.is_empty() {
+                format!("all {} contributors signed", contributors.len())
+            } else {
+                format!(
+                    "not signed (or no longer in the roster): {}",
+                    unconsented.join(", ")
+                )
+            },
+            unconsented.is_empty() && !contributors.is_empty(),
+        )
+    } else {
+        rule(
+            "require_consent",
+            "not required by this policy".into(),
+            format!(
+                "{} of {} contributors signed",
+                contributors.len() - unconsented.len(),
+                contributors.len()
+            ),
+            true,
+        )
+    });
+
+    out.push(rule(
+        "min_contributors",
+        format!(
+            "at least {} distinct contributing organisations",
+            r.min_contributors
+        ),
+        format!("{} contributed", contributors.len()),
+        contributors.len() >= r.min_contributors,
+    ));
+
+    let share = facts.largest_share();
+    out.push(rule(
+        "max_weight_share",
+        format!(
+            "no organisation above {:.1}% of a round's aggregation weight",
+            r.max_weight_share * 100.0
+        ),
+        match &share {
+            // The organisation is named only in the coordinator's answer to its
+            // administrator, never in the released artifact.
+            Some((org, round, s)) => format!("largest: {:.1}% ({org}, round {round})", s * 100.0),
+            None => "no accepted updates".into(),
+        },
+        share
+            .as_ref()
+            .is_some_and(|(_, _, s)| *s <= r.max_weight_share),
+    ));
+
+    let completed = facts.rounds.len() as u32;
+    out.push(rule(
+        "min_rounds",
+        format!(
+            "at least {} completed rounds, training finished",
+            r.min_rounds
+        ),
+        format!(
+            "{completed} of {} rounds completed{}",
+            facts.planned_rounds,
+            if facts.finished {
+                ", finished"
+            } else {
+                ", not finished"
+            }
+        ),
+        facts.finished && completed >= r.min_rounds,
+    ));
+
+    let f1 = facts.rounds.last().and_then(|r| r.eval_macro_f1);
+    out.push(rule(
+        "min_macro_f1",
+        format!(
+            "federated macro-F1 of the final model at least {:.4}",
+            r.min_macro_f1
+        ),
+        match f1 {
+            Some(v) => format!("{v:.4}"),
+            None => "no federated evaluation of the final model".into(),
+        },
+        f1.is_some_and(|v| v >= r.min_macro_f1),
+    ));
+
+    out.push(if r.require_differential_privacy {
+        rule(
+            "require_differential_privacy",
+            format!("trained with differential privacy, ε ≤ {}", r.max_epsilon),
+            match facts.epsilon {
+                Some(e) => format!("ε = {e:.3}"),
+                None => "trained without differential privacy".into(),
+            },
+            facts.epsilon.is_some_and(|e| e <= r.max_epsilon),
+        )
+    } else {
+        rule(
+            "require_differential_privacy",
+            "not required by this policy".into(),
+            match facts.epsilon {
+                Some(e) => format!("ε = {e:.3}"),
+                None => "trained without differential privacy".into(),
+            },
+            true,
+        )
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub const POLICY: &str = r#"
+[rules]
+require_consent = true
+min_contributors = 3
+max_weight_share = 0.5
+min_rounds = 2
+min_macro_f1 = 0.6
+require_differential_privacy = false
+max_epsilon = 8.0
+
+[disclosure]
+contributors = "tier"
+
+[licence]
+id = "Apache-2.0"
+terms = "For defect detection research within the AI Factory programme."
+"#;
+
+    fn roster(unsigned: &[&str]) -> Roster {
+        let mut t = String::new();
+        for id in ["a", "b", "c", "d"] {
+            let agreement = if unsigned.contains(&id) {
+                "agreement = { signed = false }".to_string()
+            } else {
+                "agreement = { signed = true, date = \"2026-03-02\" }".to_string()
+            };
+            t.push_str(&format!(
+                "[[organisation]]\nid = \"{id}\"\nname = \"{id}\"\ntier = \"tier-1\"\nrole = \"participant\"\n{agreement}\n"
+            ));
+        }
+        Roster::from_toml(&t, "test").unwrap()
+    }
+
+    fn facts(weights: &[(&str, u64)], rounds: u32, f1: Option<f64>) -> Facts {
+        Facts {
+            training: "t-1".into(),
+            finished: true,
+            planned_rounds: rounds,
+            rounds: (1..=rounds)
+                .map(|round| RoundFact {
+                    round,
+                    contributions: weights
+                        .iter()
+                        .map(|(org, w)| Contribution {
+                            org: org.to_string(),
+                            sha256: "00".into(),
+                            weight: *w,
+                        })
+                        .collect(),
+                    global_model_sha256: "11".into(),
+                    eval_macro_f1: f1,
+                    eval_accuracy: f1,
+                })
+                .collect(),
+            epsilon: None,
+        }
+    }
+
+    fn outcome(policy: &Policy, f: &Facts, r: &Roster, name: &str) -> RuleResult {
+        evaluate(policy, f, r)
+            .into_iter()
+            .find(|x| x.rule == name)
+            .unwrap()
+    }
+
+    fn good() -> Facts {
+        facts(&[("a", 100), ("b", 120), ("c", 90)], 2, Some(0.8))
+    }
+
+    #[test]
+    fn a_good_training_passes_every_rule() {
+        let p = Policy::from_toml(POLICY, "test").unwrap();
+        let results = evaluate(&p, &good(), &roster(&[]));
+        assert_eq!(results.len(), 6);
+        assert!(results.iter().all(|r| r.passed), "{results:#?}");
+    }
+
+    #[test]
+    fn consent_is_the_intersection_over_all_rounds() {
+        let p = Policy::from_toml(POLICY, "test").unwrap();
+        let mut f = good();
+        // "d" contributed in round 1 only, and never signed.
+        f.rounds[0].contributions.push(Contribution {
+            org: "d".into(),
+            sha256: "0".into(),
+            weight: 1,
+        });
+        let r = outcome(&p, &f, &roster(&["d"]), "require_consent");
+        assert!(!r.passed);
+        assert!(r.actual.contains('d'), "{}", r.actual);
+        // An organisation removed from the roster since no longer consents.
+        let mut f = good();
+        f.rounds[1].contributions.push(Contribution {
+            org: "gone".into(),
+            sha256: "0".into(),
+            weight: 1,
+        });
+        assert!(!outcome(&p, &f, &roster(&[]), "require_consent").passed);
+        // Not required: passes, still reported.
+        let mut p2 = p.clone();
+        p2.rules.require_consent = false;
+        assert!(outcome(&p2, &f, &roster(&[]), "require_consent").passed);
+    }
+
+    #[test]
+    fn min_contributors_both_ways() {
+        let p = Policy::from_toml(POLICY, "test").unwrap();
+        assert!(outcome(&p, &good(), &roster(&[]), "min_contributors").passed);
+        let f = facts(&[("a", 100), ("b", 100)], 2, Some(0.8));
+        let r = outcome(&p, &f, &roster(&[]), "min_contributors");
+        assert!(!r.passed);
+        assert_eq!(r.actual, "2 contributed");
+    }
+
+    #[test]
+    fn max_weight_share_both_ways() {
+        let p = Policy::from_toml(POLICY, "test").unwrap();
+        assert!(outcome(&p, &good(), &roster(&[]), "max_weight_share").passed);
+        let f = facts(&[("a", 600), ("b", 200), ("c", 199)], 2, Some(0.8));
+        let r = outcome(&p, &f, &roster(&[]), "max_weight_share");
+        assert!(!r.passed);
+        assert!(
+            r.actual.contains("60.1%") && r.actual.contains("a,"),
+            "{}",
+            r.actual
+        );
+        // Exactly at the limit passes.
+        let f = facts(&[("a", 100), ("b", 50), ("c", 50)], 2, Some(0.8));
+        assert!(outcome(&p, &f, &roster(&[]), "max_weight_share").passed);
+    }
+
+    #[test]
+    fn min_rounds_both_ways_and_unfinished_fails() {
+        let p = Policy::from_toml(POLICY, "test").unwrap();
+        assert!(outcome(&p, &good(), &roster(&[]), "min_rounds").passed);
+        let f = facts(&[("a", 1), ("b", 1), ("c", 1)], 1, Some(0.8));
+        assert!(!outcome(&p, &f, &roster(&[]), "min_rounds").passed);
+        let mut f = good();
+        f.finished = false;
+        let r = outcome(&p, &f, &roster(&[]), "min_rounds");
+        assert!(!r.passed && r.actual.contains("not finished"));
+    }
+
+    #[test]
+    fn quality_floor_both_ways() {
+        let p = Policy::from_toml(POLICY, "test").unwrap();
+        assert!(outcome(&p, &good(), &roster(&[]), "min_macro_f1").passed);
+        let f = facts(&[("a", 1), ("b", 1), ("c", 1)], 2, Some(0.59));
+        assert!(!outcome(&p, &f, &roster(&[]), "min_macro_f1").passed);
+        let f = facts(&[("a", 1), ("b", 1), ("c", 1)], 2, None);
+        assert!(!outcome(&p, &f, &roster(&[]), "min_macro_f1").passed);
+    }
+
+    #[test]
+    fn differential_privacy_fails_closed() {
+        let mut p = Policy::from_toml(POLICY, "test").unwrap();
+        assert!(outcome(&p, &good(), &roster(&[]), "require_differential_privacy").passed);
+        p.rules.require_differential_privacy = true;
+        let r = outcome(&p, &good(), &roster(&[]), "require_differential_privacy");
+        assert!(!r.passed);
+        assert_eq!(r.actual, "trained without differential privacy");
+        let mut f = good();
+        f.epsilon = Some(3.0);
+        assert!(outcome(&p, &f, &roster(&[]), "require_differential_privacy").passed);
+        f.epsilon = Some(9.0);
+        assert!(!outcome(&p, &f, &roster(&[]), "require_differential_privacy").passed);
+    }
+
+    #[test]
+    fn unknown_missing_or_impossible_rules_are_refused_by_name() {
+        let e = Policy::from_toml(&POLICY.replace("min_rounds", "min_round"), "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("min_round") && e.contains("p.toml"), "{e}");
+        let e = Policy::from_toml(&POLICY.replace("min_macro_f1 = 0.6\n", ""), "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("min_macro_f1"), "{e}");
+        let e = Policy::from_toml(&POLICY.replace("0.5", "1.5"), "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_weight_share"), "{e}");
+        let e = Policy::from_toml(&POLICY.replace("\"tier\"", "\"logo\""), "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("logo"), "{e}");
+        let e = Policy::from_toml(&format!("{POLICY}\n[extra]\nx = 1\n"), "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("extra"), "{e}");
+    }
+}
