@@ -5,7 +5,10 @@
 //! Each firm has seen normal operation plus a different subset of fault types,
 //! and its sensors carry a per-firm gain and offset (different instruments).
 //! At the end it compares, on one common test set, the federated model with each
-//! firm's local-only model and with centralized training on the pooled data.
+//! firm's local-only model and with centralized training on the pooled data, and
+//! the anchor's administrator releases the model under the opening rules of
+//! `examples/release-policy.toml` into an OCI layout folder, after showing a
+//! refusal (a policy that requires differential privacy), then verifies it.
 //!
 //! Run: `cargo run --release --example supply_chain` (options: `--help`).
 
@@ -258,7 +261,9 @@ fn train_alone(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    sangsaeng_common::process::init_logging("info,sangsaeng_participant=warn");
+    sangsaeng_common::process::init_logging(
+        "info,sangsaeng_participant=warn,sangsaeng_coordinator::release=warn",
+    );
     let args = Args::parse();
     let started = Instant::now();
     let plan = plan(args.rounds, args.local_epochs, args.seed);
@@ -326,7 +331,6 @@ async fn main() -> anyhow::Result<()> {
     for p in participants {
         p.await??;
     }
-    coord.stop().await?;
     let fed_secs = started.elapsed().as_secs_f64();
 
     // 3. Compare on the common test set.
@@ -374,6 +378,80 @@ async fn main() -> anyhow::Result<()> {
     if let Some(path) = &args.results {
         std::fs::write(path, &table)?;
     }
+
+    // 4. Release to the registry under the opening rules.
+    release(&args, &coord.url, &pki, &training.training_id).await?;
+    coord.stop().await?;
+    Ok(())
+}
+
+/// The administrator's release: first under a policy that requires differential
+/// privacy (refused: the rule fails closed), then under the example policy into
+/// the coordinator's OCI layout folder; then an offline pull and verification.
+async fn release(
+    args: &Args,
+    url: &str,
+    pki: &localnet::Pki,
+    training: &str,
+) -> anyhow::Result<()> {
+    use sangsaeng_coordinator::release::{self as rel, oci};
+    let policy = include_str!("release-policy.toml");
+    let policy_path = args.work.join("release-policy.toml");
+    std::fs::write(&policy_path, policy)?;
+    let mut admin = sangsaeng_coordinator::client::AdminClient::connect(
+        url,
+        &pki.material("hanbit-admin"),
+        "localhost",
+    )
+    .await?;
+    let request = |policy: &str| sangsaeng_proto::v1::ReleaseRequest {
+        training_id: training.to_string(),
+        policy_toml: policy.to_string(),
+        tag: "te-fault-classifier-v1".into(),
+        ..Default::default()
+    };
+    println!("\nRelease attempt with a policy that requires differential privacy:\n");
+    let strict = policy.replace(
+        "require_differential_privacy = false",
+        "require_differential_privacy = true",
+    );
+    let refused = admin.release(request(&strict)).await?;
+    print!(
+        "{}",
+        sangsaeng_coordinator::client::render_release(&refused)
+    );
+    anyhow::ensure!(
+        !refused.released,
+        "a model trained without DP must not pass a DP policy"
+    );
+
+    println!("\nRelease with {}:\n", policy_path.display());
+    let r = admin.release(request(policy)).await?;
+    print!("{}", sangsaeng_coordinator::client::render_release(&r));
+    if !r.released {
+        println!("(the model did not meet the example policy; nothing was released)");
+        return Ok(());
+    }
+    let runs = args.work.join("runs");
+    let pulled = oci::pull(
+        &oci::Source::Layout(runs.join(rel::LAYOUT_DIR)),
+        "te-fault-classifier-v1",
+    )
+    .await?;
+    let dir = args.work.join("released");
+    oci::save(&pulled, &dir)?;
+    let verifier =
+        sangsaeng_common::signing::Verifier::from_cert_pem_file(&pki.files("server").cert)?;
+    let v = rel::verify(
+        &dir,
+        &verifier,
+        Some(&runs.join(sangsaeng_coordinator::audit::FILE_NAME)),
+    )?;
+    println!(
+        "pulled into {} and verified: DSSE signature by the coordinator, weights = provenance, {} rounds match the signed audit log",
+        dir.display(),
+        v.rounds
+    );
     Ok(())
 }
 

@@ -343,15 +343,28 @@ pub fn read_verified(path: &Path, verifier: &Verifier) -> Result<Vec<Entry>> {
 }
 
 /// Reads the entries without checking the chain (for the coordinator's own
-/// bookkeeping at start-up, never for a release).
+/// bookkeeping at start-up, and for a release only after the chain verified).
 pub fn read_unverified(path: &Path) -> Result<Vec<Entry>> {
-    read_lines(path)?
-        .iter()
-        .filter_map(|(_, text)| {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => {
+            return Err(CoordinatorError::io(
+                format!("reading {}", path.display()),
+                e,
+            ));
+        }
+    };
+    Ok(parse_unverified(&text))
+}
+
+/// The entries of a log's text; lines that are not entries are skipped.
+pub fn parse_unverified(text: &str) -> Vec<Entry> {
+    text.lines()
+        .filter_map(|text| {
             let line: LineIn<'_> = serde_json::from_str(text).ok()?;
             serde_json::from_str(line.entry.get()).ok()
         })
-        .map(Ok)
         .collect()
 }
 

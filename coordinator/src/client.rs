@@ -65,15 +65,29 @@ impl AdminClient {
 pub fn render_release(r: &pb::ReleaseResponse) -> String {
     use std::fmt::Write;
     let mut out = String::new();
+    let w_rule = r
+        .rules
+        .iter()
+        .map(|x| x.rule.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let w_req = r
+        .rules
+        .iter()
+        .map(|x| x.requirement.chars().count())
+        .max()
+        .unwrap_or(11)
+        .max(11);
     let _ = writeln!(
         out,
-        "{:<30} {:<6} {:<60} actual",
+        "{:<w_rule$}  {:<6}  {:<w_req$}  actual",
         "rule", "result", "requirement"
     );
     for rule in &r.rules {
         let _ = writeln!(
             out,
-            "{:<30} {:<6} {:<60} {}",
+            "{:<w_rule$}  {:<6}  {:<w_req$}  {}",
             rule.rule,
             if rule.passed { "pass" } else { "FAIL" },
             rule.requirement,

@@ -85,13 +85,12 @@ enum ReleaseCommand {
 }
 
 #[derive(Args)]
-#[group(required = true, multiple = false)]
 struct ReleaseSource {
     /// An OCI image-layout folder (the coordinator's default target: <output_dir>/registry).
-    #[arg(long)]
+    #[arg(long, group = "source", required_unless_present = "registry")]
     layout: Option<PathBuf>,
     /// A registry repository, e.g. registry.example.kr/ai-factory/te-classifier.
-    #[arg(long)]
+    #[arg(long, group = "source")]
     registry: Option<String>,
     /// Use plain HTTP for --registry (a registry on loopback).
     #[arg(long, requires = "registry")]

@@ -118,9 +118,28 @@ pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 /// Decodes a stored record; damaged or foreign bytes are an error, never a panic.
+///
+/// bincode allocates a string or vector as soon as it reads its length prefix,
+/// so a damaged prefix could ask for gigabytes (fuzzing found exactly that: a
+/// 9-byte record requesting 4 GB). A legitimate record never declares more bytes
+/// than it holds, so decoding is limited to twice the record's size, rounded up
+/// to a power of two (bincode's limit is a compile-time constant).
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T> {
-    let (v, used) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .map_err(|e| corrupt(format!("{what}: {e}")))?;
+    fn limited<T: for<'de> Deserialize<'de>, const LIMIT: usize>(
+        bytes: &[u8],
+    ) -> std::result::Result<(T, usize), bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice(bytes, bincode::config::standard().with_limit::<LIMIT>())
+    }
+    let decoded = match bytes.len() {
+        n if n <= 1 << 12 => limited::<T, { 1 << 13 }>(bytes),
+        n if n <= 1 << 16 => limited::<T, { 1 << 17 }>(bytes),
+        n if n <= 1 << 20 => limited::<T, { 1 << 21 }>(bytes),
+        n if n <= 1 << 24 => limited::<T, { 1 << 25 }>(bytes),
+        n if n <= 1 << 28 => limited::<T, { 1 << 29 }>(bytes),
+        n if n <= 1 << 32 => limited::<T, { 1 << 33 }>(bytes),
+        _ => limited::<T, { 1 << 40 }>(bytes),
+    };
+    let (v, used) = decoded.map_err(|e| corrupt(format!("{what}: {e}")))?;
     if used != bytes.len() {
         return Err(corrupt(format!(
             "{what}: {} trailing bytes",
@@ -324,5 +343,31 @@ mod tests {
         let mut bytes = encode(&c);
         bytes.push(0);
         assert!(decode::<StoredContribution>(&bytes, "contribution").is_err());
+    }
+
+    #[test]
+    fn a_damaged_length_prefix_is_refused_without_allocating_it() {
+        // Found by the store_records fuzz target: a string length of ~4 GB.
+        let e = decode::<StoredContribution>(&[0x00, 0xfc, 0x08, 0x76, 0xf6, 0x00], "contribution")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("damaged"), "{e}");
+        let e = decode::<TrainingRecord>(
+            &[0x01, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f],
+            "training",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("damaged"), "{e}");
+        // A large legitimate record still decodes.
+        let update = AcceptedUpdate {
+            org_id: "a".into(),
+            sha256: String::new(),
+            num_examples: 1,
+            train_loss: 0.0,
+        };
+        let c = StoredContribution::new(&update, &vec![0.5; 300_000]);
+        let back: StoredContribution = decode(&encode(&c), "contribution").unwrap();
+        assert_eq!(back, c);
     }
 }

@@ -191,3 +191,80 @@ fn serve_refuses_bad_configuration_with_the_reason() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/ca.pem"));
 }
+
+#[test]
+fn audit_verify_reports_an_intact_log_and_names_the_broken_line() {
+    use sangsaeng_coordinator::audit::AuditLog;
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["pki", "init", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let key = dir.path().join("server.key");
+    let cert = dir.path().join("server.pem");
+    let log_path = dir.path().join("audit.jsonl");
+    let log = AuditLog::open(
+        &log_path,
+        sangsaeng_common::signing::Signer::from_pem_file(&key).unwrap(),
+    )
+    .unwrap();
+    for org in ["a", "b", "c"] {
+        log.append("joined", serde_json::json!({ "org": org }))
+            .unwrap();
+    }
+    drop(log);
+    let verify = || {
+        bin()
+            .args(["audit", "verify", "--log"])
+            .arg(&log_path)
+            .arg("--cert")
+            .arg(&cert)
+            .output()
+            .unwrap()
+    };
+    let ok = verify();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("3 entries, chain and signatures intact"));
+
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    std::fs::write(&log_path, text.replacen("\"b\"", "\"x\"", 1)).unwrap();
+    let bad = verify();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("line 2 (entry 1)") && err.contains("altered"),
+        "{err}"
+    );
+}
+
+#[test]
+fn release_commands_explain_themselves_and_refuse_a_missing_source() {
+    let out = bin().args(["release", "pull", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("--layout") && text.contains("--registry"),
+        "{text}"
+    );
+    let out = bin()
+        .args(["release", "pull", "--tag", "v1", "--out", "x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let out = bin()
+        .args([
+            "admin", "--ca", "a", "--cert", "b", "--key", "c", "release", "--help",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("--policy") && text.contains("exits with status 1"),
+        "{text}"
+    );
+}

@@ -1,4 +1,5 @@
-//! Fuzz target: the TOML files an operator writes (training plan, roster).
+//! Fuzz target: the TOML files an operator writes (training plan, roster,
+//! release policy).
 //!
 //! They reach the coordinator from disk and, for plans, over the admin API. A
 //! bad file must give an error naming the key, never a panic; a file that is
@@ -8,6 +9,7 @@
 use libfuzzer_sys::fuzz_target;
 use sangsaeng_common::plan::TrainingPlan;
 use sangsaeng_common::roster::Roster;
+use sangsaeng_coordinator::release::policy::Policy;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&kind, bytes)) = data.split_first() else {
@@ -16,7 +18,13 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(bytes) else {
         return;
     };
-    if kind % 2 == 0 {
+    if kind % 3 == 2 {
+        if let Ok(p) = Policy::from_toml(text, "fuzz.toml") {
+            let again = Policy::from_toml(&toml::to_string(&p).unwrap(), "again.toml")
+                .expect("an accepted policy re-parses");
+            assert_eq!(p, again);
+        }
+    } else if kind % 3 == 0 {
         if let Ok(plan) = TrainingPlan::from_toml(text, "fuzz.toml") {
             let again = TrainingPlan::from_toml(&plan.to_toml(), "again.toml")
                 .expect("an accepted plan re-parses");
