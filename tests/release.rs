@@ -389,6 +389,28 @@ async fn release_under_the_opening_rules_end_to_end() {
         "a deleted entry is reported where it was: {e}"
     );
 
+    // A tampered live audit log stops releases: the integrity rule fails and names the line.
+    let original = std::fs::read_to_string(&audit_path).unwrap();
+    let victim = original.lines().nth(2).unwrap().to_string();
+    std::fs::write(
+        &audit_path,
+        original.replacen(&victim, &victim.replacen("\"seq\":2", "\"seq\":7", 1), 1),
+    )
+    .unwrap();
+    let r = admin.release(request(&training, POLICY)).await.unwrap();
+    assert!(!r.released);
+    let integrity = &r.rules[0];
+    assert_eq!(
+        (integrity.rule.as_str(), integrity.passed),
+        ("audit_log_intact", false)
+    );
+    assert!(integrity.actual.contains("line 3"), "{}", integrity.actual);
+    // Put the entry back; the refusal appended meanwhile still chains on.
+    let now = std::fs::read_to_string(&audit_path).unwrap();
+    let tampered_line = victim.replacen("\"seq\":2", "\"seq\":7", 1);
+    std::fs::write(&audit_path, now.replacen(&tampered_line, &victim, 1)).unwrap();
+    audit::verify_file(&audit_path, &verifier).unwrap();
+
     // 6. The released weights work outside Sangsaeng: Python safetensors + NumPy.
     if let Some(python) = python_with_safetensors() {
         let n = 5;
