@@ -48,6 +48,9 @@ struct Args {
     /// Seed of the data split, the sensor skew and training.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// How participants encode their deltas on the wire: float32, float16 or int8.
+    #[arg(long, default_value = "float32")]
+    update_encoding: String,
     /// Write the comparison table as Markdown to this file too.
     #[arg(long)]
     results: Option<PathBuf>,
@@ -266,7 +269,9 @@ async fn main() -> anyhow::Result<()> {
     );
     let args = Args::parse();
     let started = Instant::now();
-    let plan = plan(args.rounds, args.local_epochs, args.seed);
+    let mut plan = plan(args.rounds, args.local_epochs, args.seed);
+    plan.training.update_encoding =
+        sangsaeng_common::encoding::UpdateEncoding::from_name(&args.update_encoding)?;
     let roster = roster();
     if args.work.exists() {
         std::fs::remove_dir_all(&args.work)

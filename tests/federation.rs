@@ -9,17 +9,27 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use sangsaeng::localnet;
+use sangsaeng_common::encoding::UpdateEncoding;
 use sangsaeng_common::model::ModelSpec;
 use sangsaeng_common::weights;
 
 /// Runs a training to completion and returns its output folder.
 async fn run_federation(dir: &Path, rounds: u32, files: Vec<PathBuf>, record: bool) -> PathBuf {
+    run_federation_with(dir, support::plan(rounds, 3), files, record).await
+}
+
+async fn run_federation_with(
+    dir: &Path,
+    plan: sangsaeng_common::plan::TrainingPlan,
+    files: Vec<PathBuf>,
+    record: bool,
+) -> PathBuf {
     let roster = support::roster(&[]);
     let pki = support::pki(dir, &roster);
     let coord = localnet::start_coordinator(
         &pki,
         roster,
-        Some(support::plan(rounds, 3)),
+        Some(plan),
         &dir.join("runs"),
         Default::default(),
     )
@@ -54,10 +64,23 @@ async fn run_federation(dir: &Path, rounds: u32, files: Vec<PathBuf>, record: bo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn global_model_is_the_example_weighted_mean_of_the_deltas_sent() {
+    weighted_mean_of_the_deltas_sent(UpdateEncoding::Float32).await;
+}
+
+/// With int8 deltas the global model is the weighted mean of the *dequantised*
+/// deltas (what each site records as sent), so quantisation happens once, at the site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn int8_deltas_are_averaged_as_the_sites_sent_them() {
+    weighted_mean_of_the_deltas_sent(UpdateEncoding::Int8).await;
+}
+
+async fn weighted_mean_of_the_deltas_sent(encoding: UpdateEncoding) {
     support::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let files = support::site_files(dir.path(), 3);
-    let out = run_federation(dir.path(), 3, files, true).await;
+    let mut plan = support::plan(3, 3);
+    plan.training.update_encoding = encoding;
+    let out = run_federation_with(dir.path(), plan, files, true).await;
 
     let plan = sangsaeng_common::plan::TrainingPlan::from_file(&out.join("plan.toml")).unwrap();
     let layout = ModelSpec::from_plan(&plan).layout();
@@ -78,6 +101,7 @@ async fn global_model_is_the_example_weighted_mean_of_the_deltas_sent() {
             let delta = weights::load_safetensors(&f, &layout).unwrap();
             let meta = weights::safetensors_metadata(&f).unwrap();
             let n: f64 = meta["num_examples"].parse().unwrap();
+            assert_eq!(meta["encoding"], encoding.name());
             for (s, d) in sum.iter_mut().zip(&delta) {
                 *s += n * *d as f64;
             }

@@ -846,7 +846,7 @@ async fn chunk_that_is_not_whole_float32_values_is_invalid_argument() {
             p
         },
         Code::InvalidArgument,
-        "chunk 0 is 6 bytes, not a positive whole number of float32 values",
+        "chunk 0: 6 bytes are not a positive whole number of float32 values",
         Then::NotWaitedFor,
     )
     .await;

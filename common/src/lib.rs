@@ -18,6 +18,7 @@
 //!   chooses the burn backend; [`mlp`], the burn module; [`train`], local
 //!   training and evaluation.
 //! - [`metrics`]: accuracy and macro-F1.
+//! - [`encoding`]: update deltas on the wire: float32, float16, or int8 with a scale per chunk.
 //! - [`fedavg`]: exact (order-independent) example-weighted aggregation of deltas.
 //! - [`weights`]: model files (safetensors) and digests.
 //! - [`signing`]: ECDSA P-256 signatures with an endpoint's TLS key, and DSSE
@@ -29,6 +30,7 @@ pub mod backend;
 pub mod channel;
 pub mod config_file;
 pub mod data;
+pub mod encoding;
 pub mod error;
 pub mod fedavg;
 pub mod metrics;

@@ -90,6 +90,10 @@ pub struct TrainingConfig {
     /// Seed of model initialisation, shuffling and the validation split.
     #[serde(default)]
     pub seed: u64,
+    /// How participants encode their deltas: "float32" (exact), "float16", or
+    /// "int8" (one scale per chunk, about 4x fewer bytes). See `crate::encoding`.
+    #[serde(default)]
+    pub update_encoding: crate::encoding::UpdateEncoding,
 }
 
 /// Per-feature standardisation `x' = (x - mean) / std`.

@@ -38,6 +38,7 @@ pub fn plan_to_proto(p: &TrainingPlan) -> pb::TrainingPlan {
         scaling_std: std,
         min_participants: p.training.min_participants as u32,
         round_deadline_secs: p.training.round_deadline_secs,
+        update_encoding: p.training.update_encoding.name().into(),
     }
 }
 
@@ -91,6 +92,8 @@ pub fn plan_from_proto(p: &pb::TrainingPlan) -> Result<TrainingPlan> {
             round_deadline_secs: p.round_deadline_secs,
             validation_fraction: p.validation_fraction,
             seed: p.seed,
+            update_encoding: crate::encoding::UpdateEncoding::from_name(&p.update_encoding)
+                .map_err(|e| bad(e.to_string()))?,
         },
         scaling,
     };

@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use sangsaeng_common::data::FeatureStats;
+use sangsaeng_common::encoding::UpdateEncoding;
 use sangsaeng_common::roster::Role;
 use sangsaeng_proto::v1 as pb;
 use sangsaeng_proto::v1::federation_server::Federation;
@@ -459,6 +460,7 @@ impl FederationService {
             return Ok(DeltaReceiver::new(
                 num_params,
                 self.shared.config.limits.max_chunk_bytes,
+                t.plan.training.update_encoding,
             ));
         }
         let matches = t.partial.get(org).is_some_and(|p| {
@@ -581,6 +583,15 @@ impl FederationService {
                 return Err(CoordinatorError::InvalidArgument(format!(
                     "the update declares {} values, the model has {n}",
                     header.num_params
+                )));
+            }
+            let encoding = UpdateEncoding::from_name(&header.encoding)
+                .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
+            if encoding != t.plan.training.update_encoding {
+                return Err(CoordinatorError::InvalidArgument(format!(
+                    "the update is encoded as {}, the plan asks for {}",
+                    encoding.name(),
+                    t.plan.training.update_encoding.name()
                 )));
             }
             if header.num_examples == 0 || header.num_examples > limits.max_examples_per_update {

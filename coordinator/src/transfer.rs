@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use sangsaeng_common::encoding::{self, UpdateEncoding};
 use sangsaeng_common::weights;
 use sangsaeng_proto::v1 as pb;
 
@@ -68,6 +69,7 @@ impl PublishedModel {
 pub struct DeltaReceiver {
     expected_values: usize,
     max_chunk_bytes: usize,
+    encoding: UpdateEncoding,
     next_index: u32,
     values: Vec<f32>,
     hasher: sha2::Sha256,
@@ -89,10 +91,13 @@ impl DeltaReceiver {
         self.next_index
     }
 
-    pub fn new(expected_values: usize, max_chunk_bytes: usize) -> Self {
+    /// A receiver for `expected_values` values sent in `encoding`, chunks of at
+    /// most `max_chunk_bytes` encoded bytes.
+    pub fn new(expected_values: usize, max_chunk_bytes: usize, encoding: UpdateEncoding) -> Self {
         DeltaReceiver {
             expected_values,
             max_chunk_bytes,
+            encoding,
             next_index: 0,
             values: Vec::with_capacity(expected_values),
             hasher: <sha2::Sha256 as sha2::Digest>::new(),
@@ -116,14 +121,14 @@ impl DeltaReceiver {
                 self.max_chunk_bytes
             )));
         }
-        if chunk.data.is_empty() || !chunk.data.len().is_multiple_of(4) {
-            return bad(format!(
-                "chunk {} is {} bytes, not a positive whole number of float32 values",
-                chunk.index,
-                chunk.data.len()
-            ));
-        }
-        if self.values.len() + chunk.data.len() / 4 > self.expected_values {
+        let values = match encoding::decode_chunk(&chunk.data, self.encoding) {
+            Ok(v) => v,
+            Err(sangsaeng_common::Error::Protocol(m)) => {
+                return bad(format!("chunk {}: {m}", chunk.index));
+            }
+            Err(e) => return bad(format!("chunk {}: {e}", chunk.index)),
+        };
+        if self.values.len() + values.len() > self.expected_values {
             return bad(format!(
                 "chunk {} takes the delta beyond the model's {} values",
                 chunk.index, self.expected_values
@@ -137,7 +142,7 @@ impl DeltaReceiver {
             ));
         }
         self.hasher.update(&chunk.data);
-        self.values.extend(weights::from_le_bytes(&chunk.data)?);
+        self.values.extend(values);
         self.next_index += 1;
         Ok(())
     }
@@ -194,7 +199,7 @@ mod tests {
     #[test]
     fn receiver_accepts_a_good_delta_and_refuses_bad_chunks() {
         let v: Vec<f32> = (0..10).map(|i| i as f32 * 0.5).collect();
-        let mut r = DeltaReceiver::new(10, 4096);
+        let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32);
         r.push(&chunk(0, &v[..6])).unwrap();
         r.push(&chunk(1, &v[6..])).unwrap();
         let (got, sha) = r
@@ -205,7 +210,7 @@ mod tests {
         assert_eq!(got, v);
         assert_eq!(sha, weights::digest(&v));
 
-        let mut r = DeltaReceiver::new(10, 4096);
+        let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32);
         assert!(
             r.push(&chunk(1, &v))
                 .unwrap_err()
@@ -220,19 +225,19 @@ mod tests {
                 .to_string()
                 .contains("digest mismatch")
         );
-        let mut r = DeltaReceiver::new(10, 8);
+        let mut r = DeltaReceiver::new(10, 8, UpdateEncoding::Float32);
         assert!(matches!(
             r.push(&chunk(0, &v[..3])),
             Err(CoordinatorError::ResourceExhausted(_))
         ));
-        let mut r = DeltaReceiver::new(2, 4096);
+        let mut r = DeltaReceiver::new(2, 4096, UpdateEncoding::Float32);
         assert!(
             r.push(&chunk(0, &v[..3]))
                 .unwrap_err()
                 .to_string()
                 .contains("beyond")
         );
-        let mut r = DeltaReceiver::new(10, 4096);
+        let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32);
         r.push(&chunk(0, &v[..4])).unwrap();
         let e = r
             .finish(&pb::UpdateTrailer {
@@ -240,5 +245,45 @@ mod tests {
             })
             .unwrap_err();
         assert!(e.to_string().contains("ended after 4 of 10"));
+    }
+
+    #[test]
+    fn receiver_decodes_int8_chunks_and_refuses_a_bad_scale() {
+        let v: Vec<f32> = (0..100).map(|i| (i as f32 - 50.0) * 0.01).collect();
+        let chunks = encoding::encode_chunks(&v, UpdateEncoding::Int8, 64).unwrap();
+        let mut r = DeltaReceiver::new(100, 64, UpdateEncoding::Int8);
+        let mut all = vec![];
+        for (i, c) in chunks.iter().enumerate() {
+            all.extend_from_slice(c);
+            r.push(&pb::UpdateChunk {
+                index: i as u32,
+                sha256: weights::sha256_hex(c),
+                data: c.clone(),
+            })
+            .unwrap();
+        }
+        let (got, sha) = r
+            .finish(&pb::UpdateTrailer {
+                sha256: weights::sha256_hex(&all),
+            })
+            .unwrap();
+        assert_eq!(
+            got,
+            encoding::round_trip(&v, UpdateEncoding::Int8, 64).unwrap()
+        );
+        assert_eq!(sha, weights::sha256_hex(&all));
+
+        let mut bad = f32::INFINITY.to_le_bytes().to_vec();
+        bad.extend([1u8, 2, 3]);
+        let mut r = DeltaReceiver::new(100, 64, UpdateEncoding::Int8);
+        let e = r
+            .push(&pb::UpdateChunk {
+                index: 0,
+                sha256: weights::sha256_hex(&bad),
+                data: bad,
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("scale"), "{e}");
     }
 }

@@ -17,9 +17,11 @@ fuzz_target!(|data: &[u8]| {
     match kind % 3 {
         0 => {
             if let Ok(rec) = store::decode::<TrainingRecord>(bytes, "training record") {
-                let again = store::decode::<TrainingRecord>(&store::encode(&rec), "again")
+                // Compared as bytes: a record may hold a NaN loss, which is not equal to itself.
+                let bytes = store::encode(&rec);
+                let again = store::decode::<TrainingRecord>(&bytes, "again")
                     .expect("an encoded record decodes");
-                assert_eq!(again, rec);
+                assert_eq!(store::encode(&again), bytes);
             }
         }
         1 => {

@@ -12,6 +12,7 @@ use std::path::Path;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use sangsaeng_common::encoding::{self, UpdateEncoding};
 use sangsaeng_common::model::ModelSpec;
 use sangsaeng_common::plan::TrainingPlan;
 use sangsaeng_common::train::{self, LocalTraining};
@@ -276,7 +277,17 @@ impl Session {
             self.pending = Some(pending);
         }
         let p = self.pending.as_ref().expect("a delta to upload");
-        let delta_sha = weights::digest(&p.delta);
+        // Encoding is deterministic, so a resumed upload re-creates the same chunks.
+        let encoding = plan.training.update_encoding;
+        let chunks = encoding::encode_chunks(&p.delta, encoding, self.cfg.upload_chunk_bytes)?;
+        let delta_sha = {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            for c in &chunks {
+                h.update(c);
+            }
+            hex::encode(h.finalize())
+        };
         // Ask how much of an earlier, broken-off upload of this delta the coordinator kept.
         let first_chunk = if reuse {
             client
@@ -306,10 +317,12 @@ impl Session {
                 training_id: tid,
                 round,
                 base_sha256: &info.sha256,
-                delta: &p.delta,
+                num_params: p.delta.len(),
+                encoding,
+                chunks: &chunks,
+                delta_sha256: &delta_sha,
                 num_examples: p.num_examples,
                 train_loss: p.train_loss,
-                chunk_bytes: self.cfg.upload_chunk_bytes,
                 first_chunk,
             },
         )
@@ -363,7 +376,15 @@ impl Session {
             loss
         );
         if let Some(dir) = &self.cfg.record_dir {
-            record_delta(dir, tid, round, plan, &delta, n)?;
+            record_delta(
+                dir,
+                tid,
+                round,
+                plan,
+                &delta,
+                n,
+                self.cfg.upload_chunk_bytes,
+            )?;
         }
         Ok(PendingUpload {
             training_id: tid.to_string(),
@@ -485,10 +506,14 @@ pub struct UploadSpec<'a> {
     pub training_id: &'a str,
     pub round: u32,
     pub base_sha256: &'a str,
-    pub delta: &'a [f32],
+    pub num_params: usize,
+    pub encoding: UpdateEncoding,
+    /// The delta's encoded chunks (`encoding::encode_chunks`).
+    pub chunks: &'a [Vec<u8>],
+    /// SHA-256 of all chunks' bytes.
+    pub delta_sha256: &'a str,
     pub num_examples: u64,
     pub train_loss: f64,
-    pub chunk_bytes: usize,
     /// 0 for a new upload; the coordinator's `next_chunk` to resume one.
     pub first_chunk: u32,
 }
@@ -500,27 +525,23 @@ pub async fn upload(
     u: &UploadSpec<'_>,
 ) -> Result<pb::UploadReceipt> {
     use pb::update_message::Part;
-    let bytes = weights::to_le_bytes(u.delta);
-    let delta_sha256 = weights::sha256_hex(&bytes);
-    let mut messages = Vec::with_capacity(bytes.len() / u.chunk_bytes + 2);
+    let delta_sha256 = u.delta_sha256.to_string();
+    let mut messages = Vec::with_capacity(u.chunks.len() + 2);
     messages.push(Part::Header(pb::UpdateHeader {
         training_id: u.training_id.into(),
         round: u.round,
         base_model_sha256: u.base_sha256.into(),
-        num_params: u.delta.len() as u64,
+        num_params: u.num_params as u64,
         num_examples: u.num_examples,
         train_loss: u.train_loss,
         delta_sha256: delta_sha256.clone(),
         first_chunk: u.first_chunk,
+        encoding: u.encoding.name().into(),
     }));
-    for (i, c) in bytes
-        .chunks(u.chunk_bytes)
-        .enumerate()
-        .skip(u.first_chunk as usize)
-    {
+    for (i, c) in u.chunks.iter().enumerate().skip(u.first_chunk as usize) {
         messages.push(Part::Chunk(pb::UpdateChunk {
             index: i as u32,
-            data: c.to_vec(),
+            data: c.clone(),
             sha256: weights::sha256_hex(c),
         }));
     }
@@ -539,7 +560,9 @@ pub async fn upload(
         .map_err(|s| ParticipantError::rpc("UploadUpdate", s))
 }
 
-/// Keeps the site's own copy of what it sent (safetensors, same layout as the model).
+/// Keeps the site's own copy of what it sent (safetensors, same layout as the
+/// model): the delta as the coordinator decodes it (after float16/int8
+/// quantisation, if the plan asks for it), with the digest of the bytes sent.
 fn record_delta(
     dir: &Path,
     tid: &str,
@@ -547,13 +570,25 @@ fn record_delta(
     plan: &TrainingPlan,
     delta: &[f32],
     n: u64,
+    chunk_bytes: usize,
 ) -> Result<()> {
+    let enc = plan.training.update_encoding;
+    let chunks = encoding::encode_chunks(delta, enc, chunk_bytes)?;
+    let mut sent = Vec::with_capacity(delta.len());
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    for c in &chunks {
+        sha2::Digest::update(&mut hasher, c);
+        sent.extend(encoding::decode_chunk(c, enc)?);
+    }
+    let delta = &sent[..];
+    let wire_sha = hex::encode(sha2::Digest::finalize(hasher));
     let d = dir.join(tid);
     std::fs::create_dir_all(&d).map_err(|e| sangsaeng_common::Error::io(&d, e))?;
     let meta = HashMap::from([
         ("round".to_string(), round.to_string()),
         ("num_examples".to_string(), n.to_string()),
-        ("sha256".to_string(), weights::digest(delta)),
+        ("sha256".to_string(), wire_sha),
+        ("encoding".to_string(), enc.name().to_string()),
     ]);
     let layout = ModelSpec::from_plan(plan).layout();
     weights::save_safetensors(
