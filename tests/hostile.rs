@@ -853,6 +853,38 @@ async fn chunk_that_is_not_whole_float32_values_is_invalid_argument() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_encoded_otherwise_than_the_plan_is_invalid_argument() {
+    refused_upload(
+        limits(),
+        |r| {
+            let mut p = parts(r, &delta(r.n(), 1), 300);
+            header_mut(&mut p).encoding = "int8".into();
+            p
+        },
+        Code::InvalidArgument,
+        "the update is encoded as int8, the plan asks for float32",
+        Then::StillWaitedFor,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_with_an_unknown_encoding_is_invalid_argument() {
+    refused_upload(
+        limits(),
+        |r| {
+            let mut p = parts(r, &delta(r.n(), 1), 300);
+            header_mut(&mut p).encoding = "bfloat16".into();
+            p
+        },
+        Code::InvalidArgument,
+        "unknown update encoding 'bfloat16'",
+        Then::StillWaitedFor,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_for_a_future_round_is_failed_precondition() {
     refused_upload(
         limits(),

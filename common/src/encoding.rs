@@ -243,4 +243,54 @@ mod tests {
             UpdateEncoding::Float32
         );
     }
+
+    /// Whole `UploadUpdate` streams (header, chunks, trailer, protobuf framing
+    /// included) for the example's model (5,769 parameters) and a 1M-parameter one.
+    #[test]
+    fn bytes_of_a_whole_upload_stream() {
+        use pb::update_message::Part;
+        use prost::Message;
+        use sangsaeng_proto::v1 as pb;
+        let stream_bytes = |p: usize, enc: UpdateEncoding| -> usize {
+            let chunks = encode_chunks(&sample(p), enc, 1 << 20).unwrap();
+            let sha = "0".repeat(64);
+            let mut parts = vec![Part::Header(pb::UpdateHeader {
+                training_id: "t-20261128-043241-116".into(),
+                round: 20,
+                base_model_sha256: sha.clone(),
+                num_params: p as u64,
+                num_examples: 4000,
+                train_loss: 0.5,
+                delta_sha256: sha.clone(),
+                first_chunk: 0,
+                encoding: enc.name().into(),
+            })];
+            for (i, c) in chunks.into_iter().enumerate() {
+                parts.push(Part::Chunk(pb::UpdateChunk {
+                    index: i as u32,
+                    data: c,
+                    sha256: sha.clone(),
+                }));
+            }
+            parts.push(Part::Trailer(pb::UpdateTrailer { sha256: sha }));
+            // gRPC adds a 5-byte frame header per message.
+            parts
+                .into_iter()
+                .map(|p| pb::UpdateMessage { part: Some(p) }.encoded_len() + 5)
+                .sum()
+        };
+        for p in [5_769, 1_000_000] {
+            let f32b = stream_bytes(p, UpdateEncoding::Float32);
+            let f16b = stream_bytes(p, UpdateEncoding::Float16);
+            let i8b = stream_bytes(p, UpdateEncoding::Int8);
+            eprintln!(
+                "P={p}: float32 {f32b} B, float16 {f16b} B, int8 {i8b} B, float32/int8 {:.3}",
+                f32b as f64 / i8b as f64
+            );
+            assert!(f16b < f32b && i8b < f16b);
+        }
+        let big = stream_bytes(1_000_000, UpdateEncoding::Float32) as f64
+            / stream_bytes(1_000_000, UpdateEncoding::Int8) as f64;
+        assert!(big >= 3.9, "{big}");
+    }
 }
