@@ -121,9 +121,12 @@ pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 ///
 /// bincode allocates a string or vector as soon as it reads its length prefix,
 /// so a damaged prefix could ask for gigabytes (fuzzing found exactly that: a
-/// 9-byte record requesting 4 GB). A legitimate record never declares more bytes
-/// than it holds, so decoding is limited to twice the record's size, rounded up
-/// to a power of two (bincode's limit is a compile-time constant).
+/// 9-byte record requesting 4 GB). bincode's limit counts decoded sizes: a
+/// string counts its bytes, but a one-byte varint counts as its full 8-byte
+/// integer, so a legitimate record never counts more than 8 times its encoded
+/// size. The limit is therefore 8 times the record's size rounded up to a power
+/// of two (bincode's limit is a compile-time constant): every valid record
+/// decodes, and a damaged one allocates at most 16 times its own size.
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T> {
     fn limited<T: for<'de> Deserialize<'de>, const LIMIT: usize>(
         bytes: &[u8],
@@ -131,13 +134,13 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<
         bincode::serde::decode_from_slice(bytes, bincode::config::standard().with_limit::<LIMIT>())
     }
     let decoded = match bytes.len() {
-        n if n <= 1 << 12 => limited::<T, { 1 << 13 }>(bytes),
-        n if n <= 1 << 16 => limited::<T, { 1 << 17 }>(bytes),
-        n if n <= 1 << 20 => limited::<T, { 1 << 21 }>(bytes),
-        n if n <= 1 << 24 => limited::<T, { 1 << 25 }>(bytes),
-        n if n <= 1 << 28 => limited::<T, { 1 << 29 }>(bytes),
-        n if n <= 1 << 32 => limited::<T, { 1 << 33 }>(bytes),
-        _ => limited::<T, { 1 << 40 }>(bytes),
+        n if n <= 1 << 12 => limited::<T, { 1 << 16 }>(bytes),
+        n if n <= 1 << 16 => limited::<T, { 1 << 20 }>(bytes),
+        n if n <= 1 << 20 => limited::<T, { 1 << 24 }>(bytes),
+        n if n <= 1 << 24 => limited::<T, { 1 << 28 }>(bytes),
+        n if n <= 1 << 28 => limited::<T, { 1 << 32 }>(bytes),
+        n if n <= 1 << 32 => limited::<T, { 1 << 36 }>(bytes),
+        _ => limited::<T, { 1 << 44 }>(bytes),
     };
     let (v, used) = decoded.map_err(|e| corrupt(format!("{what}: {e}")))?;
     if used != bytes.len() {
@@ -359,6 +362,18 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("damaged"), "{e}");
+        // A record of many small integers (one-byte varints) still decodes.
+        let mut rec = Store::new_record("t", String::new(), Path::new("o"));
+        rec.last_updates = (0..500)
+            .map(|i| AcceptedUpdate {
+                org_id: String::new(),
+                sha256: String::new(),
+                num_examples: i % 100,
+                train_loss: 0.0,
+            })
+            .collect();
+        let back: TrainingRecord = decode(&encode(&rec), "training").unwrap();
+        assert_eq!(back, rec);
         // A large legitimate record still decodes.
         let update = AcceptedUpdate {
             org_id: "a".into(),
