@@ -13,7 +13,6 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use sangsaeng_common::encoding::UpdateEncoding;
 use sangsaeng_common::fedavg::Accumulator;
-use sangsaeng_common::weights;
 use sangsaeng_coordinator::transfer::DeltaReceiver;
 use sangsaeng_proto::v1 as pb;
 
