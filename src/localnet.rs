@@ -101,6 +101,7 @@ pub async fn start_coordinator(
         output_dir: output_dir.to_path_buf(),
         tls: pki.files("server"),
         limits,
+        durable_updates: true,
     };
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(sangsaeng_coordinator::run(

@@ -31,6 +31,7 @@ use tonic::{Code, Status};
 
 use sangsaeng::localnet::{self, Pki, RunningCoordinator};
 use sangsaeng_common::data::{Dataset, FeatureStats};
+use sangsaeng_common::fedavg::Accumulator;
 use sangsaeng_common::model::ModelSpec;
 use sangsaeng_common::pki::CaBundle;
 use sangsaeng_common::plan::TrainingPlan;
@@ -585,6 +586,22 @@ fn check_round(out: &Path, round: u32, accepted: &[(&str, &[f32], u64)]) {
     assert!(
         worst <= 1e-6,
         "round {round}: the global model deviates from the FedAvg of the accepted updates by {worst}"
+    );
+    // Bit for bit what an accumulator that only ever saw the accepted updates gives:
+    // a refused update leaves no trace, even one whose first chunks were folded in.
+    let mut acc = Accumulator::new(global.len());
+    for (_, d, n) in accepted {
+        acc.add(d, *n).unwrap();
+    }
+    let exact = acc.apply_to(&previous).unwrap();
+    let differing = exact
+        .iter()
+        .zip(&global)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    assert_eq!(
+        differing, 0,
+        "round {round}: {differing} values differ from the accepted updates' exact aggregate"
     );
     assert_eq!(rec["model_sha256"], weights::digest(&global));
 }
@@ -1239,6 +1256,46 @@ async fn stalled_upload_is_aborted_after_the_idle_limit_and_may_be_retried() {
     evaluate_all(&mut [&mut a, &mut b]).await;
     let out = fed.completed().await;
     check_round(&out, 1, &[("site-a", &da, 300), ("site-b", &db, 500)]);
+    drop((a, b));
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_off_upload_replaced_by_a_new_one_leaves_no_trace_in_the_aggregate() {
+    let limits = Limits {
+        transfer_idle_secs: 1,
+        ..limits()
+    };
+    let (fed, mut a, mut b, r) = two_sites_in_round(limits, 1).await;
+    // Three chunks of a first delta are folded in, then the connection is cut...
+    let first = delta(r.n(), 5);
+    let mut p = parts(&r, &first, 300);
+    header_mut(&mut p).delta_sha256 = weights::sha256_hex(&weights::to_le_bytes(&first));
+    let (tx, pending) = a.upload_by_hand();
+    for part in &p[..4] {
+        tx.send(pb::UpdateMessage {
+            part: Some(part.clone()),
+        })
+        .await
+        .unwrap();
+    }
+    let cut = tokio::time::timeout(Duration::from_secs(20), pending)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_refused(cut, Code::Aborted, "idle");
+    drop(tx);
+    // ...and the site sends a different delta, with another weight, from chunk 0.
+    let da = delta(r.n(), 11);
+    a.upload(parts(&r, &da, 200))
+        .await
+        .expect("a new upload replaces the kept part");
+    let db = delta(r.n(), 22);
+    b.upload(parts(&r, &db, 500)).await.unwrap();
+    evaluate_all(&mut [&mut a, &mut b]).await;
+    let out = fed.completed().await;
+    // Exactly the aggregate of the two accepted updates (check_round compares bits).
+    check_round(&out, 1, &[("site-a", &da, 200), ("site-b", &db, 500)]);
     drop((a, b));
     fed.stop().await;
 }

@@ -94,6 +94,11 @@ pub struct TrainingConfig {
     /// "int8" (one scale per chunk, about 4x fewer bytes). See `crate::encoding`.
     #[serde(default)]
     pub update_encoding: crate::encoding::UpdateEncoding,
+    /// Whether each round's global model is scored by the sites on their validation
+    /// splits (an evaluation phase per round). Off for workloads with nothing to
+    /// score, such as the transport benchmark.
+    #[serde(default = "default_evaluate")]
+    pub evaluate: bool,
 }
 
 /// Per-feature standardisation `x' = (x - mean) / std`.
@@ -112,6 +117,9 @@ fn default_batch_size() -> usize {
 }
 fn default_round_deadline() -> u64 {
     600
+}
+fn default_evaluate() -> bool {
+    true
 }
 fn default_validation_fraction() -> f64 {
     0.2

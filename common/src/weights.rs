@@ -15,13 +15,19 @@ use sha2::{Digest, Sha256};
 use crate::model::TensorSpec;
 use crate::{Error, Result};
 
+/// The little-endian bytes of a float slice, without copying where the machine
+/// is little-endian (every platform Sangsaeng ships for).
+pub fn le_bytes(values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(values))
+    } else {
+        std::borrow::Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+}
+
 /// Little-endian bytes of a float vector (the wire and digest encoding).
 pub fn to_le_bytes(values: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    out
+    le_bytes(values).into_owned()
 }
 
 /// Decodes little-endian f32 bytes; refuses a length that is not a multiple of 4.
@@ -45,11 +51,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Digest of a model or delta: SHA-256 of its little-endian f32 bytes.
 pub fn digest(values: &[f32]) -> String {
-    let mut h = Sha256::new();
-    for v in values {
-        h.update(v.to_le_bytes());
-    }
-    hex::encode(h.finalize())
+    sha256_hex(&le_bytes(values))
 }
 
 /// Encodes `values` as safetensors, one tensor per layout entry, with string metadata.
@@ -82,17 +84,38 @@ pub fn safetensors_bytes(
         .map_err(|e| Error::Model(format!("encoding safetensors: {e}")))
 }
 
-/// Writes `values` as safetensors (see [`safetensors_bytes`]).
+/// Writes `values` as safetensors (the format of [`safetensors_bytes`]) straight
+/// from the slice, through a temporary file renamed into place and fsynced, so a
+/// crash never leaves a half-written model and no copy of the model is made.
 pub fn save_safetensors(
     path: &Path,
     layout: &[TensorSpec],
     values: &[f32],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    let bytes = safetensors_bytes(layout, values, metadata)?;
-    // Write to a temporary file and rename, so a crash never leaves a half-written model.
+    let expected: usize = layout.iter().map(TensorSpec::numel).sum();
+    if expected != values.len() {
+        return Err(Error::Model(format!(
+            "layout needs {expected} values, got {}",
+            values.len()
+        )));
+    }
+    let bytes = le_bytes(values);
+    let mut views = Vec::with_capacity(layout.len());
+    let mut offset = 0;
+    for t in layout {
+        let n = t.numel() * 4;
+        let view = TensorView::new(Dtype::F32, t.shape.clone(), &bytes[offset..offset + n])
+            .map_err(|e| Error::Model(format!("tensor {}: {e}", t.name)))?;
+        views.push((t.name.clone(), view));
+        offset += n;
+    }
     let tmp = path.with_extension("safetensors.tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    safetensors::tensor::serialize_to_file(views, Some(metadata), &tmp)
+        .map_err(|e| Error::Model(format!("writing {}: {e}", tmp.display())))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
@@ -113,7 +136,7 @@ pub fn parse_safetensors(bytes: &[u8], layout: &[TensorSpec], origin: &str) -> R
             layout.len()
         )));
     }
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(layout.iter().map(TensorSpec::numel).sum());
     for t in layout {
         let view = st
             .tensor(&t.name)
@@ -127,7 +150,17 @@ pub fn parse_safetensors(bytes: &[u8], layout: &[TensorSpec], origin: &str) -> R
                 t.shape
             )));
         }
-        out.extend(from_le_bytes(view.data())?);
+        let data = view.data();
+        if !data.len().is_multiple_of(4) {
+            return Err(Error::Model(format!(
+                "{origin}: tensor '{}' is not whole float32 values",
+                t.name
+            )));
+        }
+        out.extend(
+            data.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
     }
     Ok(out)
 }

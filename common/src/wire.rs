@@ -39,6 +39,7 @@ pub fn plan_to_proto(p: &TrainingPlan) -> pb::TrainingPlan {
         min_participants: p.training.min_participants as u32,
         round_deadline_secs: p.training.round_deadline_secs,
         update_encoding: p.training.update_encoding.name().into(),
+        skip_evaluation: !p.training.evaluate,
     }
 }
 
@@ -94,6 +95,7 @@ pub fn plan_from_proto(p: &pb::TrainingPlan) -> Result<TrainingPlan> {
             seed: p.seed,
             update_encoding: crate::encoding::UpdateEncoding::from_name(&p.update_encoding)
                 .map_err(|e| bad(e.to_string()))?,
+            evaluate: !p.skip_evaluation,
         },
         scaling,
     };

@@ -23,10 +23,16 @@ pub struct Limits {
     /// Largest model/delta chunk, in bytes. 1 MiB keeps per-message memory small
     /// while amortising per-message overhead (digest, framing).
     pub max_chunk_bytes: usize,
-    /// Uploads received at the same time. Each buffers at most one delta before it
-    /// is folded in, so peak memory is about (2 + this) × model size, whatever the
-    /// number of participants.
+    /// Uploads received at the same time. Each is folded in chunk by chunk as it
+    /// arrives (one chunk in memory, the rest spilled to disk), so this bounds
+    /// concurrency and disk use, not memory: peak memory is about 3 × the model
+    /// whatever the number of participants.
     pub max_concurrent_uploads: usize,
+    /// Model downloads streamed at the same time. Each holds about two chunks in
+    /// flight (the message being encoded and the one HTTP/2 is sending), so this
+    /// keeps the coordinator's memory flat however many participants download at
+    /// the start of a round; the others wait their turn (up to `transfer_idle_secs`).
+    pub max_concurrent_downloads: usize,
     /// HTTP/2 streams one connection may open at once (Subscribe + a transfer + spare).
     pub max_streams_per_connection: u32,
     /// TCP connections open at once; more are closed on arrival. Each participant
@@ -49,6 +55,7 @@ impl Default for Limits {
         Limits {
             max_chunk_bytes: 1 << 20,
             max_concurrent_uploads: 4,
+            max_concurrent_downloads: 4,
             max_streams_per_connection: 8,
             max_connections: 1024,
             transfer_idle_secs: 60,
@@ -80,6 +87,9 @@ impl Limits {
         }
         if self.max_concurrent_uploads == 0 || self.max_concurrent_uploads > 1024 {
             return Err("limits.max_concurrent_uploads: must be in 1..=1024".into());
+        }
+        if self.max_concurrent_downloads == 0 || self.max_concurrent_downloads > 1024 {
+            return Err("limits.max_concurrent_downloads: must be in 1..=1024".into());
         }
         if self.max_streams_per_connection < 2 {
             return Err(
@@ -120,6 +130,10 @@ pub struct ConfigFile {
     pub plan: Option<PathBuf>,
     pub output_dir: Option<PathBuf>,
     pub tls: Option<TlsSection>,
+    /// Whether an accepted update is fsynced before it is acknowledged (default
+    /// true). With false, a coordinator crash loses the round in progress (its
+    /// participants upload again); rounds already completed are never lost.
+    pub durable_updates: Option<bool>,
     #[serde(default)]
     pub limits: Limits,
 }
@@ -156,6 +170,8 @@ pub struct CoordinatorConfig {
     pub output_dir: PathBuf,
     pub tls: TlsFiles,
     pub limits: Limits,
+    /// See [`ConfigFile::durable_updates`].
+    pub durable_updates: bool,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -233,6 +249,7 @@ impl CoordinatorConfig {
             output_dir,
             tls,
             limits,
+            durable_updates: cf.and_then(|c| c.durable_updates).unwrap_or(true),
         };
         if let Some(p) = &cfg.initial_plan {
             cfg.check_plan(p)?;

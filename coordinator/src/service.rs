@@ -23,8 +23,8 @@ use sangsaeng_proto::v1::federation_server::Federation;
 
 use crate::auth::authorize;
 use crate::error::{CoordinatorError, Result};
-use crate::state::{AcceptedUpdate, EvalRecord, Phase, Shared, TASK_QUEUE};
-use crate::transfer::DeltaReceiver;
+use crate::state::{AcceptedUpdate, EvalRecord, Folding, Phase, Shared, TASK_QUEUE};
+use crate::transfer::{CheckedChunk, DeltaReceiver, Spill, read_spill};
 
 pub struct FederationService {
     shared: Arc<Shared>,
@@ -210,8 +210,26 @@ impl Federation for FederationService {
             from = r.start_chunk,
             "model download"
         );
-        let stream = tokio_stream::iter(r.start_chunk..model.total_chunks())
-            .map(move |i| Ok(model.chunk(i)));
+        let limits = &self.shared.config.limits;
+        let permit = tokio::time::timeout(
+            limits.transfer_idle(),
+            self.shared.download_permits.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| {
+            CoordinatorError::ResourceExhausted(format!(
+                "{} downloads are already in progress; retry shortly",
+                limits.max_concurrent_downloads
+            ))
+        })
+        .and_then(|p| {
+            p.map_err(|_| CoordinatorError::Aborted("the coordinator is shutting down".into()))
+        })
+        .map_err(|e| self.refuse(&org, "DownloadModel", e))?;
+        let stream = tokio_stream::iter(r.start_chunk..model.total_chunks()).map(move |i| {
+            let _held = &permit;
+            Ok(model.chunk(i))
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -440,29 +458,81 @@ impl Drop for UploadMark<'_> {
 }
 
 impl FederationService {
-    /// A fresh receiver, or the one kept from this organisation's broken-off upload
+    /// A fresh upload (receiver, spill file, weight reserved in the accumulator,
+    /// an undo entry), or the one kept from this organisation's broken-off upload
     /// when the header asks to resume it (and describes the same update).
     fn resume_or_new(
         &self,
         org: &str,
         header: &pb::UpdateHeader,
         num_params: usize,
-    ) -> Result<DeltaReceiver> {
+    ) -> Result<(DeltaReceiver, Spill, u64)> {
+        if header.first_chunk == 0 {
+            let encoding = {
+                let mut guard = self.shared.training();
+                let t = current(&mut guard, &header.training_id)?;
+                // A new upload replaces whatever was kept of an earlier one.
+                if let Some(p) = t.partial.remove(org) {
+                    drop(guard);
+                    self.abandon(org, p.upload_id, header.round);
+                    guard = self.shared.training();
+                }
+                let t = current(&mut guard, &header.training_id)?;
+                t.plan.training.update_encoding
+            };
+            let (upload_id, path) = {
+                let mut guard = self.shared.training();
+                let t = current(&mut guard, &header.training_id)?;
+                t.next_upload_id += 1;
+                let id = t.next_upload_id;
+                (id, spill_path(&t.output_dir, header.round, org, id))
+            };
+            let spill = Spill::create(&path)?;
+            let mut guard = self.shared.training();
+            let t = current(&mut guard, &header.training_id)?;
+            if t.phase != Phase::Training || t.round != header.round {
+                drop(guard);
+                let _ = std::fs::remove_file(&path);
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "round {} closed before this update could start",
+                    header.round
+                )));
+            }
+            let acc = t
+                .accumulator
+                .as_mut()
+                .expect("a training round has an accumulator");
+            if let Err(e) = acc.reserve(header.num_examples) {
+                drop(guard);
+                let _ = std::fs::remove_file(&path);
+                return Err(e.into());
+            }
+            t.folding.insert(
+                org.to_string(),
+                Folding {
+                    upload_id,
+                    spill: path,
+                    encoding,
+                    weight: header.num_examples,
+                    folded: 0,
+                },
+            );
+            return Ok((
+                DeltaReceiver::new(
+                    num_params,
+                    self.shared.config.limits.max_chunk_bytes,
+                    encoding,
+                ),
+                spill,
+                upload_id,
+            ));
+        }
         let mut guard = self.shared.training();
         let Some(t) = guard.as_mut() else {
             return Err(CoordinatorError::FailedPrecondition(
                 "no training is running".into(),
             ));
         };
-        if header.first_chunk == 0 {
-            // A new upload replaces whatever was kept of an earlier one.
-            t.partial.remove(org);
-            return Ok(DeltaReceiver::new(
-                num_params,
-                self.shared.config.limits.max_chunk_bytes,
-                t.plan.training.update_encoding,
-            ));
-        }
         let matches = t.partial.get(org).is_some_and(|p| {
             !header.delta_sha256.is_empty()
                 && p.round == header.round
@@ -480,7 +550,7 @@ impl FederationService {
                     from = header.first_chunk,
                     "upload resumed"
                 );
-                Ok(p.receiver)
+                Ok((p.receiver, p.spill, p.upload_id))
             }
             _ => Err(CoordinatorError::FailedPrecondition(format!(
                 "nothing kept to resume from chunk {}: ask UploadProgress, or start again from chunk 0",
@@ -490,17 +560,29 @@ impl FederationService {
     }
 
     /// Keeps a broken-off upload for resumption, if it declared its digest and
-    /// there is room (at most `max_concurrent_uploads` are kept, bounding memory).
-    fn keep_partial(&self, org: &str, header: &pb::UpdateHeader, receiver: DeltaReceiver) {
+    /// there is room (at most `max_concurrent_uploads` are kept). Its folded chunks
+    /// stay in the accumulator; false means it was not kept (the caller undoes it).
+    fn keep_partial(
+        &self,
+        org: &str,
+        header: &pb::UpdateHeader,
+        receiver: DeltaReceiver,
+        spill: Spill,
+        upload_id: u64,
+    ) -> bool {
         if header.delta_sha256.is_empty() || receiver.next_index() == 0 {
-            return;
+            return false;
         }
         let mut guard = self.shared.training();
-        let Some(t) = guard.as_mut() else { return };
-        if t.round != header.round
+        let Some(t) = guard.as_mut() else {
+            return false;
+        };
+        let ours = t.folding.get(org).is_some_and(|f| f.upload_id == upload_id);
+        if !ours
+            || t.round != header.round
             || t.partial.len() >= self.shared.config.limits.max_concurrent_uploads
         {
-            return;
+            return false;
         }
         tracing::info!(
             org,
@@ -516,8 +598,66 @@ impl FederationService {
                 num_examples: header.num_examples,
                 delta_sha256: header.delta_sha256.clone(),
                 receiver,
+                spill,
+                upload_id,
             },
         );
+        true
+    }
+
+    /// Folds one checked chunk into the round's accumulator, if the upload is still
+    /// this round's (the round may have closed, and undone it, meanwhile).
+    fn fold_chunk(
+        &self,
+        org: &str,
+        header: &pb::UpdateHeader,
+        upload_id: u64,
+        chunk: &CheckedChunk,
+    ) -> Result<()> {
+        let mut guard = self.shared.training();
+        let t = current(&mut guard, &header.training_id)?;
+        let open = t.phase == Phase::Training && t.round == header.round;
+        let Some(f) = t
+            .folding
+            .get_mut(org)
+            .filter(|f| open && f.upload_id == upload_id)
+        else {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "round {} closed while this update was being received",
+                header.round
+            )));
+        };
+        let start = std::time::Instant::now();
+        // All or nothing: a refused chunk is not folded, so it is not counted.
+        let folded = t
+            .accumulator
+            .as_mut()
+            .expect("a training round has an accumulator")
+            .fold(chunk.offset, &chunk.values, header.num_examples);
+        t.fold_time += start.elapsed();
+        folded?;
+        f.folded += 1;
+        Ok(())
+    }
+
+    /// Undoes an upload that will not be accepted, unless the round driver already
+    /// did (it undoes every unfinished upload when it closes the round).
+    fn abandon(&self, org: &str, upload_id: u64, round: u32) {
+        let entry = {
+            let mut guard = self.shared.training();
+            let Some(t) = guard.as_mut() else { return };
+            if t.folding.get(org).is_none_or(|f| f.upload_id != upload_id) {
+                return;
+            }
+            t.partial.remove(org);
+            t.undoing += 1;
+            t.folding.remove(org).expect("checked above")
+        };
+        undo(&self.shared, round, entry);
+        if let Some(t) = self.shared.training().as_mut() {
+            t.undoing = t.undoing.saturating_sub(1);
+        }
+        self.shared.notify();
     }
 
     async fn receive_update(
@@ -620,21 +760,32 @@ impl FederationService {
             })?
             .map_err(|_| CoordinatorError::Aborted("the coordinator is shutting down".into()))?;
 
+        let mut upload: Option<u64> = None;
         let outcome = async {
-            let mut rx = self.resume_or_new(org, &header, num_params)?;
+            let (mut rx, mut spill, upload_id) = self.resume_or_new(org, &header, num_params)?;
+            upload = Some(upload_id);
+            let encoding = rx.encoding();
             let trailer = loop {
                 let part = match next_part(&mut stream, idle).await {
                     Ok(part) => part,
-                    // The connection broke or went quiet: keep what arrived so the
-                    // participant can resume from the next chunk.
+                    // The connection broke or went quiet: keep what arrived (folded)
+                    // so the participant can resume from the next chunk.
                     Err(e @ CoordinatorError::Aborted(_)) => {
-                        self.keep_partial(org, &header, rx);
+                        if self.keep_partial(org, &header, rx, spill, upload_id) {
+                            upload = None;
+                        }
                         return Err(e);
                     }
                     Err(e) => return Err(e),
                 };
                 match part {
-                    pb::update_message::Part::Chunk(c) => rx.push(&c)?,
+                    pb::update_message::Part::Chunk(c) => {
+                        let checked = rx.push(&c)?;
+                        // Spilled before it is folded, so an undo can always read
+                        // back every folded chunk.
+                        spill.append(&c.data)?;
+                        self.fold_chunk(org, &header, upload_id, &checked)?;
+                    }
                     pb::update_message::Part::Trailer(t) => break t,
                     pb::update_message::Part::Header(_) => {
                         return Err(CoordinatorError::InvalidArgument(
@@ -649,7 +800,7 @@ impl FederationService {
                     trailer.sha256, header.delta_sha256
                 )));
             }
-            let (delta, sha256) = rx.finish(&trailer)?;
+            let sha256 = rx.finish(&trailer)?;
 
             let update = AcceptedUpdate {
                 org_id: org.to_string(),
@@ -657,50 +808,55 @@ impl FederationService {
                 num_examples: header.num_examples,
                 train_loss: header.train_loss,
             };
-            // Check against the accumulator first (without changing it), then make the
-            // contribution durable, then fold it in: an update is acknowledged only once
-            // it would survive a crash. The store write happens outside the lock so an
-            // fsync does not stall the other participants' requests.
-            let open = |t: &crate::state::Training| t.phase == Phase::Training && t.round == round;
-            let closed = || {
-                CoordinatorError::FailedPrecondition(format!(
-                    "round {round} closed while this update was being received"
-                ))
-            };
-            {
-                let mut guard = self.shared.training();
-                let t = current(&mut guard, &header.training_id)?;
-                if !open(t) {
-                    return Err(closed());
-                }
-                let acc = t
-                    .accumulator
-                    .as_ref()
-                    .expect("a training round has an accumulator");
-                acc.check(&delta, header.num_examples)?;
+            // The update is acknowledged only once it would survive a crash: its
+            // spill fsynced and recorded (outside the lock, so an fsync does not
+            // stall the other participants' requests), then counted.
+            let durable = self.shared.config.durable_updates;
+            if durable {
+                // Both wait for the disk (fsync): on a blocking thread, so the
+                // runtime's few workers keep serving the other participants meanwhile.
+                let shared = self.shared.clone();
+                let record = crate::store::StoredContribution::new(&update, encoding, spill.path());
+                let training_id = header.training_id.clone();
+                spill = tokio::task::spawn_blocking(move || {
+                    spill.sync()?;
+                    shared
+                        .store
+                        .put_contribution(&training_id, round, &record)?;
+                    Ok::<_, CoordinatorError>(spill)
+                })
+                .await
+                .map_err(|e| CoordinatorError::Store(format!("recording the update: {e}")))??;
             }
-            self.shared.store.put_contribution(
-                &header.training_id,
-                round,
-                &crate::store::StoredContribution::new(&update, &delta),
-            )?;
             let accepted_in_round = {
                 let mut guard = self.shared.training();
                 let t = current(&mut guard, &header.training_id)?;
-                if !open(t) {
-                    return Err(closed());
+                let ours = t.phase == Phase::Training
+                    && t.round == round
+                    && t.folding.get(org).is_some_and(|f| f.upload_id == upload_id);
+                if !ours {
+                    return Err(CoordinatorError::FailedPrecondition(format!(
+                        "round {round} closed while this update was being received"
+                    )));
                 }
-                let acc = t
-                    .accumulator
+                t.folding.remove(org);
+                t.accumulator
                     .as_mut()
-                    .expect("a training round has an accumulator");
-                acc.add(&delta, header.num_examples)?;
+                    .expect("a training round has an accumulator")
+                    .commit();
                 t.accepted.insert(org.to_string(), update);
                 t.accepted.len() as u32
             };
+            upload = None;
+            if !durable {
+                let _ = std::fs::remove_file(spill.path());
+            }
             Ok::<_, CoordinatorError>((sha256, accepted_in_round))
         }
         .await;
+        if let (Some(id), Err(_)) = (upload, &outcome) {
+            self.abandon(org, id, round);
+        }
         let (sha256, accepted_in_round) = match outcome {
             Ok(v) => v,
             // A connection that broke or a round that closed may be retried; an update
@@ -728,5 +884,101 @@ impl FederationService {
             sha256,
             accepted_in_round,
         })
+    }
+}
+
+/// Where a round's uploads are spilled while they are received.
+pub fn spill_dir(output_dir: &std::path::Path, round: u32) -> std::path::PathBuf {
+    output_dir.join("updates").join(format!("round-{round:04}"))
+}
+
+/// A spill file name that is safe whatever the organisation id holds.
+fn spill_path(
+    output_dir: &std::path::Path,
+    round: u32,
+    org: &str,
+    upload_id: u64,
+) -> std::path::PathBuf {
+    let tag = &sangsaeng_common::weights::sha256_hex(org.as_bytes())[..16];
+    spill_dir(output_dir, round).join(format!("{tag}-{upload_id}.bin"))
+}
+
+/// Subtracts the folded chunks of an unfinished upload and gives back its weight,
+/// so the accumulator is exactly as if the upload had never arrived.
+fn undo(shared: &Shared, round: u32, f: Folding) {
+    let unfold = |offset: usize, values: &[f32], _: &[u8]| {
+        if let Some(acc) = shared
+            .training()
+            .as_mut()
+            .filter(|t| t.round == round)
+            .and_then(|t| t.accumulator.as_mut())
+        {
+            acc.unfold(offset, values, f.weight);
+        }
+        Ok(())
+    };
+    if f.folded > 0
+        && let Err(e) = read_spill(&f.spill, f.encoding, Some(f.folded), unfold)
+    {
+        // The spill was written by this process moments ago; failing to read it
+        // back means the disk is failing. The round cannot be trusted any more.
+        tracing::error!(spill = %f.spill.display(), "could not undo a refused update: {e}");
+        if let Some(t) = shared.training().as_mut().filter(|t| t.round == round) {
+            t.undo_failed = Some(format!("could not undo a refused update: {e}"));
+        }
+    }
+    if let Some(acc) = shared
+        .training()
+        .as_mut()
+        .filter(|t| t.round == round)
+        .and_then(|t| t.accumulator.as_mut())
+    {
+        acc.release(f.weight);
+    }
+    let _ = std::fs::remove_file(&f.spill);
+}
+
+/// Called by the round driver once the round is closed: undoes every upload that
+/// is still folding in or kept for resumption, and waits for undos in progress.
+pub async fn undo_unfinished_uploads(shared: &Arc<Shared>) -> Result<()> {
+    let (round, entries) = {
+        let mut guard = shared.training();
+        let t = guard.as_mut().expect("training");
+        t.partial.clear();
+        (t.round, std::mem::take(&mut t.folding))
+    };
+    if !entries.is_empty() {
+        tracing::info!(
+            round,
+            uploads = entries.len(),
+            "undoing unfinished uploads of the closed round"
+        );
+        let s = shared.clone();
+        tokio::task::spawn_blocking(move || {
+            for (_, f) in entries {
+                undo(&s, round, f);
+            }
+        })
+        .await
+        .map_err(|e| CoordinatorError::Store(format!("undoing uploads: {e}")))?;
+    }
+    loop {
+        // Created before the check so a notification in between is not missed.
+        let notified = shared.progress.notified();
+        {
+            let mut guard = shared.training();
+            let Some(t) = guard.as_mut() else {
+                return Ok(());
+            };
+            if let Some(e) = t.undo_failed.take() {
+                return Err(CoordinatorError::Store(format!(
+                    "round {round}: {e}; the round's aggregate cannot be trusted"
+                )));
+            }
+            if t.undoing == 0 {
+                return Ok(());
+            }
+        }
+        notified.await;
     }
 }

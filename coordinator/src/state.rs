@@ -93,6 +93,7 @@ pub struct EvalRecord {
 }
 
 /// An upload that broke off, kept so its sender can resume from the next chunk.
+/// Its chunks so far stay folded in the accumulator (see [`Folding`]).
 #[derive(Debug)]
 pub struct PartialUpload {
     pub round: u32,
@@ -100,6 +101,21 @@ pub struct PartialUpload {
     pub num_examples: u64,
     pub delta_sha256: String,
     pub receiver: crate::transfer::DeltaReceiver,
+    pub spill: crate::transfer::Spill,
+    /// The [`Folding`] entry of this upload.
+    pub upload_id: u64,
+}
+
+/// An upload of the current round whose chunks are (partly) folded into the
+/// accumulator but which is not accepted yet: what it takes to undo it exactly.
+#[derive(Debug, Clone)]
+pub struct Folding {
+    pub upload_id: u64,
+    pub spill: PathBuf,
+    pub encoding: sangsaeng_common::encoding::UpdateEncoding,
+    pub weight: u64,
+    /// Chunks folded so far (the spill file may hold one more, not folded).
+    pub folded: u32,
 }
 
 /// The training in progress (or the last one, once finished).
@@ -126,6 +142,18 @@ pub struct Training {
     pub evaluations: BTreeMap<String, EvalRecord>,
     /// Broken-off uploads of this round, by organisation (bounded by `max_concurrent_uploads`).
     pub partial: BTreeMap<String, PartialUpload>,
+    /// Uploads folded in part, by organisation. Whoever removes an entry (the
+    /// upload refusing itself, or the driver closing the round) undoes it.
+    pub folding: BTreeMap<String, Folding>,
+    /// Undos in progress outside the lock; the round is applied only at zero.
+    pub undoing: usize,
+    /// Source of [`Folding::upload_id`].
+    pub next_upload_id: u64,
+    /// Set when an undo could not read its spill back (a failing disk): the
+    /// round's aggregate is then unknown and the training fails when it closes.
+    pub undo_failed: Option<String>,
+    /// Time spent folding chunks this round (the benchmark's aggregation throughput).
+    pub fold_time: std::time::Duration,
     /// Participants that said they leave (Leave RPC) during this phase: not waited for.
     /// One that merely disconnected is waited for until the deadline, since it may
     /// come back (it gets the phase's task again when it resubscribes).
@@ -154,6 +182,11 @@ impl Training {
             evaluations: BTreeMap::new(),
             left: BTreeSet::new(),
             partial: BTreeMap::new(),
+            folding: BTreeMap::new(),
+            undoing: 0,
+            next_upload_id: 0,
+            undo_failed: None,
+            fold_time: std::time::Duration::ZERO,
             current_task: None,
             error: None,
         }
@@ -182,6 +215,8 @@ pub struct Shared {
     /// Woken on every change a round driver may be waiting for.
     pub progress: Notify,
     pub upload_permits: Semaphore,
+    /// Owned permits: a download's permit lives as long as its response stream.
+    pub download_permits: Arc<Semaphore>,
     pub shutdown: CancellationToken,
     /// Durable record of trainings, rounds and accepted contributions.
     pub store: Store,
@@ -197,6 +232,7 @@ impl Shared {
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let permits = config.limits.max_concurrent_uploads;
+        let downloads = config.limits.max_concurrent_downloads;
         Arc::new(Shared {
             roster: config.roster.clone(),
             config,
@@ -204,6 +240,7 @@ impl Shared {
             training: Mutex::new(None),
             progress: Notify::new(),
             upload_permits: Semaphore::new(permits),
+            download_permits: Arc::new(Semaphore::new(downloads)),
             shutdown,
             store,
             audit,

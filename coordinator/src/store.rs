@@ -1,5 +1,5 @@
-//! The coordinator's durable record (redb): trainings, the global model of the
-//! last completed round, and every accepted contribution of the round in
+//! The coordinator's durable record (redb): trainings, where the global model of
+//! the last completed round is, and every accepted contribution of the round in
 //! progress. After a crash (`kill -9`, power loss) the coordinator reopens this
 //! file and resumes each unfinished training where it was: committed rounds are
 //! never redone or lost, and the round in progress keeps the updates already
@@ -8,35 +8,49 @@
 //! Why redb: an embedded, pure-Rust ACID store (copy-on-write B-trees, fsync on
 //! commit, automatic repair after an unclean shutdown) — no database server to run
 //! at the anchor company and no C library to build. Records are encoded with
-//! bincode (compact, serde-derived); model and delta values are raw little-endian f32.
+//! bincode (compact, serde-derived). The bulk data stays in files the records
+//! point to, each fsynced before its record is committed and checked against the
+//! record's digest when read back: a round's model in its safetensors file, an
+//! accepted update in its spill file (the chunks as they arrived). A 1e9-parameter
+//! model is 4 GB, which has no place in one B-tree value.
 //!
 //! Commit points, in the order the round driver reaches them:
-//! 1. a contribution is acknowledged to its participant only after
-//!    [`Store::put_contribution`] committed it;
-//! 2. a round is complete once [`Store::complete_round`] committed its model (and
-//!    dropped its contributions) in one transaction;
-//! 3. its evaluation is complete once [`Store::mark_evaluated`] committed.
+//! 1. a contribution is acknowledged to its participant only after its spill was
+//!    fsynced and [`Store::put_contribution`] committed it (unless the operator
+//!    chose `durable_updates = false`);
+//! 2. a round is complete once its model file is fsynced and
+//!    [`Store::complete_round`] committed its digest (and dropped its
+//!    contributions) in one transaction;
+//! 3. its evaluation is complete once [`Store::put_training`] committed the
+//!    record with its `evaluated_round`.
 
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use sangsaeng_common::encoding::UpdateEncoding;
+use sangsaeng_common::fedavg::Accumulator;
+use sangsaeng_common::model::ModelSpec;
+use sangsaeng_common::plan::TrainingPlan;
 use sangsaeng_common::weights;
 
 use crate::error::{CoordinatorError, Result};
 use crate::state::AcceptedUpdate;
+use crate::transfer::read_spill;
 
 /// training id → bincode [`TrainingRecord`].
 const TRAININGS: TableDefinition<&str, &[u8]> = TableDefinition::new("trainings");
-/// training id → little-endian f32 of the global model after `completed_round`.
+/// training id → bincode [`StoredModel`]: where the global model after `completed_round` is.
 const MODELS: TableDefinition<&str, &[u8]> = TableDefinition::new("models");
 /// (training id, round, organisation) → bincode [`StoredContribution`].
 const CONTRIBUTIONS: TableDefinition<(&str, u32, &str), &[u8]> =
     TableDefinition::new("contributions");
 
 /// Layout version of the records; bumped when a record's fields change.
-const RECORD_VERSION: u32 = 1;
+/// Version 2: updates and models moved out of the store into files (a 1e9-parameter
+/// model is 4 GB, beyond what belongs in one B-tree value).
+pub const RECORD_VERSION: u32 = 2;
 
 /// What the store knows about one training.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,27 +71,33 @@ pub struct TrainingRecord {
     pub last_updates: Vec<AcceptedUpdate>,
 }
 
-/// An accepted update, kept until its round completes.
+/// An accepted update, kept until its round completes. Its chunks, exactly as
+/// they arrived, are in a spill file (`transfer::Spill`) fsynced before this
+/// record was committed; the record holds what is needed to fold it in again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredContribution {
     pub version: u32,
     pub org_id: String,
+    /// SHA-256 of the update's bytes as sent (all chunks, in order).
     pub sha256: String,
     pub num_examples: u64,
     pub train_loss: f64,
-    /// Little-endian f32 delta.
-    pub delta: Vec<u8>,
+    /// The update encoding's name (`float32`, `float16`, `int8`).
+    pub encoding: String,
+    /// The spill file holding the update's chunks.
+    pub spill: String,
 }
 
 impl StoredContribution {
-    pub fn new(update: &AcceptedUpdate, delta: &[f32]) -> Self {
+    pub fn new(update: &AcceptedUpdate, encoding: UpdateEncoding, spill: &Path) -> Self {
         StoredContribution {
             version: RECORD_VERSION,
             org_id: update.org_id.clone(),
             sha256: update.sha256.clone(),
             num_examples: update.num_examples,
             train_loss: update.train_loss,
-            delta: weights::to_le_bytes(delta),
+            encoding: encoding.name().to_string(),
+            spill: spill.display().to_string(),
         }
     }
 
@@ -90,17 +110,55 @@ impl StoredContribution {
         }
     }
 
-    /// The delta, checked against its recorded digest (a damaged record is refused).
-    pub fn delta(&self) -> Result<Vec<f32>> {
-        let values = weights::from_le_bytes(&self.delta)?;
-        if weights::digest(&values) != self.sha256 {
+    /// Folds the stored update into `acc` after checking its spill file against
+    /// the recorded digest (a damaged or missing file is refused, `acc` untouched).
+    pub fn fold_into(&self, acc: &mut Accumulator) -> Result<()> {
+        use sha2::Digest;
+        let encoding = UpdateEncoding::from_name(&self.encoding)
+            .map_err(|e| corrupt(format!("the stored update of '{}': {e}", self.org_id)))?;
+        let path = Path::new(&self.spill);
+        let mut h = sha2::Sha256::new();
+        let mut n = 0usize;
+        read_spill(path, encoding, None, |_, values, raw| {
+            h.update(raw);
+            n += values.len();
+            Ok(())
+        })?;
+        if hex::encode(h.finalize()) != self.sha256 || n != acc.num_params() {
             return Err(corrupt(format!(
                 "the stored update of '{}' does not match its digest",
                 self.org_id
             )));
         }
-        Ok(values)
+        acc.reserve(self.num_examples)?;
+        let mut folded = vec![];
+        let r = read_spill(path, encoding, None, |offset, values, _| {
+            acc.fold(offset, values, self.num_examples)?;
+            folded.push((offset, values.len()));
+            Ok(())
+        });
+        if let Err(e) = r {
+            // Undo what was folded before the failure: the accumulator is left as it was.
+            let _ = read_spill(path, encoding, Some(folded.len() as u32), |o, v, _| {
+                acc.unfold(o, v, self.num_examples);
+                Ok(())
+            });
+            acc.release(self.num_examples);
+            return Err(e);
+        }
+        acc.commit();
+        Ok(())
     }
+}
+
+/// Where the global model of a training's last completed round is: the round's
+/// safetensors file (written and fsynced before this record), and its digest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredModel {
+    pub version: u32,
+    pub round: u32,
+    pub sha256: String,
+    pub file: String,
 }
 
 fn corrupt(m: String) -> CoordinatorError {
@@ -220,12 +278,30 @@ impl Store {
         Ok(out)
     }
 
-    /// The global model of the last completed round.
+    /// The global model of the last completed round, read back from its file and
+    /// checked against the committed digest.
     pub fn model(&self, id: &str) -> Result<Option<Vec<f32>>> {
+        let (Some(rec), Some(m)) = (self.training(id)?, self.model_record(id)?) else {
+            return Ok(None);
+        };
+        let plan = TrainingPlan::from_toml(&rec.plan_toml, &format!("stored plan of {id}"))?;
+        let layout = ModelSpec::from_plan(&plan).layout();
+        let params = weights::load_safetensors(Path::new(&m.file), &layout)
+            .map_err(|e| corrupt(format!("the model of round {}: {e}", m.round)))?;
+        if weights::digest(&params) != m.sha256 {
+            return Err(corrupt(format!(
+                "{} does not match the digest committed for round {}",
+                m.file, m.round
+            )));
+        }
+        Ok(Some(params))
+    }
+
+    pub fn model_record(&self, id: &str) -> Result<Option<StoredModel>> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let t = tx.open_table(MODELS).map_err(db_err)?;
         match t.get(id).map_err(db_err)? {
-            Some(v) => Ok(Some(weights::from_le_bytes(v.value())?)),
+            Some(v) => Ok(Some(decode(v.value(), "model record")?)),
             None => Ok(None),
         }
     }
@@ -268,12 +344,12 @@ impl Store {
 
     /// Commits a round: its global model, the round counter, and drops its
     /// contributions, all in one transaction (commit point 2).
-    pub fn complete_round(&self, rec: &TrainingRecord, model: &[f32]) -> Result<()> {
+    pub fn complete_round(&self, rec: &TrainingRecord, model: &StoredModel) -> Result<()> {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
             tx.open_table(MODELS)
                 .map_err(db_err)?
-                .insert(rec.id.as_str(), weights::to_le_bytes(model).as_slice())
+                .insert(rec.id.as_str(), encode(model).as_slice())
                 .map_err(db_err)?;
             tx.open_table(TRAININGS)
                 .map_err(db_err)?
@@ -292,17 +368,41 @@ impl Store {
 mod tests {
     use super::*;
 
-    fn contribution(org: &str, delta: &[f32]) -> StoredContribution {
+    /// A contribution whose spill file (in `dir`) holds `delta` as two float32 chunks.
+    fn contribution(dir: &Path, org: &str, delta: &[f32]) -> StoredContribution {
+        let path = dir.join(format!("{org}-{}.bin", delta.len()));
+        let mut spill = crate::transfer::Spill::create(&path).unwrap();
+        let bytes = weights::to_le_bytes(delta);
+        let (a, b) = bytes.split_at(bytes.len() / 8 * 4);
+        spill.append(a).unwrap();
+        spill.append(b).unwrap();
+        spill.sync().unwrap();
         StoredContribution::new(
             &AcceptedUpdate {
                 org_id: org.into(),
-                sha256: weights::digest(delta),
+                sha256: weights::sha256_hex(&bytes),
                 num_examples: 10,
                 train_loss: 0.5,
             },
-            delta,
+            UpdateEncoding::Float32,
+            &path,
         )
     }
+
+    fn stored_model(dir: &Path, round: u32, params: &[f32]) -> StoredModel {
+        let plan = TrainingPlan::from_toml(PLAN, "test").unwrap();
+        let layout = ModelSpec::from_plan(&plan).layout();
+        let file = dir.join(format!("model-round-{round}.safetensors"));
+        weights::save_safetensors(&file, &layout, params, Default::default()).unwrap();
+        StoredModel {
+            version: RECORD_VERSION,
+            round,
+            sha256: weights::digest(params),
+            file: file.display().to_string(),
+        }
+    }
+
+    const PLAN: &str = "[schema]\nfeature_columns = [\"x\"]\nlabel_column = \"y\"\nclasses = [\"a\", \"b\"]\n[model]\nhidden_layers = []\n[training]\nrounds = 1\nlearning_rate = 0.1\nmin_participants = 1\n";
 
     #[test]
     fn records_survive_reopening() {
@@ -310,28 +410,38 @@ mod tests {
         let path = dir.path().join("state.redb");
         {
             let s = Store::open(&path).unwrap();
-            let mut rec = Store::new_record("t-1", "plan".into(), dir.path());
+            let mut rec = Store::new_record("t-1", PLAN.into(), dir.path());
             s.put_training(&rec).unwrap();
-            s.put_contribution("t-1", 1, &contribution("b", &[1.0, 2.0]))
+            let d = dir.path();
+            s.put_contribution("t-1", 1, &contribution(d, "b", &[1.0, 2.0]))
                 .unwrap();
-            s.put_contribution("t-1", 1, &contribution("a", &[3.0, 4.0]))
+            s.put_contribution("t-1", 1, &contribution(d, "a", &[3.0, 4.0]))
                 .unwrap();
-            s.put_contribution("t-1", 2, &contribution("a", &[5.0, 6.0]))
+            s.put_contribution("t-1", 2, &contribution(d, "a", &[5.0, 6.0, 7.0, 8.0]))
                 .unwrap();
             assert_eq!(s.contributions("t-1", 1).unwrap().len(), 2);
             rec.completed_round = 1;
-            s.complete_round(&rec, &[0.5, 0.25]).unwrap();
+            let m = stored_model(d, 1, &[0.5, 0.25, 1.0, 2.0]);
+            s.complete_round(&rec, &m).unwrap();
         }
         let s = Store::open(&path).unwrap();
         let rec = s.training("t-1").unwrap().unwrap();
         assert_eq!(rec.completed_round, 1);
         assert_eq!(s.unfinished().unwrap(), vec![rec]);
-        assert_eq!(s.model("t-1").unwrap().unwrap(), vec![0.5, 0.25]);
+        assert_eq!(s.model("t-1").unwrap().unwrap(), vec![0.5, 0.25, 1.0, 2.0]);
         // Round 1's contributions went with its commit; round 2's stay.
         assert!(s.contributions("t-1", 1).unwrap().is_empty());
         let c = s.contributions("t-1", 2).unwrap();
         assert_eq!(c.len(), 1);
-        assert_eq!(c[0].delta().unwrap(), vec![5.0, 6.0]);
+        let mut acc = Accumulator::new(4);
+        c[0].fold_into(&mut acc).unwrap();
+        assert_eq!(acc.apply_to(&[0.0; 4]).unwrap(), vec![5.0, 6.0, 7.0, 8.0]);
+        // A spill file that no longer matches its digest is refused, acc untouched.
+        let before = acc.clone();
+        std::fs::write(&c[0].spill, [4, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        let e = c[0].fold_into(&mut acc).unwrap_err().to_string();
+        assert!(e.contains("digest"), "{e}");
+        assert_eq!(acc, before);
         s.clear_contributions("t-1", 2).unwrap();
         assert!(s.contributions("t-1", 2).unwrap().is_empty());
     }
@@ -340,9 +450,8 @@ mod tests {
     fn damaged_records_are_errors_not_panics() {
         let e = decode::<TrainingRecord>(&[0xff, 0x01], "training record").unwrap_err();
         assert!(e.to_string().contains("damaged"), "{e}");
-        let mut c = contribution("a", &[1.0]);
-        c.delta = weights::to_le_bytes(&[2.0]);
-        assert!(c.delta().unwrap_err().to_string().contains("digest"));
+        let dir = tempfile::tempdir().unwrap();
+        let c = contribution(dir.path(), "a", &[1.0]);
         let mut bytes = encode(&c);
         bytes.push(0);
         assert!(decode::<StoredContribution>(&bytes, "contribution").is_err());
@@ -381,7 +490,8 @@ mod tests {
             num_examples: 1,
             train_loss: 0.0,
         };
-        let c = StoredContribution::new(&update, &vec![0.5; 300_000]);
+        let c =
+            StoredContribution::new(&update, UpdateEncoding::Int8, Path::new(&"x".repeat(4000)));
         let back: StoredContribution = decode(&encode(&c), "contribution").unwrap();
         assert_eq!(back, c);
     }

@@ -56,6 +56,11 @@ pub struct RoundRecord {
 #[derive(Debug, Serialize)]
 pub struct Timings {
     pub train_phase_secs: f64,
+    /// Time spent folding update chunks into the accumulator, summed over all
+    /// uploads of the round (it overlaps the training phase: chunks are folded
+    /// as they arrive).
+    pub fold_secs: f64,
+    /// Applying the accumulated mean to the model once the round closed.
     pub aggregate_secs: f64,
     pub eval_phase_secs: f64,
     pub round_secs: f64,
@@ -286,11 +291,12 @@ fn open_phase(
         t.evaluations.clear();
         t.left.clear();
         t.partial.clear();
+        t.fold_time = Duration::ZERO;
         if phase == Phase::Training {
             let n = t.models[&(round - 1)].params.len();
             let mut acc = Accumulator::new(n);
             for c in preload {
-                acc.add(&c.delta()?, c.num_examples)?;
+                c.fold_into(&mut acc)?;
                 selected.insert(c.org_id.clone());
                 t.accepted.insert(c.org_id.clone(), c.accepted());
             }
@@ -338,30 +344,38 @@ async fn drive(
     let deadline = Duration::from_secs(plan.training.round_deadline_secs);
     let limits = shared.config.limits.clone();
 
-    let (plan, mut global) = match stored_global {
-        Some(global) => (plan, global),
+    let (plan, mut published) = match stored_global {
+        Some(global) => {
+            shared.training().as_mut().expect("training").plan = plan.clone();
+            let model = PublishedModel::new(
+                rec.completed_round,
+                global,
+                shared.config.limits.max_chunk_bytes,
+            );
+            (plan, publish(shared, model))
+        }
         None => {
             let plan = collect_scaling(shared, plan, &limits).await?;
             std::fs::write(out_dir.join("plan.toml"), plan.to_toml())
                 .map_err(|e| CoordinatorError::io("writing plan.toml", e))?;
+            shared.training().as_mut().expect("training").plan = plan.clone();
             let global = ModelSpec::from_plan(&plan).init_params(plan.training.seed);
             rec.plan_toml = plan.to_toml();
             rec.completed_round = 0;
             rec.evaluated_round = 0;
-            shared.store.complete_round(&rec, &global)?;
-            (plan, global)
+            let layout = ModelSpec::from_plan(&plan).layout();
+            let published = commit_model(shared, &plan, &layout, &rec, global)?;
+            (plan, published)
         }
     };
-    shared.training().as_mut().expect("training").plan = plan.clone();
     let wire_plan = plan_to_proto(&plan);
     let spec = ModelSpec::from_plan(&plan);
     let layout = spec.layout();
     let metrics_path = out_dir.join("metrics.jsonl");
     let first_round = rec.completed_round + 1;
-    let mut published = publish(shared, &plan, &layout, rec.completed_round, global.clone())?;
     tracing::info!(
         training = %id,
-        params = global.len(),
+        params = published.params.len(),
         rounds = plan.training.rounds,
         from_round = first_round,
         "global model published"
@@ -373,6 +387,7 @@ async fn drive(
         let evaluations = evaluate(shared, &wire_plan, &published, deadline).await?;
         let timings = Timings {
             train_phase_secs: 0.0,
+            fold_secs: 0.0,
             aggregate_secs: 0.0,
             eval_phase_secs: 0.0,
             round_secs: 0.0,
@@ -395,7 +410,7 @@ async fn drive(
     for round in first_round..=plan.training.rounds {
         let round_start = Instant::now();
         let mut attempt = 0;
-        let (accepted, acc, train_secs) = loop {
+        let (accepted, acc, train_secs, fold_secs) = loop {
             attempt += 1;
             wait_for_participants(shared, min).await?;
             let phase_start = Instant::now();
@@ -425,21 +440,27 @@ async fn drive(
                 all_answered,
             )
             .await?;
-            let (accepted, acc, waiting): (Vec<AcceptedUpdate>, Option<Accumulator>, Vec<String>) = {
+            let waiting: Vec<String> = {
                 let mut guard = shared.training();
                 let t = guard.as_mut().expect("training");
                 // Closing the round: later uploads for it get FAILED_PRECONDITION.
                 t.phase = Phase::WaitingForParticipants;
-                let waiting = t
-                    .selected
+                t.selected
                     .iter()
                     .filter(|o| !t.has_answered(o))
                     .cloned()
-                    .collect();
+                    .collect()
+            };
+            // Uploads still folding in (or kept for resumption) are undone before the
+            // round is applied, so the model holds accepted updates only.
+            crate::service::undo_unfinished_uploads(shared).await?;
+            let (accepted, acc, fold_secs): (Vec<AcceptedUpdate>, Option<Accumulator>, f64) = {
+                let mut guard = shared.training();
+                let t = guard.as_mut().expect("training");
                 (
                     t.accepted.values().cloned().collect(),
                     t.accumulator.take(),
-                    waiting,
+                    t.fold_time.as_secs_f64(),
                 )
             };
             if !all {
@@ -456,6 +477,7 @@ async fn drive(
                     accepted,
                     acc.expect("accumulator"),
                     phase_start.elapsed().as_secs_f64(),
+                    fold_secs,
                 );
             }
             let msg = format!(
@@ -468,6 +490,7 @@ async fn drive(
                 )));
             }
             shared.store.clear_contributions(&id, round)?;
+            remove_spills(&out_dir, round);
             tracing::warn!(
                 "{msg}; re-running the round (attempt {attempt} of {})",
                 limits.round_attempts
@@ -475,12 +498,20 @@ async fn drive(
         };
 
         let agg_start = Instant::now();
-        global = acc.apply_to(&global)?;
+        // In place when no download still holds the old model: at 1e9 parameters a
+        // second copy would be another 4 GB of coordinator memory.
+        shared.training().as_mut().expect("training").models.clear();
+        let mut global = match Arc::try_unwrap(published) {
+            Ok(m) => m.into_params(),
+            Err(shared_model) => shared_model.params.clone(),
+        };
+        acc.apply_in_place(&mut global)?;
+        drop(acc);
         let aggregate_secs = agg_start.elapsed().as_secs_f64();
         rec.completed_round = round;
         rec.last_updates = accepted.clone();
-        shared.store.complete_round(&rec, &global)?;
-        published = publish(shared, &plan, &layout, round, global.clone())?;
+        published = commit_model(shared, &plan, &layout, &rec, global)?;
+        remove_spills(&out_dir, round);
 
         let eval_start = Instant::now();
         let evaluations = evaluate(shared, &wire_plan, &published, deadline).await?;
@@ -492,6 +523,7 @@ async fn drive(
             evaluations,
             Timings {
                 train_phase_secs: train_secs,
+                fold_secs,
                 aggregate_secs,
                 eval_phase_secs: eval_start.elapsed().as_secs_f64(),
                 round_secs: round_start.elapsed().as_secs_f64(),
@@ -519,7 +551,7 @@ async fn drive(
     weights::save_safetensors(
         &final_path,
         &layout,
-        &global,
+        &published.params,
         model_metadata(&plan, plan.training.rounds),
     )?;
     shared.audit.append(
@@ -528,7 +560,7 @@ async fn drive(
             "training": id,
             "rounds": plan.training.rounds,
             "plan_sha256": crate::audit::text_digest(&plan.to_toml()),
-            "global_model_sha256": weights::digest(&global),
+            "global_model_sha256": published.sha256,
         }),
     )?;
     Ok(())
@@ -633,6 +665,13 @@ async fn evaluate(
     model: &PublishedModel,
     deadline: Duration,
 ) -> Result<Vec<EvalRecord>> {
+    let enabled = shared
+        .training()
+        .as_ref()
+        .is_some_and(|t| t.plan.training.evaluate);
+    if !enabled {
+        return Ok(vec![]);
+    }
     let info = model.info();
     open_phase(shared, Phase::Evaluating, model.round, vec![], |t| {
         task(
@@ -665,33 +704,52 @@ fn model_metadata(plan: &TrainingPlan, round: u32) -> HashMap<String, String> {
     ])
 }
 
-/// Saves a round's global model and makes it downloadable; keeps only the models still needed.
-fn publish(
+/// Makes a round's model the committed one: its file written and fsynced, then
+/// the store's commit point 2 (round counter, model digest, contributions
+/// dropped), then published for download.
+fn commit_model(
     shared: &Shared,
     plan: &TrainingPlan,
     layout: &[sangsaeng_common::model::TensorSpec],
-    round: u32,
+    rec: &TrainingRecord,
     params: Vec<f32>,
 ) -> Result<Arc<PublishedModel>> {
-    let out_dir = shared
-        .training()
-        .as_ref()
-        .expect("training")
-        .output_dir
-        .clone();
-    let path = out_dir.join(format!("model-round-{round:04}.safetensors"));
-    weights::save_safetensors(&path, layout, &params, model_metadata(plan, round))?;
-    let published = Arc::new(PublishedModel::new(
-        round,
-        params,
-        shared.config.limits.max_chunk_bytes,
-    ));
+    let round = rec.completed_round;
+    let model = PublishedModel::new(round, params, shared.config.limits.max_chunk_bytes);
+    let file =
+        std::path::Path::new(&rec.output_dir).join(format!("model-round-{round:04}.safetensors"));
+    weights::save_safetensors(&file, layout, &model.params, model_metadata(plan, round))?;
+    shared.store.complete_round(
+        rec,
+        &crate::store::StoredModel {
+            version: crate::store::RECORD_VERSION,
+            round,
+            sha256: model.sha256.clone(),
+            file: file.display().to_string(),
+        },
+    )?;
+    Ok(publish(shared, model))
+}
+
+/// Offers a committed model for download (only the current round's model is kept).
+fn publish(shared: &Shared, model: PublishedModel) -> Arc<PublishedModel> {
+    let round = model.round;
+    let published = Arc::new(model);
     let mut guard = shared.training();
     let t = guard.as_mut().expect("training");
+    t.models.clear();
     t.models.insert(round, published.clone());
-    // The previous round's model is still needed by late evaluators only until the next round opens.
-    t.models.retain(|&r, _| r + 1 >= round);
-    Ok(published)
+    published
+}
+
+/// Deletes the spill files of a round once it no longer needs them.
+fn remove_spills(out_dir: &std::path::Path, round: u32) {
+    let dir = crate::service::spill_dir(out_dir, round);
+    if let Err(e) = std::fs::remove_dir_all(&dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), "could not delete spilled updates: {e}");
+    }
 }
 
 fn round_record(

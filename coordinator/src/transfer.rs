@@ -1,10 +1,20 @@
 //! Chunked model transfers: the global model published once per round and
-//! streamed to every downloader, and the checks on an uploaded delta's chunks.
+//! streamed to every downloader; the checks on an uploaded delta's chunks; and
+//! the spill file that keeps an upload's chunks, as sent, while it is folded in.
 //!
-//! A model is encoded (little-endian f32) and digested once when published; every
-//! download of that round shares the same bytes and per-chunk digests.
+//! A model is digested once when published (whole and per chunk); every download
+//! of that round reads the same `f32` values, so the coordinator holds one copy
+//! of the model whatever the number of downloaders.
+//!
+//! An upload is folded into the round's accumulator chunk by chunk as it arrives
+//! (`service.rs`), so the coordinator never holds a whole delta. The chunks are
+//! appended to a spill file on disk meanwhile: it is what makes a refused upload
+//! undoable (its folded chunks are read back and subtracted exactly) and, once
+//! fsynced, what makes an accepted update survive a crash (`store.rs`).
 
-use std::sync::Arc;
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
 
 use sangsaeng_common::encoding::{self, UpdateEncoding};
 use sangsaeng_common::weights;
@@ -16,23 +26,23 @@ use crate::error::{CoordinatorError, Result};
 #[derive(Debug)]
 pub struct PublishedModel {
     pub round: u32,
-    pub params: Arc<Vec<f32>>,
+    pub params: Vec<f32>,
     pub sha256: String,
-    bytes: Vec<u8>,
     chunk_bytes: usize,
     chunk_digests: Vec<String>,
 }
 
 impl PublishedModel {
+    /// Digests `params` whole and per chunk of `chunk_bytes` (a multiple of 4).
     pub fn new(round: u32, params: Vec<f32>, chunk_bytes: usize) -> Self {
-        let bytes = weights::to_le_bytes(&params);
+        let bytes = weights::le_bytes(&params);
         let sha256 = weights::sha256_hex(&bytes);
         let chunk_digests = bytes.chunks(chunk_bytes).map(weights::sha256_hex).collect();
+        drop(bytes);
         PublishedModel {
             round,
-            params: Arc::new(params),
+            params,
             sha256,
-            bytes,
             chunk_bytes,
             chunk_digests,
         }
@@ -50,28 +60,45 @@ impl PublishedModel {
         self.chunk_digests.len() as u32
     }
 
+    /// Chunk `index`, encoded on demand from the one copy of the values.
     pub fn chunk(&self, index: u32) -> pb::ModelChunk {
         let i = index as usize;
-        let start = i * self.chunk_bytes;
-        let end = (start + self.chunk_bytes).min(self.bytes.len());
+        let per = self.chunk_bytes / 4;
+        let start = i * per;
+        let end = (start + per).min(self.params.len());
         pb::ModelChunk {
             index,
             total_chunks: self.total_chunks(),
-            data: self.bytes[start..end].to_vec(),
+            data: weights::to_le_bytes(&self.params[start..end]),
             sha256: self.chunk_digests[i].clone(),
             model_sha256: self.sha256.clone(),
         }
     }
+
+    /// The values, when no download holds the model any more (so the next round
+    /// can be computed in place instead of beside a second copy).
+    pub fn into_params(self) -> Vec<f32> {
+        self.params
+    }
 }
 
-/// Receives a delta's chunks in order, checking each, into one preallocated buffer.
-/// It can be set aside when a connection breaks and resumed at [`DeltaReceiver::next_index`].
+/// One chunk that passed every check, decoded, and where its values go.
+#[derive(Debug)]
+pub struct CheckedChunk {
+    pub offset: usize,
+    pub values: Vec<f32>,
+}
+
+/// Checks a delta's chunks in order (index, size, digest, decoding, length) and
+/// the whole-delta digest at the end. It holds no values: each checked chunk is
+/// handed back to be folded, so it can be set aside when a connection breaks and
+/// resumed at [`DeltaReceiver::next_index`] at the cost of a hasher.
 pub struct DeltaReceiver {
     expected_values: usize,
     max_chunk_bytes: usize,
     encoding: UpdateEncoding,
     next_index: u32,
-    values: Vec<f32>,
+    received_values: usize,
     hasher: sha2::Sha256,
 }
 
@@ -79,7 +106,7 @@ impl std::fmt::Debug for DeltaReceiver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeltaReceiver")
             .field("expected_values", &self.expected_values)
-            .field("received_values", &self.values.len())
+            .field("received_values", &self.received_values)
             .field("next_index", &self.next_index)
             .finish()
     }
@@ -91,6 +118,10 @@ impl DeltaReceiver {
         self.next_index
     }
 
+    pub fn encoding(&self) -> UpdateEncoding {
+        self.encoding
+    }
+
     /// A receiver for `expected_values` values sent in `encoding`, chunks of at
     /// most `max_chunk_bytes` encoded bytes.
     pub fn new(expected_values: usize, max_chunk_bytes: usize, encoding: UpdateEncoding) -> Self {
@@ -99,12 +130,13 @@ impl DeltaReceiver {
             max_chunk_bytes,
             encoding,
             next_index: 0,
-            values: Vec::with_capacity(expected_values),
+            received_values: 0,
             hasher: <sha2::Sha256 as sha2::Digest>::new(),
         }
     }
 
-    pub fn push(&mut self, chunk: &pb::UpdateChunk) -> Result<()> {
+    /// Checks one chunk and returns its decoded values with their offset.
+    pub fn push(&mut self, chunk: &pb::UpdateChunk) -> Result<CheckedChunk> {
         use sha2::Digest;
         let bad = |m: String| Err(CoordinatorError::InvalidArgument(m));
         if chunk.index != self.next_index {
@@ -121,19 +153,6 @@ impl DeltaReceiver {
                 self.max_chunk_bytes
             )));
         }
-        let values = match encoding::decode_chunk(&chunk.data, self.encoding) {
-            Ok(v) => v,
-            Err(sangsaeng_common::Error::Protocol(m)) => {
-                return bad(format!("chunk {}: {m}", chunk.index));
-            }
-            Err(e) => return bad(format!("chunk {}: {e}", chunk.index)),
-        };
-        if self.values.len() + values.len() > self.expected_values {
-            return bad(format!(
-                "chunk {} takes the delta beyond the model's {} values",
-                chunk.index, self.expected_values
-            ));
-        }
         let digest = weights::sha256_hex(&chunk.data);
         if digest != chunk.sha256 {
             return bad(format!(
@@ -141,20 +160,33 @@ impl DeltaReceiver {
                 chunk.index, chunk.sha256
             ));
         }
+        let values = match encoding::decode_chunk(&chunk.data, self.encoding) {
+            Ok(v) => v,
+            Err(sangsaeng_common::Error::Protocol(m)) => {
+                return bad(format!("chunk {}: {m}", chunk.index));
+            }
+            Err(e) => return bad(format!("chunk {}: {e}", chunk.index)),
+        };
+        if self.received_values + values.len() > self.expected_values {
+            return bad(format!(
+                "chunk {} takes the delta beyond the model's {} values",
+                chunk.index, self.expected_values
+            ));
+        }
         self.hasher.update(&chunk.data);
-        self.values.extend(values);
+        let offset = self.received_values;
+        self.received_values += values.len();
         self.next_index += 1;
-        Ok(())
+        Ok(CheckedChunk { offset, values })
     }
 
-    /// Checks the trailer and returns the complete delta with its digest.
-    pub fn finish(self, trailer: &pb::UpdateTrailer) -> Result<(Vec<f32>, String)> {
+    /// Checks the length and the trailer's whole-delta digest; returns the digest.
+    pub fn finish(self, trailer: &pb::UpdateTrailer) -> Result<String> {
         use sha2::Digest;
-        if self.values.len() != self.expected_values {
+        if self.received_values != self.expected_values {
             return Err(CoordinatorError::InvalidArgument(format!(
                 "the delta ended after {} of {} values",
-                self.values.len(),
-                self.expected_values
+                self.received_values, self.expected_values
             )));
         }
         let digest = hex::encode(self.hasher.finalize());
@@ -164,8 +196,100 @@ impl DeltaReceiver {
                 trailer.sha256
             )));
         }
-        Ok((self.values, digest))
+        Ok(digest)
     }
+}
+
+/// An upload's chunks as sent, each framed as a little-endian `u32` length and
+/// the bytes. Unbuffered on purpose: chunks are large already, and a chunk must
+/// be readable from the file as soon as it is folded (an undo may read it back).
+pub struct Spill {
+    path: PathBuf,
+    file: File,
+}
+
+impl std::fmt::Debug for Spill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spill").field("path", &self.path).finish()
+    }
+}
+
+/// Largest spill frame read back: a chunk is at most 64 MiB (`limits.max_chunk_bytes`).
+const MAX_FRAME: usize = 64 << 20;
+
+impl Spill {
+    /// A new, empty spill file (an older file of the same name is replaced).
+    pub fn create(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| CoordinatorError::io(format!("creating {}", dir.display()), e))?;
+        }
+        let file = File::create(path)
+            .map_err(|e| CoordinatorError::io(format!("creating {}", path.display()), e))?;
+        Ok(Spill {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn append(&mut self, data: &[u8]) -> Result<()> {
+        let io = |e| CoordinatorError::io(format!("writing {}", self.path.display()), e);
+        self.file
+            .write_all(&(data.len() as u32).to_le_bytes())
+            .map_err(io)?;
+        self.file.write_all(data).map_err(io)
+    }
+
+    /// Fsyncs: after this the chunks survive a crash.
+    pub fn sync(&mut self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| CoordinatorError::io(format!("syncing {}", self.path.display()), e))
+    }
+}
+
+/// Reads back the first `frames` chunks of a spill file (all of them when `None`),
+/// decoding each as `encoding` and calling `each(offset, values, raw bytes)`.
+pub fn read_spill(
+    path: &Path,
+    encoding: UpdateEncoding,
+    frames: Option<u32>,
+    mut each: impl FnMut(usize, &[f32], &[u8]) -> Result<()>,
+) -> Result<()> {
+    let damaged = |m: String| {
+        CoordinatorError::Store(format!("spilled update {} is damaged: {m}", path.display()))
+    };
+    let file = File::open(path)
+        .map_err(|e| CoordinatorError::io(format!("opening {}", path.display()), e))?;
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    let mut offset = 0usize;
+    let mut buf = Vec::new();
+    let mut n = 0u32;
+    while frames.is_none_or(|f| n < f) {
+        let mut len = [0u8; 4];
+        match r.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && frames.is_none() => break,
+            Err(e) => return Err(damaged(format!("frame {n}: {e}"))),
+        }
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(damaged(format!("frame {n} claims {len} bytes")));
+        }
+        buf.resize(len, 0);
+        r.read_exact(&mut buf)
+            .map_err(|e| damaged(format!("frame {n}: {e}")))?;
+        let values = encoding::decode_chunk(&buf, encoding)
+            .map_err(|e| damaged(format!("frame {n}: {e}")))?;
+        each(offset, &values, &buf)?;
+        offset += values.len();
+        n += 1;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -200,14 +324,15 @@ mod tests {
     fn receiver_accepts_a_good_delta_and_refuses_bad_chunks() {
         let v: Vec<f32> = (0..10).map(|i| i as f32 * 0.5).collect();
         let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32);
-        r.push(&chunk(0, &v[..6])).unwrap();
-        r.push(&chunk(1, &v[6..])).unwrap();
-        let (got, sha) = r
+        let a = r.push(&chunk(0, &v[..6])).unwrap();
+        let b = r.push(&chunk(1, &v[6..])).unwrap();
+        assert_eq!((a.offset, a.values.as_slice()), (0, &v[..6]));
+        assert_eq!((b.offset, b.values.as_slice()), (6, &v[6..]));
+        let sha = r
             .finish(&pb::UpdateTrailer {
                 sha256: weights::digest(&v),
             })
             .unwrap();
-        assert_eq!(got, v);
         assert_eq!(sha, weights::digest(&v));
 
         let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32);
@@ -248,21 +373,65 @@ mod tests {
     }
 
     #[test]
+    fn spill_reads_back_the_chunks_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u").join("a.bin");
+        let v: Vec<f32> = (0..100).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let chunks = encoding::encode_chunks(&v, UpdateEncoding::Float16, 64).unwrap();
+        let mut spill = Spill::create(&path).unwrap();
+        for c in &chunks {
+            spill.append(c).unwrap();
+        }
+        spill.sync().unwrap();
+        let mut got = vec![];
+        read_spill(&path, UpdateEncoding::Float16, None, |o, vals, raw| {
+            assert_eq!(o, got.len());
+            assert_eq!(raw, chunks[got.len() / 32].as_slice());
+            got.extend_from_slice(vals);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            got,
+            encoding::round_trip(&v, UpdateEncoding::Float16, 64).unwrap()
+        );
+        // Only the first two frames, when asked.
+        let mut n = 0;
+        read_spill(&path, UpdateEncoding::Float16, Some(2), |_, vals, _| {
+            n += vals.len();
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(n, 64);
+        // A truncated file is a clear error when its frames are needed.
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        let e = read_spill(&path, UpdateEncoding::Float16, Some(4), |_, _, _| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("damaged"), "{e}");
+    }
+
+    #[test]
     fn receiver_decodes_int8_chunks_and_refuses_a_bad_scale() {
         let v: Vec<f32> = (0..100).map(|i| (i as f32 - 50.0) * 0.01).collect();
         let chunks = encoding::encode_chunks(&v, UpdateEncoding::Int8, 64).unwrap();
         let mut r = DeltaReceiver::new(100, 64, UpdateEncoding::Int8);
         let mut all = vec![];
+        let mut got = vec![];
         for (i, c) in chunks.iter().enumerate() {
             all.extend_from_slice(c);
-            r.push(&pb::UpdateChunk {
-                index: i as u32,
-                sha256: weights::sha256_hex(c),
-                data: c.clone(),
-            })
-            .unwrap();
+            let checked = r
+                .push(&pb::UpdateChunk {
+                    index: i as u32,
+                    sha256: weights::sha256_hex(c),
+                    data: c.clone(),
+                })
+                .unwrap();
+            assert_eq!(checked.offset, got.len());
+            got.extend(checked.values);
         }
-        let (got, sha) = r
+        let sha = r
             .finish(&pb::UpdateTrailer {
                 sha256: weights::sha256_hex(&all),
             })

@@ -3,10 +3,12 @@
 //! The input is a sequence of length-delimited `UpdateMessage`s, exactly the
 //! frames of the `UploadUpdate` client stream. They drive the coordinator's own
 //! `DeltaReceiver` (chunk order, size limit, per-chunk and whole digests,
-//! length) and, when a delta is complete, the exact FedAvg accumulator's checks.
-//! The header's encoding (float32, float16, int8) picks the chunk decoder.
-//! Invariants checked besides "no panic": an accepted delta has the declared
-//! length and digest, and a refused update leaves the accumulator untouched.
+//! length) and the exact FedAvg accumulator the way the service does: weight
+//! reserved at the header, each checked chunk folded as it arrives, and on any
+//! refusal the folded chunks subtracted again. The header's encoding (float32,
+//! float16, int8) picks the chunk decoder. Invariants checked besides "no panic":
+//! an accepted delta has the declared length and digest, and a refused update
+//! leaves the accumulator exactly (bit for bit) as it was before its header.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -20,47 +22,72 @@ use sangsaeng_proto::v1 as pb;
 const NUM_PARAMS: usize = 16;
 const MAX_CHUNK_BYTES: usize = 24;
 
+/// Undoes an upload's folded chunks and its weight, then checks nothing is left.
+fn refuse(acc: &mut Accumulator, folded: &[(usize, Vec<f32>)], weight: u64, before: &Accumulator) {
+    for (offset, values) in folded {
+        acc.unfold(*offset, values, weight);
+    }
+    acc.release(weight);
+    assert_eq!(acc, before, "a refused update left a trace");
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut buf = data;
-    let mut receiver: Option<DeltaReceiver> = None;
-    let mut weight = 1u64;
     let mut acc = Accumulator::new(NUM_PARAMS);
     acc.add(&[0.25; NUM_PARAMS], 3)
         .expect("a valid first update");
-    let before = acc.mean_delta().expect("non-empty");
+    let before = acc.clone();
+    let mut receiver: Option<DeltaReceiver> = None;
+    let mut weight = 0u64;
+    let mut folded: Vec<(usize, Vec<f32>)> = vec![];
 
     while let Ok(msg) = pb::UpdateMessage::decode_length_delimited(&mut buf) {
         match msg.part {
-            Some(pb::update_message::Part::Header(h)) => {
-                weight = h.num_examples;
+            Some(pb::update_message::Part::Header(h)) if receiver.is_none() => {
                 let Ok(encoding) = UpdateEncoding::from_name(&h.encoding) else {
                     return;
                 };
+                if acc.reserve(h.num_examples).is_err() {
+                    assert_eq!(acc, before);
+                    return;
+                }
+                weight = h.num_examples;
                 receiver = Some(DeltaReceiver::new(NUM_PARAMS, MAX_CHUNK_BYTES, encoding));
             }
             Some(pb::update_message::Part::Chunk(c)) => {
                 let Some(r) = receiver.as_mut() else { return };
-                if r.push(&c).is_err() {
-                    return;
+                let Ok(chunk) = r.push(&c) else {
+                    return refuse(&mut acc, &folded, weight, &before);
+                };
+                if acc.fold(chunk.offset, &chunk.values, weight).is_err() {
+                    return refuse(&mut acc, &folded, weight, &before);
                 }
+                folded.push((chunk.offset, chunk.values));
             }
             Some(pb::update_message::Part::Trailer(t)) => {
                 let Some(r) = receiver.take() else { return };
-                let Ok((delta, digest)) = r.finish(&t) else {
-                    return;
-                };
-                assert_eq!(delta.len(), NUM_PARAMS);
-                assert_eq!(digest, t.sha256);
-                match acc.check(&delta, weight) {
-                    Ok(()) => acc.add(&delta, weight).expect("checked first"),
-                    Err(_) => {
-                        assert!(acc.add(&delta, weight).is_err());
-                        assert_eq!(acc.mean_delta().unwrap(), before);
+                match r.finish(&t) {
+                    Ok(digest) => {
+                        assert_eq!(digest, t.sha256);
+                        let n: usize = folded.iter().map(|(_, v)| v.len()).sum();
+                        assert_eq!(n, NUM_PARAMS);
+                        acc.commit();
                     }
+                    Err(_) => refuse(&mut acc, &folded, weight, &before),
                 }
                 return;
             }
-            None => return,
+            // A second header, or a message with no part: the upload is refused.
+            _ => {
+                if receiver.is_some() {
+                    refuse(&mut acc, &folded, weight, &before);
+                }
+                return;
+            }
         }
+    }
+    // The stream ended before its trailer (truncated).
+    if receiver.is_some() {
+        refuse(&mut acc, &folded, weight, &before);
     }
 });
