@@ -7,8 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sangsaeng_common::weights;
-use sangsaeng_coordinator::store::{self, StoredContribution, TrainingRecord};
+use sangsaeng_coordinator::store::{self, StoredContribution, StoredModel, TrainingRecord};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&kind, bytes)) = data.split_first() else {
@@ -25,15 +24,21 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         1 => {
+            // Not folded: its spill path would name an arbitrary file on this machine.
             if let Ok(c) = store::decode::<StoredContribution>(bytes, "contribution") {
-                let _ = c.delta();
                 let _ = c.accepted();
+                let bytes = store::encode(&c);
+                let again = store::decode::<StoredContribution>(&bytes, "again")
+                    .expect("an encoded record decodes");
+                assert_eq!(store::encode(&again), bytes);
             }
         }
         _ => {
-            // Stored models are raw little-endian f32.
-            if let Ok(v) = weights::from_le_bytes(bytes) {
-                assert_eq!(weights::to_le_bytes(&v), bytes);
+            // Where a round's model file is, and its digest.
+            if let Ok(m) = store::decode::<StoredModel>(bytes, "model record") {
+                let again = store::decode::<StoredModel>(&store::encode(&m), "again")
+                    .expect("an encoded record decodes");
+                assert_eq!(again, m);
             }
         }
     }
