@@ -22,27 +22,6 @@ use sangsaeng_common::fedavg::Accumulator;
 
 const CHUNK_VALUES: usize = 1 << 18;
 
-fn read_bandwidth_gbs() -> f64 {
-    let v = vec![1.0f32; 1 << 28];
-    let mut best = f64::MAX;
-    for _ in 0..3 {
-        let t = Instant::now();
-        let s: f32 = v
-            .chunks_exact(8)
-            .fold([0f32; 8], |mut acc, c| {
-                for k in 0..8 {
-                    acc[k] += c[k];
-                }
-                acc
-            })
-            .iter()
-            .sum();
-        std::hint::black_box(s);
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    (v.len() * 4) as f64 / best / 1e9
-}
-
 fn point(p: usize, k: usize, bandwidth: f64) {
     // Two distinct updates reused K times: P*K values would not fit in memory at
     // 1e8 x 32, and the accumulator cannot tell (it is the same work).
@@ -86,7 +65,7 @@ fn main() {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    let bandwidth = read_bandwidth_gbs();
+    let bandwidth = sangsaeng::membw::read_bandwidth_gbs();
     println!(
         "| P | K | fold s | apply s | update GB/s | memory traffic GB/s | read bandwidth GB/s | traffic / bandwidth |"
     );

@@ -419,29 +419,6 @@ async fn stream_upload(
 
 // ---------------------------------------------------------------- driver
 
-/// Read bandwidth: summing 1 GiB of f32 (best of 3), like the Flower harness's numpy floor.
-fn memory_bandwidth_gbs() -> f64 {
-    let v = vec![1.0f32; 1 << 28];
-    let mut best = f64::MAX;
-    for _ in 0..3 {
-        let t = Instant::now();
-        // Eight partial sums so the loop is bound by memory, not by one add chain.
-        let s: f32 = v
-            .chunks_exact(8)
-            .fold([0f32; 8], |mut acc, c| {
-                for k in 0..8 {
-                    acc[k] += c[k];
-                }
-                acc
-            })
-            .iter()
-            .sum();
-        std::hint::black_box(s);
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    (v.len() * 4) as f64 / best / 1e9
-}
-
 struct Point {
     p: usize,
     k: usize,
@@ -556,7 +533,7 @@ fn print_row(r: &serde_json::Value) {
 }
 
 fn run_point(args: &Args, pt: &Point) -> anyhow::Result<serde_json::Value> {
-    let bandwidth = memory_bandwidth_gbs();
+    let bandwidth = sangsaeng::membw::read_bandwidth_gbs();
     let dir = args.work.join(format!("P{}-K{}", pt.p, pt.k));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;

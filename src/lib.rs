@@ -4,6 +4,7 @@
 //! launcher that runs a whole federation on one machine (PKI, roster, coordinator
 //! and participants over real mutual TLS on loopback). The end-to-end example and
 //! the integration tests use it; a real deployment runs the two binaries instead.
+//! [`membw`] is the memory-bandwidth probe of the benchmarks.
 //!
 //! - [`sangsaeng_common`]: plan, roster, PKI/TLS, data, model, FedAvg.
 //! - [`sangsaeng_coordinator`]: the anchor company's coordinator.
@@ -11,6 +12,7 @@
 //! - [`sangsaeng_proto`]: the `sangsaeng.v1` protocol.
 
 pub mod localnet;
+pub mod membw;
 
 pub use sangsaeng_common as common;
 pub use sangsaeng_coordinator as coordinator;

@@ -54,32 +54,39 @@ pub fn digest(values: &[f32]) -> String {
     sha256_hex(&le_bytes(values))
 }
 
+/// One safetensors view per layout entry over the little-endian `bytes` of
+/// `values_len` values; refuses a layout of another size.
+fn tensor_views<'a>(
+    layout: &[TensorSpec],
+    bytes: &'a [u8],
+    values_len: usize,
+) -> Result<Vec<(String, TensorView<'a>)>> {
+    let expected: usize = layout.iter().map(TensorSpec::numel).sum();
+    if expected != values_len {
+        return Err(Error::Model(format!(
+            "layout needs {expected} values, got {values_len}"
+        )));
+    }
+    let mut views = Vec::with_capacity(layout.len());
+    let mut offset = 0;
+    for t in layout {
+        let n = t.numel() * 4;
+        let view = TensorView::new(Dtype::F32, t.shape.clone(), &bytes[offset..offset + n])
+            .map_err(|e| Error::Model(format!("tensor {}: {e}", t.name)))?;
+        views.push((t.name.clone(), view));
+        offset += n;
+    }
+    Ok(views)
+}
+
 /// Encodes `values` as safetensors, one tensor per layout entry, with string metadata.
 pub fn safetensors_bytes(
     layout: &[TensorSpec],
     values: &[f32],
     metadata: HashMap<String, String>,
 ) -> Result<Vec<u8>> {
-    let expected: usize = layout
-        .iter()
-        .map(|t| t.shape.iter().product::<usize>())
-        .sum();
-    if expected != values.len() {
-        return Err(Error::Model(format!(
-            "layout needs {expected} values, got {}",
-            values.len()
-        )));
-    }
-    let bytes = to_le_bytes(values);
-    let mut views = Vec::with_capacity(layout.len());
-    let mut offset = 0;
-    for t in layout {
-        let n: usize = t.shape.iter().product::<usize>() * 4;
-        let view = TensorView::new(Dtype::F32, t.shape.clone(), &bytes[offset..offset + n])
-            .map_err(|e| Error::Model(format!("tensor {}: {e}", t.name)))?;
-        views.push((t.name.clone(), view));
-        offset += n;
-    }
+    let bytes = le_bytes(values);
+    let views = tensor_views(layout, &bytes, values.len())?;
     safetensors::tensor::serialize(views, Some(metadata))
         .map_err(|e| Error::Model(format!("encoding safetensors: {e}")))
 }
@@ -93,23 +100,8 @@ pub fn save_safetensors(
     values: &[f32],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    let expected: usize = layout.iter().map(TensorSpec::numel).sum();
-    if expected != values.len() {
-        return Err(Error::Model(format!(
-            "layout needs {expected} values, got {}",
-            values.len()
-        )));
-    }
     let bytes = le_bytes(values);
-    let mut views = Vec::with_capacity(layout.len());
-    let mut offset = 0;
-    for t in layout {
-        let n = t.numel() * 4;
-        let view = TensorView::new(Dtype::F32, t.shape.clone(), &bytes[offset..offset + n])
-            .map_err(|e| Error::Model(format!("tensor {}: {e}", t.name)))?;
-        views.push((t.name.clone(), view));
-        offset += n;
-    }
+    let views = tensor_views(layout, &bytes, values.len())?;
     let tmp = path.with_extension("safetensors.tmp");
     safetensors::tensor::serialize_to_file(views, Some(metadata), &tmp)
         .map_err(|e| Error::Model(format!("writing {}: {e}", tmp.display())))?;
