@@ -260,6 +260,13 @@ mod tests {
             .collect()
     }
 
+    /// The reference: every update folded whole, in the given order, then applied.
+    fn aggregate(ups: &[(Vec<f32>, u64)], global: &[f32]) -> Vec<f32> {
+        let mut acc = Accumulator::new(global.len());
+        ups.iter().for_each(|(d, w)| acc.add(d, *w).unwrap());
+        acc.apply_to(global).unwrap()
+    }
+
     #[test]
     fn weighted_mean_matches_f64_reference_within_bound() {
         let ups = updates(5, 1000, 1);
@@ -297,11 +304,7 @@ mod tests {
     fn order_does_not_change_a_single_bit() {
         let ups = updates(16, 4096, 7);
         let global = vec![0.25f32; 4096];
-        let reference = {
-            let mut acc = Accumulator::new(4096);
-            ups.iter().for_each(|(d, w)| acc.add(d, *w).unwrap());
-            acc.apply_to(&global).unwrap()
-        };
+        let reference = aggregate(&ups, &global);
         let mut rng = ChaCha8Rng::seed_from_u64(99);
         for _ in 0..5 {
             let mut order: Vec<usize> = (0..ups.len()).collect();
@@ -343,11 +346,7 @@ mod tests {
     fn chunks_of_interleaved_uploads_fold_to_the_same_bits_and_undo_exactly() {
         let ups = updates(6, 1000, 3);
         let global = vec![0.5f32; 1000];
-        let whole = {
-            let mut acc = Accumulator::new(1000);
-            ups.iter().for_each(|(d, w)| acc.add(d, *w).unwrap());
-            acc.apply_to(&global).unwrap()
-        };
+        let whole = aggregate(&ups, &global);
         // Every update in chunks of 128 values, the chunks of all updates interleaved
         // in a shuffled order (as concurrent streams arrive), plus one upload that is
         // folded halfway and then undone.
