@@ -380,6 +380,16 @@ async fn stream_upload(
         first_chunk: 0,
         encoding: enc.name().into(),
     };
+    // The admission step the daemon takes too: wait for an upload slot before streaming.
+    client
+        .upload_progress(pb::UploadProgressRequest {
+            training_id: training_id.into(),
+            round,
+            delta_sha256: String::new(),
+            reserve_slot: true,
+        })
+        .await
+        .with_context(|| format!("upload slot for round {round}"))?;
     let producer = tokio::spawn(async move {
         let msg = |part| pb::UpdateMessage { part: Some(part) };
         tx.send(msg(Part::Header(header))).await.ok();

@@ -1335,6 +1335,7 @@ async fn a_broken_off_upload_resumes_from_the_last_good_chunk() {
             training_id: r.tid.clone(),
             round: r.round,
             delta_sha256: sha,
+            reserve_slot: false,
         };
         async move {
             c.upload_progress(req)
@@ -1459,6 +1460,83 @@ async fn too_many_uploads_at_once_get_resource_exhausted() {
     trickle.await.unwrap();
     pending.await.unwrap().expect("the slow upload completes");
     // The refusal was transient: site-b retries and is accepted.
+    b.upload(parts(&r, &db, 500)).await.unwrap();
+    evaluate_all(&mut [&mut a, &mut b]).await;
+    let out = fed.completed().await;
+    check_round(&out, 1, &[("site-a", &da, 300), ("site-b", &db, 500)]);
+    drop((a, b));
+    fed.stop().await;
+}
+
+/// Asks for an upload slot for round `r` (UploadProgress with `reserve_slot`).
+async fn reserve_slot(
+    mut c: FederationClient<Channel>,
+    r: &Round,
+) -> Result<pb::UploadProgressResponse, Status> {
+    c.upload_progress(pb::UploadProgressRequest {
+        training_id: r.tid.clone(),
+        round: r.round,
+        delta_sha256: String::new(),
+        reserve_slot: true,
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_slots_are_reserved_in_turn_and_an_unused_reservation_expires() {
+    // One upload slot. site-a reserves it; site-b's reservation waits (holding no
+    // upload stream) until site-a's upload has used and released it.
+    let limits = Limits {
+        max_concurrent_uploads: 1,
+        transfer_idle_secs: 2,
+        ..limits()
+    };
+    let (fed, mut a, mut b, r) = two_sites_in_round(limits, 1).await;
+    let (da, db) = (delta(r.n(), 11), delta(r.n(), 22));
+    let held = reserve_slot(a.client.clone(), &r)
+        .await
+        .expect("a free slot is reserved");
+    assert_eq!((held.next_chunk, held.slot_secs), (0, 2));
+    // A second reservation by the holder is the same slot, not another one.
+    reserve_slot(a.client.clone(), &r)
+        .await
+        .expect("reserving again is idempotent");
+    let waiting = {
+        let (c, r) = (b.client.clone(), r.clone());
+        tokio::spawn(async move { reserve_slot(c, &r).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "site-b got a slot while site-a held the only one"
+    );
+    a.upload(parts(&r, &da, 300))
+        .await
+        .expect("the holder's upload uses its reserved slot");
+    let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the slot passes to site-b once site-a's upload is done")
+        .unwrap();
+    assert_eq!(got.expect("site-b's reservation").slot_secs, 2);
+    // The holder of an accepted update cannot reserve another slot in this round.
+    assert_refused(
+        reserve_slot(a.client.clone(), &r).await,
+        Code::AlreadyExists,
+        "already received",
+    );
+    // site-b never uploads: its reservation lapses after the idle time, and a
+    // new reservation is then served rather than refused after waiting.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let started = std::time::Instant::now();
+    reserve_slot(b.client.clone(), &r)
+        .await
+        .expect("the lapsed slot is free again");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the lapsed reservation still held the slot ({:?})",
+        started.elapsed()
+    );
     b.upload(parts(&r, &db, 500)).await.unwrap();
     evaluate_all(&mut [&mut a, &mut b]).await;
     let out = fed.completed().await;

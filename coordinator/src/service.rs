@@ -255,6 +255,10 @@ impl Federation for FederationService {
             let mut guard = self.shared.training();
             let t = current(&mut guard, &r.training_id)
                 .map_err(|e| self.refuse(&org, "UploadProgress", e))?;
+            if r.reserve_slot {
+                may_reserve_upload(t, &org, r.round)
+                    .map_err(|e| self.refuse(&org, "UploadProgress", e))?;
+            }
             t.partial
                 .get(&org)
                 .filter(|p| {
@@ -265,7 +269,26 @@ impl Federation for FederationService {
                 .map(|p| p.receiver.next_index())
                 .unwrap_or(0)
         };
-        Ok(Response::new(pb::UploadProgressResponse { next_chunk }))
+        let mut slot_secs = 0;
+        if r.reserve_slot {
+            let limits = &self.shared.config.limits;
+            // A reservation outlives this call by at most the idle time an upload
+            // stream may stay silent: holding a slot unused costs the others as much.
+            let ttl = limits.transfer_idle();
+            if !self.shared.has_reserved_upload(&org) {
+                let permit = self
+                    .acquire_upload_slot()
+                    .await
+                    .map_err(|e| self.refuse(&org, "UploadProgress", e))?;
+                self.shared.reserve_upload(&org, permit, ttl);
+                tracing::debug!(org, round = r.round, "upload slot reserved");
+            }
+            slot_secs = ttl.as_secs() as u32;
+        }
+        Ok(Response::new(pb::UploadProgressResponse {
+            next_chunk,
+            slot_secs,
+        }))
     }
 
     async fn submit_evaluation(
@@ -443,6 +466,31 @@ async fn next_part(
     }
 }
 
+/// Whether `org` may reserve an upload slot for `round` of training `t`: the
+/// same conditions an upload's header is checked against, so that a slot is
+/// never held for an upload that would be refused, and a caller never holds two.
+fn may_reserve_upload(t: &crate::state::Training, org: &str, round: u32) -> Result<()> {
+    if t.phase != Phase::Training || round != t.round {
+        return Err(CoordinatorError::FailedPrecondition(format!(
+            "no upload slot for round {round}: training {} is in round {} (phase: {})",
+            t.id,
+            t.round,
+            t.phase.name()
+        )));
+    }
+    if !t.selected.contains(org) {
+        return Err(CoordinatorError::FailedPrecondition(format!(
+            "this organisation was not selected for round {round}"
+        )));
+    }
+    if t.accepted.contains_key(org) || t.uploading.contains(org) {
+        return Err(CoordinatorError::AlreadyExists(format!(
+            "an update for round {round} was already received from this organisation, or is being received"
+        )));
+    }
+    Ok(())
+}
+
 /// Clears the caller's in-progress upload mark however the upload ends.
 struct UploadMark<'a> {
     shared: &'a Shared,
@@ -458,6 +506,24 @@ impl Drop for UploadMark<'_> {
 }
 
 impl FederationService {
+    /// One of the `limits.max_concurrent_uploads` upload slots, waiting at most the
+    /// transfer idle time for it (the tokio semaphore serves waiters in order).
+    async fn acquire_upload_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        let limits = &self.shared.config.limits;
+        tokio::time::timeout(
+            limits.transfer_idle(),
+            self.shared.upload_permits.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| {
+            CoordinatorError::ResourceExhausted(format!(
+                "{} uploads are already in progress; retry shortly",
+                limits.max_concurrent_uploads
+            ))
+        })?
+        .map_err(|_| CoordinatorError::Aborted("the coordinator is shutting down".into()))
+    }
+
     /// A fresh upload (receiver, spill file, weight reserved in the accumulator,
     /// an undo entry), or the one kept from this organisation's broken-off upload
     /// when the header asks to resume it (and describes the same update).
@@ -747,18 +813,14 @@ impl FederationService {
             shared: &self.shared,
             org: org.to_string(),
         };
-        // Bounded: each upload in flight buffers one delta, so this caps memory. Taken
+        // Bounded: each upload in flight has a spill file and chunk buffers. Taken
         // only after the header passed its checks, so a caller holds at most one slot
-        // (its upload is marked) and streams that never send a header hold none.
-        let _permit = tokio::time::timeout(idle, self.shared.upload_permits.acquire())
-            .await
-            .map_err(|_| {
-                CoordinatorError::ResourceExhausted(format!(
-                    "{} uploads are already in progress; retry shortly",
-                    limits.max_concurrent_uploads
-                ))
-            })?
-            .map_err(|_| CoordinatorError::Aborted("the coordinator is shutting down".into()))?;
+        // (its upload is marked) and streams that never send a header hold none. A
+        // participant that reserved its slot beforehand (UploadProgress) uses that one.
+        let _permit = match self.shared.take_reserved_upload(org) {
+            Some(permit) => permit,
+            None => self.acquire_upload_slot().await?,
+        };
 
         let mut upload: Option<u64> = None;
         let outcome = async {

@@ -8,9 +8,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use sangsaeng_common::data::FeatureStats;
@@ -214,7 +215,13 @@ pub struct Shared {
     training: Mutex<Option<Training>>,
     /// Woken on every change a round driver may be waiting for.
     pub progress: Notify,
-    pub upload_permits: Semaphore,
+    /// Owned permits: an upload slot may be reserved (`UploadProgress` with
+    /// `reserve_slot`) before the upload that uses it starts.
+    pub upload_permits: Arc<Semaphore>,
+    /// Upload slots held for an organisation's next upload, each with the id its
+    /// expiry checks so that it never releases a newer reservation.
+    reserved_uploads: Mutex<BTreeMap<String, (u64, OwnedSemaphorePermit)>>,
+    next_reservation: AtomicU64,
     /// Owned permits: a download's permit lives as long as its response stream.
     pub download_permits: Arc<Semaphore>,
     pub shutdown: CancellationToken,
@@ -239,7 +246,9 @@ impl Shared {
             participants: Mutex::new(BTreeMap::new()),
             training: Mutex::new(None),
             progress: Notify::new(),
-            upload_permits: Semaphore::new(permits),
+            upload_permits: Arc::new(Semaphore::new(permits)),
+            reserved_uploads: Mutex::new(BTreeMap::new()),
+            next_reservation: AtomicU64::new(0),
             download_permits: Arc::new(Semaphore::new(downloads)),
             shutdown,
             store,
@@ -259,6 +268,48 @@ impl Shared {
 
     pub fn notify(&self) {
         self.progress.notify_waiters();
+    }
+
+    fn reserved_uploads(&self) -> MutexGuard<'_, BTreeMap<String, (u64, OwnedSemaphorePermit)>> {
+        self.reserved_uploads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `org` holds a reserved upload slot.
+    pub fn has_reserved_upload(&self, org: &str) -> bool {
+        self.reserved_uploads().contains_key(org)
+    }
+
+    /// Holds `permit` for `org`'s next upload for at most `ttl`: a participant that
+    /// reserved a slot and then vanished must not keep it from the others.
+    pub fn reserve_upload(
+        self: &Arc<Self>,
+        org: &str,
+        permit: OwnedSemaphorePermit,
+        ttl: std::time::Duration,
+    ) {
+        let id = self.next_reservation.fetch_add(1, Ordering::Relaxed);
+        self.reserved_uploads()
+            .insert(org.to_string(), (id, permit));
+        let shared = Arc::downgrade(self);
+        let org = org.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(ttl).await;
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let mut held = shared.reserved_uploads();
+            if held.get(&org).is_some_and(|(i, _)| *i == id) {
+                held.remove(&org);
+                tracing::info!(org, "an unused upload slot reservation expired");
+            }
+        });
+    }
+
+    /// The upload slot reserved for `org`, if it holds one.
+    pub fn take_reserved_upload(&self, org: &str) -> Option<OwnedSemaphorePermit> {
+        self.reserved_uploads().remove(org).map(|(_, p)| p)
     }
 
     /// Records the last error of an organisation, shown by `admin status`.

@@ -288,21 +288,20 @@ impl Session {
             }
             hex::encode(h.finalize())
         };
-        // Ask how much of an earlier, broken-off upload of this delta the coordinator kept.
-        let first_chunk = if reuse {
-            client
-                .upload_progress(pb::UploadProgressRequest {
-                    training_id: tid.into(),
-                    round,
-                    delta_sha256: delta_sha.clone(),
-                })
-                .await
-                .map_err(|s| ParticipantError::rpc("UploadProgress", s))?
-                .into_inner()
-                .next_chunk
-        } else {
-            0
-        };
+        // Wait for an upload slot here rather than inside the upload stream (where the
+        // first chunks would sit in the coordinator's buffers meanwhile), and learn how
+        // much of an earlier, broken-off upload of this same delta the coordinator kept.
+        let first_chunk = client
+            .upload_progress(pb::UploadProgressRequest {
+                training_id: tid.into(),
+                round,
+                delta_sha256: delta_sha.clone(),
+                reserve_slot: true,
+            })
+            .await
+            .map_err(|s| ParticipantError::rpc("UploadProgress", s))?
+            .into_inner()
+            .next_chunk;
         if first_chunk > 0 {
             tracing::info!(
                 training = tid,
