@@ -224,6 +224,8 @@ fn coordinator_process(dir: &Path) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // As `sangsaeng-coordinator` does (see its `main`).
+    sangsaeng_common::process::single_malloc_arena();
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let config = sangsaeng_coordinator::config::CoordinatorConfig::build(

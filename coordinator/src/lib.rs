@@ -53,11 +53,13 @@ pub use state::Shared;
 const HTTP2_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// HTTP/2 receive windows: how much a participant may send before the coordinator
-/// reads it. hyper's default (1 MiB per stream and per connection) let every
-/// upload queued for a slot park a megabyte in the coordinator, so its memory grew
-/// with the number of participants (0.85 MiB each, measured at K = 256). The
-/// protocol's own default, 64 KiB, keeps it flat; on loopback and LAN round trips
-/// it still allows more than 1 GB/s per stream.
+/// reads it. Participants wait for an upload slot before they stream
+/// (`UploadProgress` with `reserve_slot`), so queued uploads park nothing; the
+/// window still bounds what each upload in flight, or a client that skips the
+/// admission step, holds in the coordinator's buffers. Measured (docs/BENCHMARKS.md):
+/// 1 MiB windows make P = 1e7, K = 32 about 12 % faster but cost 20 MiB more at
+/// K = 256 (buffers that grow per connection and stay); the protocol's default,
+/// 64 KiB, keeps memory flat and still moves more than 1 GB/s per stream on loopback.
 const HTTP2_WINDOW: u32 = 65_535;
 
 /// Serves the coordinator on `listener` until `shutdown` is cancelled.

@@ -234,8 +234,13 @@ enum AdminAction {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before the runtime starts its threads, so that none of them has its own arena.
+    sangsaeng_common::process::single_malloc_arena();
+    tokio::runtime::Runtime::new()?.block_on(async_main())
+}
+
+async fn async_main() -> anyhow::Result<()> {
     sangsaeng_common::process::init_logging("info");
     // One rustls provider (ring) for tonic and for the registry client.
     sangsaeng_common::tls::install_crypto_provider();
