@@ -483,7 +483,7 @@ fn may_reserve_upload(t: &crate::state::Training, org: &str, round: u32) -> Resu
             "this organisation was not selected for round {round}"
         )));
     }
-    if t.accepted.contains_key(org) || t.uploading.contains(org) {
+    if t.accepted.contains_key(org) || t.uploading.contains_key(org) {
         return Err(CoordinatorError::AlreadyExists(format!(
             "an update for round {round} was already received from this organisation, or is being received"
         )));
@@ -491,15 +491,19 @@ fn may_reserve_upload(t: &crate::state::Training, org: &str, round: u32) -> Resu
     Ok(())
 }
 
-/// Clears the caller's in-progress upload mark however the upload ends.
+/// Clears the caller's in-progress upload mark however the upload ends (unless
+/// a newer upload of the same caller has replaced it).
 struct UploadMark<'a> {
     shared: &'a Shared,
     org: String,
+    id: u64,
 }
 
 impl Drop for UploadMark<'_> {
     fn drop(&mut self) {
-        if let Some(t) = self.shared.training().as_mut() {
+        if let Some(t) = self.shared.training().as_mut()
+            && t.uploading.get(&self.org) == Some(&self.id)
+        {
             t.uploading.remove(&self.org);
         }
     }
@@ -534,24 +538,25 @@ impl FederationService {
         num_params: usize,
     ) -> Result<(DeltaReceiver, Spill, u64)> {
         if header.first_chunk == 0 {
-            let encoding = {
+            // Two short lock sections around the spill file's creation (disk work
+            // stays outside the lock): one allocates the upload, one reserves its
+            // weight. A new upload first replaces whatever was kept of an earlier
+            // one, whose undo reads its spill and so also runs outside the lock.
+            let (encoding, upload_id, path) = loop {
                 let mut guard = self.shared.training();
                 let t = current(&mut guard, &header.training_id)?;
-                // A new upload replaces whatever was kept of an earlier one.
                 if let Some(p) = t.partial.remove(org) {
                     drop(guard);
                     self.abandon(org, p.upload_id, header.round);
-                    guard = self.shared.training();
+                    continue;
                 }
-                let t = current(&mut guard, &header.training_id)?;
-                t.plan.training.update_encoding
-            };
-            let (upload_id, path) = {
-                let mut guard = self.shared.training();
-                let t = current(&mut guard, &header.training_id)?;
                 t.next_upload_id += 1;
                 let id = t.next_upload_id;
-                (id, spill_path(&t.output_dir, header.round, org, id))
+                break (
+                    t.plan.training.update_encoding,
+                    id,
+                    spill_path(&t.output_dir, header.round, org, id),
+                );
             };
             let spill = Spill::create(&path)?;
             let mut guard = self.shared.training();
@@ -741,7 +746,7 @@ impl FederationService {
                 ));
             }
         };
-        let (num_params, round) = {
+        let (num_params, round, mark_id) = {
             let mut guard = self.shared.training();
             let t = current(&mut guard, &header.training_id)?;
             if t.phase != Phase::Training {
@@ -768,7 +773,7 @@ impl FederationService {
                     t.round
                 )));
             }
-            if t.accepted.contains_key(org) || t.uploading.contains(org) {
+            if t.accepted.contains_key(org) || t.uploading.contains_key(org) {
                 return Err(CoordinatorError::AlreadyExists(format!(
                     "an update for round {} was already received from this organisation",
                     t.round
@@ -806,12 +811,14 @@ impl FederationService {
                     header.num_examples, limits.max_examples_per_update
                 )));
             }
-            t.uploading.insert(org.to_string());
-            (n, t.round)
+            t.next_upload_id += 1;
+            t.uploading.insert(org.to_string(), t.next_upload_id);
+            (n, t.round, t.next_upload_id)
         };
         let _mark = UploadMark {
             shared: &self.shared,
             org: org.to_string(),
+            id: mark_id,
         };
         // Bounded: each upload in flight has a spill file and chunk buffers. Taken
         // only after the header passed its checks, so a caller holds at most one slot

@@ -136,8 +136,10 @@ pub struct Training {
     pub stats: BTreeMap<String, FeatureStats>,
     pub accumulator: Option<Accumulator>,
     pub accepted: BTreeMap<String, AcceptedUpdate>,
-    /// Participants whose upload for this round is being received right now.
-    pub uploading: BTreeSet<String>,
+    /// Participants whose upload for this round is being received right now, each
+    /// with its upload's mark id: an upload cut off by a round's re-run may end
+    /// after the same participant's next upload began, and must not clear its mark.
+    pub uploading: BTreeMap<String, u64>,
     /// Participants whose update for this round was refused; they are not waited for.
     pub rejected: BTreeMap<String, String>,
     pub evaluations: BTreeMap<String, EvalRecord>,
@@ -178,7 +180,7 @@ impl Training {
             stats: BTreeMap::new(),
             accumulator: None,
             accepted: BTreeMap::new(),
-            uploading: BTreeSet::new(),
+            uploading: BTreeMap::new(),
             rejected: BTreeMap::new(),
             evaluations: BTreeMap::new(),
             left: BTreeSet::new(),
