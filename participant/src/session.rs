@@ -312,13 +312,13 @@ impl Session {
         }
         let receipt = upload(
             client,
-            &UploadSpec {
+            UploadSpec {
                 training_id: tid,
                 round,
                 base_sha256: &info.sha256,
                 num_params: p.delta.len(),
                 encoding,
-                chunks: &chunks,
+                chunks,
                 delta_sha256: &delta_sha,
                 num_examples: p.num_examples,
                 train_loss: p.train_loss,
@@ -507,8 +507,9 @@ pub struct UploadSpec<'a> {
     pub base_sha256: &'a str,
     pub num_params: usize,
     pub encoding: UpdateEncoding,
-    /// The delta's encoded chunks (`encoding::encode_chunks`).
-    pub chunks: &'a [Vec<u8>],
+    /// The delta's encoded chunks (`encoding::encode_chunks`), handed to the
+    /// stream one by one as HTTP/2 flow control takes them, never copied.
+    pub chunks: Vec<Vec<u8>>,
     /// SHA-256 of all chunks' bytes.
     pub delta_sha256: &'a str,
     pub num_examples: u64,
@@ -521,12 +522,11 @@ pub struct UploadSpec<'a> {
 /// upload can be resumed), checked chunks from `first_chunk`, trailer.
 pub async fn upload(
     client: &mut FederationClient<Channel>,
-    u: &UploadSpec<'_>,
+    u: UploadSpec<'_>,
 ) -> Result<pb::UploadReceipt> {
     use pb::update_message::Part;
     let delta_sha256 = u.delta_sha256.to_string();
-    let mut messages = Vec::with_capacity(u.chunks.len() + 2);
-    messages.push(Part::Header(pb::UpdateHeader {
+    let header = Part::Header(pb::UpdateHeader {
         training_id: u.training_id.into(),
         round: u.round,
         base_model_sha256: u.base_sha256.into(),
@@ -536,20 +536,26 @@ pub async fn upload(
         delta_sha256: delta_sha256.clone(),
         first_chunk: u.first_chunk,
         encoding: u.encoding.name().into(),
-    }));
-    for (i, c) in u.chunks.iter().enumerate().skip(u.first_chunk as usize) {
-        messages.push(Part::Chunk(pb::UpdateChunk {
-            index: i as u32,
-            data: c.clone(),
-            sha256: weights::sha256_hex(c),
-        }));
-    }
-    messages.push(Part::Trailer(pb::UpdateTrailer {
+    });
+    let chunks = u
+        .chunks
+        .into_iter()
+        .enumerate()
+        .skip(u.first_chunk as usize)
+        .map(|(i, data)| {
+            Part::Chunk(pb::UpdateChunk {
+                index: i as u32,
+                sha256: weights::sha256_hex(&data),
+                data,
+            })
+        });
+    let trailer = Part::Trailer(pb::UpdateTrailer {
         sha256: delta_sha256,
-    }));
+    });
     let stream = tokio_stream::iter(
-        messages
-            .into_iter()
+        std::iter::once(header)
+            .chain(chunks)
+            .chain(std::iter::once(trailer))
             .map(|p| pb::UpdateMessage { part: Some(p) }),
     );
     client
