@@ -374,13 +374,13 @@ async fn stream_upload(
     let header = pb::UpdateHeader {
         training_id: training_id.into(),
         round,
-        base_model_sha256: info.sha256.clone(),
+        base_model_digest: hex::decode(&info.sha256)?,
         num_params: p as u64,
         num_examples: num_examples(index),
         train_loss: 0.0,
-        delta_sha256: String::new(),
         first_chunk: 0,
         encoding: enc.name().into(),
+        ..Default::default()
     };
     // The admission step the daemon takes too: wait for an upload slot before streaming.
     client
@@ -408,8 +408,9 @@ async fn stream_upload(
                 sent += data.len() as u64;
                 let chunk = pb::UpdateChunk {
                     index: index as u32,
-                    sha256: weights::sha256_hex(&data),
+                    digest: sha2::Sha256::digest(&data).to_vec(),
                     data,
+                    ..Default::default()
                 };
                 if tx.send(msg(Part::Chunk(chunk))).await.is_err() {
                     return sent;
@@ -417,7 +418,8 @@ async fn stream_upload(
             }
         }
         let trailer = pb::UpdateTrailer {
-            sha256: hex::encode(whole.finalize()),
+            digest: whole.finalize().to_vec(),
+            ..Default::default()
         };
         tx.send(msg(Part::Trailer(trailer))).await.ok();
         sent

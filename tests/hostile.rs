@@ -452,6 +452,7 @@ fn chunk(index: u32, data: &[u8]) -> pb::UpdateChunk {
         index,
         data: data.to_vec(),
         sha256: weights::sha256_hex(data),
+        ..Default::default()
     }
 }
 
@@ -466,16 +467,47 @@ fn chunks(bytes: &[u8], size: usize) -> Vec<Part> {
 fn trailer(bytes: &[u8]) -> Part {
     Part::Trailer(pb::UpdateTrailer {
         sha256: weights::sha256_hex(bytes),
+        ..Default::default()
     })
 }
 
-/// A correct upload of `delta`, exactly as the participant daemon sends it.
+/// A correct upload of `delta` with its digests in hex (`sha256` fields), the
+/// protocol's first form, which coordinators keep accepting; [`raw_parts`] is
+/// the form the participant daemon sends.
 fn parts(r: &Round, delta: &[f32], num_examples: u64) -> Vec<Part> {
     let bytes = weights::to_le_bytes(delta);
     let mut v = vec![Part::Header(header(r, delta.len(), num_examples))];
     v.extend(chunks(&bytes, UPLOAD_CHUNK));
     v.push(trailer(&bytes));
     v
+}
+
+/// A correct upload of `delta` exactly as the participant daemon sends it
+/// (`wire::upload_messages`: raw 32-byte digests, the whole digest declared in
+/// the header and left implicit in the trailer).
+fn raw_parts(r: &Round, delta: &[f32], num_examples: u64) -> Vec<Part> {
+    let chunks = sangsaeng_common::encoding::encode_chunks(
+        delta,
+        sangsaeng_common::encoding::UpdateEncoding::Float32,
+        UPLOAD_CHUNK,
+    )
+    .unwrap();
+    let upload = sangsaeng_common::wire::UpdateUpload {
+        training_id: r.tid.clone(),
+        round: r.round,
+        base_model_sha256: r.info.sha256.clone(),
+        num_params: delta.len() as u64,
+        encoding: sangsaeng_common::encoding::UpdateEncoding::Float32,
+        delta_sha256: weights::sha256_hex(&chunks.concat()),
+        chunks,
+        num_examples,
+        train_loss: 0.5,
+        first_chunk: 0,
+    };
+    sangsaeng_common::wire::upload_messages(upload)
+        .unwrap()
+        .map(|m| m.part.unwrap())
+        .collect()
 }
 
 /// A correct upload of `delta` except that element `at` is `value` (digests match the data).
@@ -796,6 +828,120 @@ async fn trailer_with_the_wrong_whole_delta_digest_is_invalid_argument() {
         },
         Code::InvalidArgument,
         "whole-delta digest mismatch",
+        Then::NotWaitedFor,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_with_raw_or_hex_digests_are_both_accepted_under_the_same_digest() {
+    let (fed, mut a, mut b, r) = two_sites_in_round(limits(), 1).await;
+    let (da, db) = (delta(r.n(), 11), delta(r.n(), 22));
+    let p = raw_parts(&r, &da, 300);
+    assert!(matches!(&p[1], Part::Chunk(c) if c.sha256.is_empty() && c.digest.len() == 32));
+    let receipt = a.upload(p).await.expect("the daemon's raw-digest form");
+    assert_eq!(receipt.sha256, weights::digest(&da));
+    let receipt = b.upload(parts(&r, &db, 500)).await.expect("the hex form");
+    assert_eq!(receipt.sha256, weights::digest(&db));
+    evaluate_all(&mut [&mut a, &mut b]).await;
+    let out = fed.completed().await;
+    check_round(&out, 1, &[("site-a", &da, 300), ("site-b", &db, 500)]);
+    drop((a, b));
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_whose_data_does_not_match_its_raw_digest_is_invalid_argument() {
+    refused_upload(
+        limits(),
+        |r| {
+            let mut p = raw_parts(r, &delta(r.n(), 1), 300);
+            chunk_mut(&mut p, 1).data[17] ^= 0x40;
+            p
+        },
+        Code::InvalidArgument,
+        "chunk 1 digest mismatch",
+        Then::NotWaitedFor,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_without_any_digest_is_invalid_argument() {
+    refused_upload(
+        limits(),
+        |r| {
+            let mut p = raw_parts(r, &delta(r.n(), 1), 300);
+            chunk_mut(&mut p, 2).digest.clear();
+            p
+        },
+        Code::InvalidArgument,
+        "chunk 2 carries no digest",
+        Then::NotWaitedFor,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_base_model_digest_of_the_wrong_length_is_invalid_argument() {
+    refused_upload(
+        limits(),
+        |r| {
+            let mut p = raw_parts(r, &delta(r.n(), 1), 300);
+            header_mut(&mut p).base_model_digest.pop();
+            p
+        },
+        Code::InvalidArgument,
+        "base_model_digest must be the 32 bytes of a SHA-256 digest, not 31",
+        Then::StillWaitedFor,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_and_hex_forms_of_a_digest_that_disagree_are_invalid_argument() {
+    refused_upload(
+        limits(),
+        |r| {
+            let mut p = raw_parts(r, &delta(r.n(), 1), 300);
+            header_mut(&mut p).delta_sha256 = "0".repeat(64);
+            p
+        },
+        Code::InvalidArgument,
+        "disagrees with its hex form",
+        Then::StillWaitedFor,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_delta_digest_that_does_not_match_the_data_is_invalid_argument() {
+    // The trailer leaves the digest to the header, which declared a wrong one.
+    refused_upload(
+        limits(),
+        |r| {
+            let mut p = raw_parts(r, &delta(r.n(), 1), 300);
+            header_mut(&mut p).delta_digest = vec![7; 32];
+            p
+        },
+        Code::InvalidArgument,
+        "whole-delta digest mismatch: declared 0707",
+        Then::NotWaitedFor,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_that_declares_no_whole_digest_anywhere_is_invalid_argument() {
+    refused_upload(
+        limits(),
+        |r| {
+            let mut p = raw_parts(r, &delta(r.n(), 1), 300);
+            header_mut(&mut p).delta_digest.clear();
+            p
+        },
+        Code::InvalidArgument,
+        "declared no whole-delta digest",
         Then::NotWaitedFor,
     )
     .await;

@@ -739,7 +739,10 @@ impl FederationService {
         let limits = &self.shared.config.limits;
         let idle = limits.transfer_idle();
         let header = match next_part(&mut stream, idle).await? {
-            pb::update_message::Part::Header(h) => h,
+            pb::update_message::Part::Header(mut h) => {
+                crate::transfer::settle_header(&mut h)?;
+                h
+            }
             _ => {
                 return Err(CoordinatorError::InvalidArgument(
                     "an upload must start with its header".into(),
@@ -855,7 +858,10 @@ impl FederationService {
                         spill.append(&c.data)?;
                         self.fold_chunk(org, &header, upload_id, &checked)?;
                     }
-                    pb::update_message::Part::Trailer(t) => break t,
+                    pb::update_message::Part::Trailer(mut t) => {
+                        crate::transfer::settle_trailer(&mut t, &header)?;
+                        break t;
+                    }
                     pb::update_message::Part::Header(_) => {
                         return Err(CoordinatorError::InvalidArgument(
                             "a second header arrived in the same upload".into(),

@@ -153,11 +153,22 @@ impl DeltaReceiver {
                 self.max_chunk_bytes
             )));
         }
-        let digest = weights::sha256_hex(&chunk.data);
-        if digest != chunk.sha256 {
+        let digest = sha2::Sha256::digest(&chunk.data);
+        if chunk.sha256.is_empty() && chunk.digest.is_empty() {
+            return bad(format!("chunk {} carries no digest", chunk.index));
+        }
+        let hex_ok = chunk.sha256.is_empty() || hex::encode(digest) == chunk.sha256;
+        let raw_ok = chunk.digest.is_empty() || chunk.digest[..] == digest[..];
+        if !(hex_ok && raw_ok) {
+            let declared = if hex_ok {
+                hex::encode(&chunk.digest)
+            } else {
+                chunk.sha256.clone()
+            };
             return bad(format!(
-                "chunk {} digest mismatch: declared {}, received data hashes to {digest}",
-                chunk.index, chunk.sha256
+                "chunk {} digest mismatch: declared {declared}, received data hashes to {}",
+                chunk.index,
+                hex::encode(digest)
             ));
         }
         let values = match encoding::decode_chunk(&chunk.data, self.encoding) {
@@ -189,6 +200,11 @@ impl DeltaReceiver {
                 self.received_values, self.expected_values
             )));
         }
+        if trailer.sha256.is_empty() {
+            return Err(CoordinatorError::InvalidArgument(
+                "the upload declared no whole-delta digest, in its header or its trailer".into(),
+            ));
+        }
         let digest = hex::encode(self.hasher.finalize());
         if digest != trailer.sha256 {
             return Err(CoordinatorError::InvalidArgument(format!(
@@ -198,6 +214,48 @@ impl DeltaReceiver {
         }
         Ok(digest)
     }
+}
+
+/// Folds the raw-byte form of a digest (the `*_digest` fields of an upload's
+/// messages) into its hex form, the one the coordinator compares and records.
+fn settle_digest(hex_form: &mut String, raw: &[u8], field: &str) -> Result<()> {
+    if raw.is_empty() {
+        return Ok(());
+    }
+    if raw.len() != 32 {
+        return Err(CoordinatorError::InvalidArgument(format!(
+            "{field} must be the 32 bytes of a SHA-256 digest, not {}",
+            raw.len()
+        )));
+    }
+    let hex = hex::encode(raw);
+    if !hex_form.is_empty() && *hex_form != hex {
+        return Err(CoordinatorError::InvalidArgument(format!(
+            "{field} {hex} disagrees with its hex form {hex_form}"
+        )));
+    }
+    *hex_form = hex;
+    Ok(())
+}
+
+/// An upload header with its digests in hex form, whichever form was sent.
+pub fn settle_header(h: &mut pb::UpdateHeader) -> Result<()> {
+    settle_digest(
+        &mut h.base_model_sha256,
+        &h.base_model_digest,
+        "base_model_digest",
+    )?;
+    settle_digest(&mut h.delta_sha256, &h.delta_digest, "delta_digest")
+}
+
+/// A trailer with the whole-delta digest in hex form: the one it carries, or
+/// else the one the header declared (empty if neither did).
+pub fn settle_trailer(t: &mut pb::UpdateTrailer, header: &pb::UpdateHeader) -> Result<()> {
+    settle_digest(&mut t.sha256, &t.digest, "the trailer's digest")?;
+    if t.sha256.is_empty() {
+        t.sha256.clone_from(&header.delta_sha256);
+    }
+    Ok(())
 }
 
 /// An upload's chunks as sent, each framed as a little-endian `u32` length and
@@ -302,6 +360,7 @@ mod tests {
             index,
             sha256: weights::sha256_hex(&data),
             data,
+            ..Default::default()
         }
     }
 
@@ -331,6 +390,7 @@ mod tests {
         let sha = r
             .finish(&pb::UpdateTrailer {
                 sha256: weights::digest(&v),
+                ..Default::default()
             })
             .unwrap();
         assert_eq!(sha, weights::digest(&v));
@@ -367,6 +427,7 @@ mod tests {
         let e = r
             .finish(&pb::UpdateTrailer {
                 sha256: weights::digest(&v[..4]),
+                ..Default::default()
             })
             .unwrap_err();
         assert!(e.to_string().contains("ended after 4 of 10"));
@@ -426,6 +487,7 @@ mod tests {
                     index: i as u32,
                     sha256: weights::sha256_hex(c),
                     data: c.clone(),
+                    ..Default::default()
                 })
                 .unwrap();
             assert_eq!(checked.offset, got.len());
@@ -434,6 +496,7 @@ mod tests {
         let sha = r
             .finish(&pb::UpdateTrailer {
                 sha256: weights::sha256_hex(&all),
+                ..Default::default()
             })
             .unwrap();
         assert_eq!(
@@ -450,6 +513,7 @@ mod tests {
                 index: 0,
                 sha256: weights::sha256_hex(&bad),
                 data: bad,
+                ..Default::default()
             })
             .unwrap_err()
             .to_string();

@@ -12,12 +12,12 @@ use std::path::Path;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use sangsaeng_common::encoding::{self, UpdateEncoding};
+use sangsaeng_common::encoding;
 use sangsaeng_common::model::ModelSpec;
 use sangsaeng_common::plan::TrainingPlan;
 use sangsaeng_common::train::{self, LocalTraining};
 use sangsaeng_common::weights;
-use sangsaeng_common::wire::plan_from_proto;
+use sangsaeng_common::wire::{self, plan_from_proto};
 use sangsaeng_proto::v1 as pb;
 use sangsaeng_proto::v1::federation_client::FederationClient;
 
@@ -312,14 +312,14 @@ impl Session {
         }
         let receipt = upload(
             client,
-            UploadSpec {
-                training_id: tid,
+            wire::UpdateUpload {
+                training_id: tid.into(),
                 round,
-                base_sha256: &info.sha256,
-                num_params: p.delta.len(),
+                base_model_sha256: info.sha256.clone(),
+                num_params: p.delta.len() as u64,
                 encoding,
                 chunks,
-                delta_sha256: &delta_sha,
+                delta_sha256: delta_sha,
                 num_examples: p.num_examples,
                 train_loss: p.train_loss,
                 first_chunk,
@@ -500,64 +500,14 @@ pub async fn download(
     Ok(weights::from_le_bytes(&bytes)?)
 }
 
-/// What to upload: one delta of one round.
-pub struct UploadSpec<'a> {
-    pub training_id: &'a str,
-    pub round: u32,
-    pub base_sha256: &'a str,
-    pub num_params: usize,
-    pub encoding: UpdateEncoding,
-    /// The delta's encoded chunks (`encoding::encode_chunks`), handed to the
-    /// stream one by one as HTTP/2 flow control takes them, never copied.
-    pub chunks: Vec<Vec<u8>>,
-    /// SHA-256 of all chunks' bytes.
-    pub delta_sha256: &'a str,
-    pub num_examples: u64,
-    pub train_loss: f64,
-    /// 0 for a new upload; the coordinator's `next_chunk` to resume one.
-    pub first_chunk: u32,
-}
-
-/// Streams a delta: header (with the whole digest declared, so a broken-off
-/// upload can be resumed), checked chunks from `first_chunk`, trailer.
+/// Streams a delta (`wire::upload_messages`): header with the whole digest
+/// declared (so a broken-off upload can be resumed), checked chunks from
+/// `first_chunk`, trailer.
 pub async fn upload(
     client: &mut FederationClient<Channel>,
-    u: UploadSpec<'_>,
+    u: wire::UpdateUpload,
 ) -> Result<pb::UploadReceipt> {
-    use pb::update_message::Part;
-    let delta_sha256 = u.delta_sha256.to_string();
-    let header = Part::Header(pb::UpdateHeader {
-        training_id: u.training_id.into(),
-        round: u.round,
-        base_model_sha256: u.base_sha256.into(),
-        num_params: u.num_params as u64,
-        num_examples: u.num_examples,
-        train_loss: u.train_loss,
-        delta_sha256: delta_sha256.clone(),
-        first_chunk: u.first_chunk,
-        encoding: u.encoding.name().into(),
-    });
-    let chunks = u
-        .chunks
-        .into_iter()
-        .enumerate()
-        .skip(u.first_chunk as usize)
-        .map(|(i, data)| {
-            Part::Chunk(pb::UpdateChunk {
-                index: i as u32,
-                sha256: weights::sha256_hex(&data),
-                data,
-            })
-        });
-    let trailer = Part::Trailer(pb::UpdateTrailer {
-        sha256: delta_sha256,
-    });
-    let stream = tokio_stream::iter(
-        std::iter::once(header)
-            .chain(chunks)
-            .chain(std::iter::once(trailer))
-            .map(|p| pb::UpdateMessage { part: Some(p) }),
-    );
+    let stream = tokio_stream::iter(wire::upload_messages(u)?);
     client
         .upload_update(stream)
         .await
