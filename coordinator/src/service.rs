@@ -210,22 +210,14 @@ impl Federation for FederationService {
             from = r.start_chunk,
             "model download"
         );
-        let limits = &self.shared.config.limits;
-        let permit = tokio::time::timeout(
-            limits.transfer_idle(),
-            self.shared.download_permits.clone().acquire_owned(),
-        )
-        .await
-        .map_err(|_| {
-            CoordinatorError::ResourceExhausted(format!(
-                "{} downloads are already in progress; retry shortly",
-                limits.max_concurrent_downloads
-            ))
-        })
-        .and_then(|p| {
-            p.map_err(|_| CoordinatorError::Aborted("the coordinator is shutting down".into()))
-        })
-        .map_err(|e| self.refuse(&org, "DownloadModel", e))?;
+        let permit = self
+            .transfer_slot(
+                &self.shared.download_permits,
+                self.shared.config.limits.max_concurrent_downloads,
+                "downloads",
+            )
+            .await
+            .map_err(|e| self.refuse(&org, "DownloadModel", e))?;
         let stream = tokio_stream::iter(r.start_chunk..model.total_chunks()).map(move |i| {
             let _held = &permit;
             Ok(model.chunk(i))
@@ -510,19 +502,32 @@ impl Drop for UploadMark<'_> {
 }
 
 impl FederationService {
-    /// One of the `limits.max_concurrent_uploads` upload slots, waiting at most the
-    /// transfer idle time for it (the tokio semaphore serves waiters in order).
+    /// One of the `limits.max_concurrent_uploads` upload slots.
     async fn acquire_upload_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
-        let limits = &self.shared.config.limits;
+        self.transfer_slot(
+            &self.shared.upload_permits,
+            self.shared.config.limits.max_concurrent_uploads,
+            "uploads",
+        )
+        .await
+    }
+
+    /// One of the `limit` slots of a kind of transfer, waiting at most the transfer
+    /// idle time for it (the tokio semaphore serves waiters in order).
+    async fn transfer_slot(
+        &self,
+        permits: &Arc<tokio::sync::Semaphore>,
+        limit: usize,
+        kind: &str,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit> {
         tokio::time::timeout(
-            limits.transfer_idle(),
-            self.shared.upload_permits.clone().acquire_owned(),
+            self.shared.config.limits.transfer_idle(),
+            permits.clone().acquire_owned(),
         )
         .await
         .map_err(|_| {
             CoordinatorError::ResourceExhausted(format!(
-                "{} uploads are already in progress; retry shortly",
-                limits.max_concurrent_uploads
+                "{limit} {kind} are already in progress; retry shortly"
             ))
         })?
         .map_err(|_| CoordinatorError::Aborted("the coordinator is shutting down".into()))
