@@ -1614,6 +1614,62 @@ async fn too_many_uploads_at_once_get_resource_exhausted() {
     fed.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cut_off_by_a_rerun_of_its_round_does_not_clear_the_next_uploads_mark() {
+    // Round 1 needs both sites within 4 s. site-a's first upload stalls and outlives
+    // the round, which is re-run; site-a's second upload (of the re-run) stalls too.
+    // When the first one is cut (idle, at 6 s, before the re-run's own deadline at
+    // 8 s), the second is still in progress: a third upload from site-a must still
+    // be refused, not run beside it.
+    let limits = Limits {
+        transfer_idle_secs: 6,
+        ..limits()
+    };
+    let mut fed = Fed::start(limits).await;
+    let mut a = Site::join(&fed, "site-a").await;
+    let mut b = Site::join(&fed, "site-b").await;
+    let mut plan = support::plan(1, 2);
+    plan.model.hidden_layers = vec![64];
+    plan.training.round_deadline_secs = 4;
+    let r = open_round(&mut fed, &mut [&mut a, &mut b], plan.to_toml()).await;
+    let d = delta(r.n(), 11);
+    let p = parts(&r, &d, 300);
+    let stall = |site: &Site| {
+        let (tx, pending) = site.upload_by_hand();
+        let first = p[..2].to_vec();
+        async move {
+            for part in first {
+                tx.send(pb::UpdateMessage { part: Some(part) })
+                    .await
+                    .unwrap();
+            }
+            (tx, pending)
+        }
+    };
+    let (tx1, first) = stall(&a).await;
+    // The deadline passes with no update: the round is re-run and asks again.
+    let rerun = tokio::time::timeout(Duration::from_secs(20), a.expect_train())
+        .await
+        .expect("the round is re-run after its deadline");
+    assert_eq!((rerun.round, &rerun.info.sha256), (r.round, &r.info.sha256));
+    b.expect_train().await;
+    let (tx2, second) = stall(&a).await;
+    let cut = tokio::time::timeout(Duration::from_secs(20), first)
+        .await
+        .expect("the first upload is cut after the idle limit")
+        .unwrap();
+    assert!(cut.is_err(), "the first upload outlived its round: {cut:?}");
+    drop(tx1);
+    assert!(!second.is_finished(), "the second upload ended early");
+    assert_refused(
+        a.upload(p.clone()).await,
+        Code::AlreadyExists,
+        "already received from this organisation",
+    );
+    drop((tx2, second, a, b));
+    fed.stop().await;
+}
+
 /// Asks for an upload slot for round `r` (UploadProgress with `reserve_slot`).
 async fn reserve_slot(
     mut c: FederationClient<Channel>,
