@@ -110,36 +110,40 @@ impl StoredContribution {
         }
     }
 
-    /// Folds the stored update into `acc` after checking its spill file against
-    /// the recorded digest (a damaged or missing file is refused, `acc` untouched).
+    /// Folds the stored update into `acc`, checking its spill file against the
+    /// recorded digest as it reads it once; a damaged or missing file is refused
+    /// and what was folded of it is subtracted again, leaving `acc` as it was.
     pub fn fold_into(&self, acc: &mut Accumulator) -> Result<()> {
         use sha2::Digest;
         let encoding = UpdateEncoding::from_name(&self.encoding)
             .map_err(|e| corrupt(format!("the stored update of '{}': {e}", self.org_id)))?;
         let path = Path::new(&self.spill);
-        let mut h = sha2::Sha256::new();
-        let mut n = 0usize;
-        read_spill(path, encoding, None, |_, values, raw| {
-            h.update(raw);
-            n += values.len();
-            Ok(())
-        })?;
-        if hex::encode(h.finalize()) != self.sha256 || n != acc.num_params() {
-            return Err(corrupt(format!(
+        let mismatch = || {
+            corrupt(format!(
                 "the stored update of '{}' does not match its digest",
                 self.org_id
-            )));
-        }
+            ))
+        };
         acc.reserve(self.num_examples)?;
-        let mut folded = vec![];
-        let r = read_spill(path, encoding, None, |offset, values, _| {
+        let mut h = sha2::Sha256::new();
+        let (mut values_read, mut folded) = (0usize, 0u32);
+        let read = read_spill(path, encoding, None, |offset, values, raw| {
+            h.update(raw);
             acc.fold(offset, values, self.num_examples)?;
-            folded.push((offset, values.len()));
+            folded += 1;
+            values_read += values.len();
             Ok(())
         });
-        if let Err(e) = r {
-            // Undo what was folded before the failure: the accumulator is left as it was.
-            let _ = read_spill(path, encoding, Some(folded.len() as u32), |o, v, _| {
+        let checked = read.and_then(|()| {
+            if hex::encode(h.finalize()) == self.sha256 && values_read == acc.num_params() {
+                Ok(())
+            } else {
+                Err(mismatch())
+            }
+        });
+        if let Err(e) = checked {
+            // Only on this (rare) path is the file read a second time.
+            let _ = read_spill(path, encoding, Some(folded), |o, v, _| {
                 acc.unfold(o, v, self.num_examples);
                 Ok(())
             });
@@ -436,9 +440,13 @@ mod tests {
         let mut acc = Accumulator::new(4);
         c[0].fold_into(&mut acc).unwrap();
         assert_eq!(acc.apply_to(&[0.0; 4]).unwrap(), vec![5.0, 6.0, 7.0, 8.0]);
-        // A spill file that no longer matches its digest is refused, acc untouched.
+        // A spill file that no longer matches its digest is refused, acc untouched
+        // (its first chunk, 1.5, is folded before the digest can be checked, then
+        // subtracted again).
         let before = acc.clone();
-        std::fs::write(&c[0].spill, [4, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        let mut damaged = 4u32.to_le_bytes().to_vec();
+        damaged.extend(1.5f32.to_le_bytes());
+        std::fs::write(&c[0].spill, damaged).unwrap();
         let e = c[0].fold_into(&mut acc).unwrap_err().to_string();
         assert!(e.contains("digest"), "{e}");
         assert_eq!(acc, before);
