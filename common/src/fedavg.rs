@@ -156,15 +156,6 @@ impl Accumulator {
         Ok(())
     }
 
-    /// The weighted mean delta, as f64.
-    pub fn mean_delta(&self) -> Result<Vec<f64>> {
-        if self.total_weight == 0 {
-            return Err(Error::Aggregation("no update was accepted".into()));
-        }
-        let denom = self.total_weight as f64 * SCALE;
-        Ok(self.sums.iter().map(|&s| s as f64 / denom).collect())
-    }
-
     /// The new global model: `global + mean delta`, rounded once to f32.
     pub fn apply_to(&self, global: &[f32]) -> Result<Vec<f32>> {
         if global.len() != self.sums.len() {
