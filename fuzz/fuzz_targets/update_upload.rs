@@ -2,8 +2,9 @@
 //!
 //! The input is a sequence of length-delimited `UpdateMessage`s, exactly the
 //! frames of the `UploadUpdate` client stream. They drive the coordinator's own
-//! `DeltaReceiver` (chunk order, size limit, per-chunk and whole digests,
-//! length) and the exact FedAvg accumulator the way the service does: weight
+//! `DeltaReceiver` (chunk order, size limit, per-chunk and whole digests in hex
+//! or raw form, length) and the exact FedAvg accumulator the way the service
+//! does: digests settled into hex at the header and the trailer, weight
 //! reserved at the header, each checked chunk folded as it arrives, and on any
 //! refusal the folded chunks subtracted again. The header's encoding (float32,
 //! float16, int8) picks the chunk decoder. Invariants checked besides "no panic":
@@ -15,7 +16,7 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use sangsaeng_common::encoding::UpdateEncoding;
 use sangsaeng_common::fedavg::Accumulator;
-use sangsaeng_coordinator::transfer::DeltaReceiver;
+use sangsaeng_coordinator::transfer::{self, DeltaReceiver};
 use sangsaeng_proto::v1 as pb;
 
 /// Small on purpose: the fuzzer should reach "complete delta" often.
@@ -38,12 +39,16 @@ fuzz_target!(|data: &[u8]| {
         .expect("a valid first update");
     let before = acc.clone();
     let mut receiver: Option<DeltaReceiver> = None;
+    let mut header = pb::UpdateHeader::default();
     let mut weight = 0u64;
     let mut folded: Vec<(usize, Vec<f32>)> = vec![];
 
     while let Ok(msg) = pb::UpdateMessage::decode_length_delimited(&mut buf) {
         match msg.part {
-            Some(pb::update_message::Part::Header(h)) if receiver.is_none() => {
+            Some(pb::update_message::Part::Header(mut h)) if receiver.is_none() => {
+                if transfer::settle_header(&mut h).is_err() {
+                    return;
+                }
                 let Ok(encoding) = UpdateEncoding::from_name(&h.encoding) else {
                     return;
                 };
@@ -52,6 +57,7 @@ fuzz_target!(|data: &[u8]| {
                     return;
                 }
                 weight = h.num_examples;
+                header = h;
                 receiver = Some(DeltaReceiver::new(NUM_PARAMS, MAX_CHUNK_BYTES, encoding));
             }
             Some(pb::update_message::Part::Chunk(c)) => {
@@ -64,9 +70,10 @@ fuzz_target!(|data: &[u8]| {
                 }
                 folded.push((chunk.offset, chunk.values));
             }
-            Some(pb::update_message::Part::Trailer(t)) => {
+            Some(pb::update_message::Part::Trailer(mut t)) => {
                 let Some(r) = receiver.take() else { return };
-                match r.finish(&t) {
+                let settled = transfer::settle_trailer(&mut t, &header);
+                match settled.and_then(|()| r.finish(&t)) {
                     Ok(digest) => {
                         assert_eq!(digest, t.sha256);
                         let n: usize = folded.iter().map(|(_, v)| v.len()).sum();
