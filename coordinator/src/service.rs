@@ -248,8 +248,7 @@ impl Federation for FederationService {
             let t = current(&mut guard, &r.training_id)
                 .map_err(|e| self.refuse(&org, "UploadProgress", e))?;
             if r.reserve_slot {
-                may_reserve_upload(t, &org, r.round)
-                    .map_err(|e| self.refuse(&org, "UploadProgress", e))?;
+                may_upload(t, &org, r.round).map_err(|e| self.refuse(&org, "UploadProgress", e))?;
             }
             t.partial
                 .get(&org)
@@ -458,26 +457,36 @@ async fn next_part(
     }
 }
 
-/// Whether `org` may reserve an upload slot for `round` of training `t`: the
-/// same conditions an upload's header is checked against, so that a slot is
-/// never held for an upload that would be refused, and a caller never holds two.
-fn may_reserve_upload(t: &crate::state::Training, org: &str, round: u32) -> Result<()> {
-    if t.phase != Phase::Training || round != t.round {
+/// Whether `org` may upload (or reserve an upload slot) for `round` of training
+/// `t`: the round is open, `org` was asked for an update and has neither
+/// delivered one nor an upload in progress. Shared by the upload's header check
+/// and the reservation, so a slot is never held for an upload that would be
+/// refused and a caller never holds two.
+fn may_upload(t: &crate::state::Training, org: &str, round: u32) -> Result<()> {
+    if t.phase != Phase::Training {
         return Err(CoordinatorError::FailedPrecondition(format!(
-            "no upload slot for round {round}: training {} is in round {} (phase: {})",
+            "training {} is not collecting updates (phase: {})",
             t.id,
-            t.round,
             t.phase.name()
+        )));
+    }
+    if round != t.round {
+        let when = if round < t.round { "closed" } else { "future" };
+        return Err(CoordinatorError::FailedPrecondition(format!(
+            "update for {when} round {round}; round {} is in progress",
+            t.round
         )));
     }
     if !t.selected.contains(org) {
         return Err(CoordinatorError::FailedPrecondition(format!(
-            "this organisation was not selected for round {round}"
+            "this organisation was not selected for round {}",
+            t.round
         )));
     }
     if t.accepted.contains_key(org) || t.uploading.contains_key(org) {
         return Err(CoordinatorError::AlreadyExists(format!(
-            "an update for round {round} was already received from this organisation, or is being received"
+            "an update for round {} was already received from this organisation, or is being received",
+            t.round
         )));
     }
     Ok(())
@@ -757,36 +766,7 @@ impl FederationService {
         let (num_params, round, mark_id) = {
             let mut guard = self.shared.training();
             let t = current(&mut guard, &header.training_id)?;
-            if t.phase != Phase::Training {
-                return Err(CoordinatorError::FailedPrecondition(format!(
-                    "training {} is not collecting updates (phase: {})",
-                    t.id,
-                    t.phase.name()
-                )));
-            }
-            if header.round != t.round {
-                let when = if header.round < t.round {
-                    "closed"
-                } else {
-                    "future"
-                };
-                return Err(CoordinatorError::FailedPrecondition(format!(
-                    "update for {when} round {}; round {} is in progress",
-                    header.round, t.round
-                )));
-            }
-            if !t.selected.contains(org) {
-                return Err(CoordinatorError::FailedPrecondition(format!(
-                    "this organisation was not selected for round {}",
-                    t.round
-                )));
-            }
-            if t.accepted.contains_key(org) || t.uploading.contains_key(org) {
-                return Err(CoordinatorError::AlreadyExists(format!(
-                    "an update for round {} was already received from this organisation",
-                    t.round
-                )));
-            }
+            may_upload(t, org, header.round)?;
             let base = t
                 .models
                 .get(&(t.round - 1))
