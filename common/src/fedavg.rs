@@ -282,6 +282,11 @@ mod tests {
         assert_eq!(acc.total_weight(), total);
     }
 
+    /// Compared as bit patterns, so "equal" means identical to the last bit.
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
     #[test]
     fn hand_computed_example() {
         let mut acc = Accumulator::new(2);
@@ -305,9 +310,7 @@ mod tests {
                 acc.add(&ups[i].0, ups[i].1).unwrap();
             }
             let out = acc.apply_to(&global).unwrap();
-            let a: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
-            let b: Vec<u32> = reference.iter().map(|v| v.to_bits()).collect();
-            assert_eq!(a, b);
+            assert_eq!(bits(&out), bits(&reference));
         }
     }
 
@@ -365,9 +368,7 @@ mod tests {
         acc.release(77);
         ups.iter().for_each(|_| acc.commit());
         let out = acc.apply_to(&global).unwrap();
-        let a: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
-        let b: Vec<u32> = whole.iter().map(|v| v.to_bits()).collect();
-        assert_eq!(a, b);
+        assert_eq!(bits(&out), bits(&whole));
     }
 
     #[test]
