@@ -106,21 +106,15 @@ impl Accumulator {
                 ))
             })?;
         check_values(values, offset)?;
-        let w = weight as i64;
-        for (s, &v) in self.sums[offset..end].iter_mut().zip(values) {
-            *s += quantise(v) * w;
-        }
+        add_quantised(&mut self.sums[offset..end], values, weight as i64);
         Ok(())
     }
 
     /// Exactly reverses a [`Accumulator::fold`] of the same values: integer
     /// addition is invertible, so an update refused halfway leaves no trace.
     pub fn unfold(&mut self, offset: usize, values: &[f32], weight: u64) {
-        let w = weight as i64;
         let end = (offset + values.len()).min(self.sums.len());
-        for (s, &v) in self.sums[offset..end].iter_mut().zip(values) {
-            *s -= quantise(v) * w;
-        }
+        add_quantised(&mut self.sums[offset..end], values, -(weight as i64));
     }
 
     /// Checks an update without touching the accumulator: right length, weight in
@@ -217,6 +211,35 @@ fn check_values(values: &[f32], offset: usize) -> Result<()> {
         "delta value #{} is {what}",
         offset + i
     )))
+}
+
+/// `sums[i] += quantise(values[i]) · w`: the fold's inner loop. On x86-64 the same
+/// loop is also compiled for AVX2 and chosen at run time: a build for baseline
+/// x86-64 has SSE2 only, whose two 64-bit lanes make the f32 → f64 → i64 steps
+/// mostly scalar, and the loop then runs at half the speed or less (see the
+/// aggregation bench in docs/BENCHMARKS.md). Integer results are the same
+/// whichever version runs.
+fn add_quantised(sums: &mut [i64], values: &[f32], w: i64) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { add_quantised_avx2(sums, values, w) };
+        return;
+    }
+    add_quantised_portable(sums, values, w);
+}
+
+#[inline(always)]
+fn add_quantised_portable(sums: &mut [i64], values: &[f32], w: i64) {
+    for (s, &v) in sums.iter_mut().zip(values) {
+        *s += quantise(v) * w;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn add_quantised_avx2(sums: &mut [i64], values: &[f32], w: i64) {
+    add_quantised_portable(sums, values, w);
 }
 
 /// 1.5 · 2^52: adding it to an `f64` of magnitude below 2^51 leaves exactly the
@@ -413,6 +436,26 @@ mod tests {
                 "{v:e}"
             );
         }
+    }
+
+    #[test]
+    fn the_fold_chosen_at_run_time_gives_the_portable_loops_integers() {
+        // On a CPU with AVX2 (every x86-64 CI machine and this project's bench
+        // machine) this compares the vectorised fold with the portable loop.
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut values: Vec<f32> = (0..10_001)
+            .map(|_| rng.random_range(-MAX_ABS_DELTA..=MAX_ABS_DELTA))
+            .collect();
+        let half = 0.5 / SCALE as f32;
+        values.extend([half, -3.0 * half, MAX_ABS_DELTA, -MAX_ABS_DELTA, 0.0, -0.0]);
+        let w = MAX_TOTAL_WEIGHT as i64 - 1;
+        let mut expected = vec![3i64; values.len()];
+        add_quantised_portable(&mut expected, &values, w);
+        let mut got = vec![3i64; values.len()];
+        add_quantised(&mut got, &values, w);
+        assert_eq!(got, expected);
+        add_quantised(&mut got, &values, -w);
+        assert!(got.iter().all(|&s| s == 3));
     }
 
     #[test]
