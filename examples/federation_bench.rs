@@ -31,8 +31,9 @@
 //! computed here in f64 from the workload definition alone.
 //!
 //! The participants here are the benchmark's own: they stream the download
-//! (checking every chunk digest and the whole) and generate the upload chunk by
-//! chunk, so a participant holds one chunk, not the model. The real participant
+//! (checking every chunk's CRC-32C and the whole SHA-256, as the daemon does)
+//! and generate the upload chunk by chunk, so a participant holds one chunk, not
+//! the model. The real participant
 //! daemon (`sangsaeng-participant`) trains a burn model and holds it in memory.
 
 use std::io::{BufRead, BufReader, Write};
@@ -346,8 +347,9 @@ async fn stream_download(
     let mut whole = sha2::Sha256::new();
     let mut bytes = 0u64;
     while let Some(c) = stream.message().await? {
-        if weights::sha256_hex(&c.data) != c.sha256 {
-            bail!("model chunk {} digest mismatch", c.index);
+        // As the daemon does: the CRC per chunk, SHA-256 once over the whole.
+        if Some(crc32c::crc32c(&c.data)) != c.crc32c {
+            bail!("model chunk {} checksum mismatch", c.index);
         }
         whole.update(&c.data);
         bytes += c.data.len() as u64;
@@ -408,7 +410,7 @@ async fn stream_upload(
                 sent += data.len() as u64;
                 let chunk = pb::UpdateChunk {
                     index: index as u32,
-                    digest: sha2::Sha256::digest(&data).to_vec(),
+                    crc32c: Some(crc32c::crc32c(&data)),
                     data,
                     ..Default::default()
                 };

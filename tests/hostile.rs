@@ -484,7 +484,7 @@ fn parts(r: &Round, delta: &[f32], num_examples: u64) -> Vec<Part> {
 
 /// A correct upload of `delta` exactly as the participant daemon sends it
 /// (`wire::upload_messages`: raw 32-byte digests, the whole digest declared in
-/// the header and left implicit in the trailer).
+/// the header and left implicit in the trailer, each chunk checked by CRC-32C).
 fn raw_parts(r: &Round, delta: &[f32], num_examples: u64) -> Vec<Part> {
     let chunks = sangsaeng_common::encoding::encode_chunks(
         delta,
@@ -837,8 +837,10 @@ async fn trailer_with_the_wrong_whole_delta_digest_is_invalid_argument() {
 async fn uploads_with_raw_or_hex_digests_are_both_accepted_under_the_same_digest() {
     let (fed, mut a, mut b, r) = two_sites_in_round(limits(), 1).await;
     let (da, db) = (delta(r.n(), 11), delta(r.n(), 22));
+    // The daemon's form: raw digests in the header, chunks checked by CRC-32C alone.
     let p = raw_parts(&r, &da, 300);
-    assert!(matches!(&p[1], Part::Chunk(c) if c.sha256.is_empty() && c.digest.len() == 32));
+    assert!(matches!(&p[1], Part::Chunk(c)
+        if c.sha256.is_empty() && c.digest.is_empty() && c.crc32c.is_some()));
     let receipt = a.upload(p).await.expect("the daemon's raw-digest form");
     assert_eq!(receipt.sha256, weights::digest(&da));
     let receipt = b.upload(parts(&r, &db, 500)).await.expect("the hex form");
@@ -856,11 +858,51 @@ async fn chunk_whose_data_does_not_match_its_raw_digest_is_invalid_argument() {
         limits(),
         |r| {
             let mut p = raw_parts(r, &delta(r.n(), 1), 300);
-            chunk_mut(&mut p, 1).data[17] ^= 0x40;
+            let c = chunk_mut(&mut p, 1);
+            c.digest = <sha2::Sha256 as sha2::Digest>::digest(&c.data).to_vec();
+            c.crc32c = None;
+            c.data[17] ^= 0x40;
             p
         },
         Code::InvalidArgument,
         "chunk 1 digest mismatch",
+        Then::NotWaitedFor,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_whose_data_does_not_match_its_crc_is_invalid_argument() {
+    refused_upload(
+        limits(),
+        |r| {
+            let mut p = raw_parts(r, &delta(r.n(), 1), 300);
+            chunk_mut(&mut p, 2).data[5] ^= 0x01;
+            p
+        },
+        Code::InvalidArgument,
+        "chunk 2 checksum mismatch",
+        Then::NotWaitedFor,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_whose_crc_checked_chunks_add_up_to_another_delta_is_refused_and_undone() {
+    // Each chunk's CRC matches its (altered) data, so the chunks are folded in;
+    // the whole-delta SHA-256 declared in the header catches the change at the
+    // end, and the folded chunks are taken out again.
+    refused_upload(
+        limits(),
+        |r| {
+            let mut p = raw_parts(r, &delta(r.n(), 1), 300);
+            let c = chunk_mut(&mut p, 1);
+            c.data[17] ^= 0x40;
+            c.crc32c = Some(crc32c::crc32c(&c.data));
+            p
+        },
+        Code::InvalidArgument,
+        "whole-delta digest mismatch",
         Then::NotWaitedFor,
     )
     .await;
@@ -872,11 +914,11 @@ async fn chunk_without_any_digest_is_invalid_argument() {
         limits(),
         |r| {
             let mut p = raw_parts(r, &delta(r.n(), 1), 300);
-            chunk_mut(&mut p, 2).digest.clear();
+            chunk_mut(&mut p, 2).crc32c = None;
             p
         },
         Code::InvalidArgument,
-        "chunk 2 carries no digest",
+        "chunk 2 carries no digest (sha256 or digest) and no crc32c",
         Then::NotWaitedFor,
     )
     .await;
@@ -2081,6 +2123,7 @@ async fn downloads_of_missing_rounds_or_chunks_are_refused_and_resume_works() {
         while let Some(c) = s.message().await.unwrap() {
             assert_eq!((c.index, c.total_chunks), (i, total));
             assert_eq!(weights::sha256_hex(&c.data), c.sha256);
+            assert_eq!(c.crc32c, Some(crc32c::crc32c(&c.data)));
             assert_eq!(c.model_sha256, r.info.sha256);
             if start == 0 && i >= 2 {
                 break;

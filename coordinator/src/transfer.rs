@@ -2,9 +2,9 @@
 //! streamed to every downloader; the checks on an uploaded delta's chunks; and
 //! the spill file that keeps an upload's chunks, as sent, while it is folded in.
 //!
-//! A model is digested once when published (whole and per chunk); every download
-//! of that round reads the same `f32` values, so the coordinator holds one copy
-//! of the model whatever the number of downloaders.
+//! A model is digested once when published (whole, and per chunk with SHA-256
+//! and CRC-32C); every download of that round reads the same `f32` values, so
+//! the coordinator holds one copy of the model whatever the number of downloaders.
 //!
 //! An upload is folded into the round's accumulator chunk by chunk as it arrives
 //! (`service.rs`), so the coordinator never holds a whole delta. The chunks are
@@ -30,6 +30,7 @@ pub struct PublishedModel {
     pub sha256: String,
     chunk_bytes: usize,
     chunk_digests: Vec<String>,
+    chunk_crcs: Vec<u32>,
 }
 
 impl PublishedModel {
@@ -38,6 +39,7 @@ impl PublishedModel {
         let bytes = weights::le_bytes(&params);
         let sha256 = weights::sha256_hex(&bytes);
         let chunk_digests = bytes.chunks(chunk_bytes).map(weights::sha256_hex).collect();
+        let chunk_crcs = bytes.chunks(chunk_bytes).map(crc32c::crc32c).collect();
         drop(bytes);
         PublishedModel {
             round,
@@ -45,6 +47,7 @@ impl PublishedModel {
             sha256,
             chunk_bytes,
             chunk_digests,
+            chunk_crcs,
         }
     }
 
@@ -72,6 +75,7 @@ impl PublishedModel {
             data: weights::to_le_bytes(&self.params[start..end]),
             sha256: self.chunk_digests[i].clone(),
             model_sha256: self.sha256.clone(),
+            crc32c: Some(self.chunk_crcs[i]),
         }
     }
 
@@ -89,8 +93,8 @@ pub struct CheckedChunk {
     pub values: Vec<f32>,
 }
 
-/// Checks a delta's chunks in order (index, size, digest, decoding, length) and
-/// the whole-delta digest at the end. It holds no values: each checked chunk is
+/// Checks a delta's chunks in order (index, size, CRC-32C and/or digest,
+/// decoding, length) and the whole-delta digest at the end. It holds no values: each checked chunk is
 /// handed back to be folded, so it can be set aside when a connection breaks and
 /// resumed at [`DeltaReceiver::next_index`] at the cost of a hasher.
 pub struct DeltaReceiver {
@@ -153,10 +157,29 @@ impl DeltaReceiver {
                 self.max_chunk_bytes
             )));
         }
-        let digest = sha2::Sha256::digest(&chunk.data);
-        if chunk.sha256.is_empty() && chunk.digest.is_empty() {
-            return bad(format!("chunk {} carries no digest", chunk.index));
+        let has_digest = !(chunk.sha256.is_empty() && chunk.digest.is_empty());
+        if !has_digest && chunk.crc32c.is_none() {
+            return bad(format!(
+                "chunk {} carries no digest (sha256 or digest) and no crc32c",
+                chunk.index
+            ));
         }
+        if let Some(declared) = chunk.crc32c {
+            let crc = crc32c::crc32c(&chunk.data);
+            if crc != declared {
+                return bad(format!(
+                    "chunk {} checksum mismatch: declared crc32c {declared:08x}, received data gives {crc:08x}",
+                    chunk.index
+                ));
+            }
+        }
+        // A chunk's own SHA-256 is computed only when the chunk declares one: with
+        // the CRC alone, the whole-delta digest below is the one pass of SHA-256.
+        let digest = if has_digest {
+            sha2::Sha256::digest(&chunk.data)
+        } else {
+            Default::default()
+        };
         let hex_ok = chunk.sha256.is_empty() || hex::encode(digest) == chunk.sha256;
         let raw_ok = chunk.digest.is_empty() || chunk.digest[..] == digest[..];
         if !(hex_ok && raw_ok) {
@@ -373,6 +396,7 @@ mod tests {
         for i in 0..m.total_chunks() {
             let c = m.chunk(i);
             assert_eq!(weights::sha256_hex(&c.data), c.sha256);
+            assert_eq!(Some(crc32c::crc32c(&c.data)), c.crc32c);
             bytes.extend(c.data);
         }
         assert_eq!(weights::from_le_bytes(&bytes).unwrap(), params);
@@ -431,6 +455,52 @@ mod tests {
             })
             .unwrap_err();
         assert!(e.to_string().contains("ended after 4 of 10"));
+    }
+
+    #[test]
+    fn receiver_checks_a_chunk_by_its_crc_alone_and_refuses_a_wrong_one() {
+        let v: Vec<f32> = (0..10).map(|i| i as f32 * 0.5).collect();
+        let crc_only = |index: u32, v: &[f32]| {
+            let data = weights::to_le_bytes(v);
+            pb::UpdateChunk {
+                index,
+                crc32c: Some(crc32c::crc32c(&data)),
+                data,
+                ..Default::default()
+            }
+        };
+        let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32);
+        r.push(&crc_only(0, &v[..6])).unwrap();
+        r.push(&crc_only(1, &v[6..])).unwrap();
+        // The whole-delta SHA-256 still decides.
+        let sha = r
+            .finish(&pb::UpdateTrailer {
+                sha256: weights::digest(&v),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(sha, weights::digest(&v));
+
+        let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32);
+        let mut c = crc_only(0, &v[..6]);
+        c.data[0] ^= 1;
+        let e = r.push(&c).unwrap_err().to_string();
+        assert!(e.contains("chunk 0 checksum mismatch"), "{e}");
+        assert_eq!(r.next_index(), 0);
+        // A right CRC does not excuse a wrong digest when both are declared.
+        let mut c = chunk(0, &v[..6]);
+        c.crc32c = Some(crc32c::crc32c(&c.data));
+        c.sha256 = weights::sha256_hex(b"something else");
+        assert!(
+            r.push(&c)
+                .unwrap_err()
+                .to_string()
+                .contains("digest mismatch")
+        );
+        c.crc32c = None;
+        c.sha256.clear();
+        let e = r.push(&c).unwrap_err().to_string();
+        assert!(e.contains("no crc32c"), "{e}");
     }
 
     #[test]

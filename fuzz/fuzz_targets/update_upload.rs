@@ -2,8 +2,8 @@
 //!
 //! The input is a sequence of length-delimited `UpdateMessage`s, exactly the
 //! frames of the `UploadUpdate` client stream. They drive the coordinator's own
-//! `DeltaReceiver` (chunk order, size limit, per-chunk and whole digests in hex
-//! or raw form, length) and the exact FedAvg accumulator the way the service
+//! `DeltaReceiver` (chunk order, size limit, per-chunk CRC-32C and digests,
+//! whole digests in hex or raw form, length) and the exact FedAvg accumulator the way the service
 //! does: digests settled into hex at the header and the trailer, weight
 //! reserved at the header, each checked chunk folded as it arrives, and on any
 //! refusal the folded chunks subtracted again. The header's encoding (float32,

@@ -457,7 +457,14 @@ pub async fn download(
                         "the model changed during the download".into(),
                     ));
                 }
-                if weights::sha256_hex(&c.data) != c.sha256 {
+                // The CRC when the coordinator sends one (the whole-model SHA-256
+                // below vouches for the content, so each byte is hashed once);
+                // the chunk's SHA-256 from a coordinator that does not.
+                let chunk_ok = match c.crc32c {
+                    Some(crc) => crc32c::crc32c(&c.data) == crc,
+                    None => weights::sha256_hex(&c.data) == c.sha256,
+                };
+                if !chunk_ok {
                     return Err(ParticipantError::Transfer(format!(
                         "chunk {next} digest mismatch"
                     )));
