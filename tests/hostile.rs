@@ -1789,6 +1789,46 @@ async fn upload_slots_are_reserved_in_turn_and_an_unused_reservation_expires() {
     fed.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_that_leaves_frees_the_upload_slot_it_reserved() {
+    // The reservation would otherwise hold the only slot for its whole
+    // time-to-live (30 s here) while site-b waits.
+    let limits = Limits {
+        max_concurrent_uploads: 1,
+        transfer_idle_secs: 30,
+        ..limits()
+    };
+    let (fed, a, mut b, r) = two_sites_in_round(limits, 1).await;
+    let db = delta(r.n(), 22);
+    reserve_slot(a.client.clone(), &r)
+        .await
+        .expect("a free slot is reserved");
+    let waiting = {
+        let (c, r) = (b.client.clone(), r.clone());
+        tokio::spawn(async move { reserve_slot(c, &r).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "site-a's reservation was not held");
+    a.client
+        .clone()
+        .leave(pb::LeaveRequest {
+            reason: "shutdown".into(),
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the slot passes to site-b as soon as site-a leaves")
+        .unwrap()
+        .expect("site-b's reservation");
+    b.upload(parts(&r, &db, 500)).await.unwrap();
+    evaluate_all(&mut [&mut b]).await;
+    let out = fed.completed().await;
+    check_round(&out, 1, &[("site-b", &db, 500)]);
+    drop((a, b));
+    fed.stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // Statistics, evaluations, downloads, problem reports
 // ---------------------------------------------------------------------------

@@ -368,6 +368,8 @@ impl Federation for FederationService {
         if let Some(t) = self.shared.training().as_mut() {
             t.left.insert(org.clone());
         }
+        // A participant that leaves will not use the upload slot it reserved.
+        drop(self.shared.take_reserved_upload(&org));
         self.shared.notify();
         Ok(Response::new(pb::Ack::default()))
     }
@@ -812,10 +814,10 @@ impl FederationService {
         // only after the header passed its checks, so a caller holds at most one slot
         // (its upload is marked) and streams that never send a header hold none. A
         // participant that reserved its slot beforehand (UploadProgress) uses that one.
-        let _permit = match self.shared.take_reserved_upload(org) {
+        let mut permit = Some(match self.shared.take_reserved_upload(org) {
             Some(permit) => permit,
             None => self.acquire_upload_slot().await?,
-        };
+        });
 
         let mut upload: Option<u64> = None;
         let outcome = async {
@@ -861,6 +863,10 @@ impl FederationService {
                 )));
             }
             let sha256 = rx.finish(&trailer)?;
+            // Every chunk is in: the slot (which bounds uploads receiving chunks)
+            // passes to the next upload now, so its transfer overlaps this one's
+            // fsync instead of waiting for the disk.
+            drop(permit.take());
 
             let update = AcceptedUpdate {
                 org_id: org.to_string(),

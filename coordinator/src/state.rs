@@ -314,6 +314,13 @@ impl Shared {
         self.reserved_uploads().remove(org).map(|(_, p)| p)
     }
 
+    /// Frees every reserved upload slot: when a round closes, a reservation made
+    /// for it can only be used by an upload the coordinator would refuse, so it
+    /// would otherwise sit out its time-to-live while others wait for slots.
+    pub fn release_reserved_uploads(&self) -> usize {
+        std::mem::take(&mut *self.reserved_uploads()).len()
+    }
+
     /// Records the last error of an organisation, shown by `admin status`.
     pub fn record_error(&self, org: &str, message: impl Into<String>) {
         let message = message.into();

@@ -454,6 +454,14 @@ async fn drive(
             // Uploads still folding in (or kept for resumption) are undone before the
             // round is applied, so the model holds accepted updates only.
             crate::service::undo_unfinished_uploads(shared).await?;
+            let released = shared.release_reserved_uploads();
+            if released > 0 {
+                tracing::info!(
+                    round,
+                    released,
+                    "upload slots reserved for the closed round freed"
+                );
+            }
             let (accepted, acc, fold_secs): (Vec<AcceptedUpdate>, Option<Accumulator>, f64) = {
                 let mut guard = shared.training();
                 let t = guard.as_mut().expect("training");
