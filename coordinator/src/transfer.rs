@@ -94,9 +94,10 @@ pub struct CheckedChunk {
 }
 
 /// Checks a delta's chunks in order (index, size, CRC-32C and/or digest,
-/// decoding, length) and the whole-delta digest at the end. It holds no values: each checked chunk is
-/// handed back to be folded, so it can be set aside when a connection breaks and
-/// resumed at [`DeltaReceiver::next_index`] at the cost of a hasher.
+/// decoding, length) and the whole-delta digest at the end. It holds no values:
+/// each checked chunk is handed back to be folded, so it can be set aside when a
+/// connection breaks and resumed at [`DeltaReceiver::next_index`] at the cost of
+/// a hasher.
 pub struct DeltaReceiver {
     expected_values: usize,
     max_chunk_bytes: usize,
