@@ -378,6 +378,14 @@ pub fn read_spill(
 mod tests {
     use super::*;
 
+    /// A trailer declaring the whole-delta digest of `v`.
+    fn trailer(v: &[f32]) -> pb::UpdateTrailer {
+        pb::UpdateTrailer {
+            sha256: weights::digest(v),
+            ..Default::default()
+        }
+    }
+
     fn chunk(index: u32, v: &[f32]) -> pb::UpdateChunk {
         let data = weights::to_le_bytes(v);
         pb::UpdateChunk {
@@ -412,13 +420,7 @@ mod tests {
         let b = r.push(&chunk(1, &v[6..])).unwrap();
         assert_eq!((a.offset, a.values.as_slice()), (0, &v[..6]));
         assert_eq!((b.offset, b.values.as_slice()), (6, &v[6..]));
-        let sha = r
-            .finish(&pb::UpdateTrailer {
-                sha256: weights::digest(&v),
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(sha, weights::digest(&v));
+        assert_eq!(r.finish(&trailer(&v)).unwrap(), weights::digest(&v));
 
         let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32);
         assert!(
@@ -449,12 +451,7 @@ mod tests {
         );
         let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32);
         r.push(&chunk(0, &v[..4])).unwrap();
-        let e = r
-            .finish(&pb::UpdateTrailer {
-                sha256: weights::digest(&v[..4]),
-                ..Default::default()
-            })
-            .unwrap_err();
+        let e = r.finish(&trailer(&v[..4])).unwrap_err();
         assert!(e.to_string().contains("ended after 4 of 10"));
     }
 
@@ -474,13 +471,7 @@ mod tests {
         r.push(&crc_only(0, &v[..6])).unwrap();
         r.push(&crc_only(1, &v[6..])).unwrap();
         // The whole-delta SHA-256 still decides.
-        let sha = r
-            .finish(&pb::UpdateTrailer {
-                sha256: weights::digest(&v),
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(sha, weights::digest(&v));
+        assert_eq!(r.finish(&trailer(&v)).unwrap(), weights::digest(&v));
 
         let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32);
         let mut c = crc_only(0, &v[..6]);
