@@ -33,8 +33,8 @@
 //! The participants here are the benchmark's own: they stream the download
 //! (checking every chunk's CRC-32C and the whole SHA-256, as the daemon does)
 //! and generate the upload chunk by chunk, so a participant holds one chunk, not
-//! the model. The real participant
-//! daemon (`sangsaeng-participant`) trains a burn model and holds it in memory.
+//! the model. The real participant daemon (`sangsaeng-participant`) trains a
+//! burn model and holds it in memory.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

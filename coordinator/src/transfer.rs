@@ -38,8 +38,12 @@ impl PublishedModel {
     pub fn new(round: u32, params: Vec<f32>, chunk_bytes: usize) -> Self {
         let bytes = weights::le_bytes(&params);
         let sha256 = weights::sha256_hex(&bytes);
-        let chunk_digests = bytes.chunks(chunk_bytes).map(weights::sha256_hex).collect();
-        let chunk_crcs = bytes.chunks(chunk_bytes).map(crc32c::crc32c).collect();
+        // One pass over the chunks for both checks (the SHA-256 is for participants
+        // that predate the CRC field).
+        let (chunk_digests, chunk_crcs) = bytes
+            .chunks(chunk_bytes)
+            .map(|c| (weights::sha256_hex(c), crc32c::crc32c(c)))
+            .unzip();
         drop(bytes);
         PublishedModel {
             round,
