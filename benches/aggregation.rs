@@ -2,14 +2,20 @@
 //! the machine's memory bandwidth measured in the same run.
 //!
 //! ```text
-//! cargo bench --bench aggregation                 # P = 1e6, 1e7, 1e8; K = 8
-//! cargo bench --bench aggregation -- 1e7 32       # one point
+//! cargo bench --bench aggregation                 # P = 1e6, 1e7, 1e8; K = 8; S = 4, 8
+//! cargo bench --bench aggregation -- 1e7 32       # one point, S = 4
+//! cargo bench --bench aggregation -- 1e7 32 32    # one point, S = 32
 //! ```
 //!
 //! K updates of P float32 values are folded chunk by chunk (1 MiB chunks, as
-//! they arrive over the wire), the chunks of all updates interleaved round-robin
-//! like concurrent uploads, then the mean is applied to the model once. Reported:
-//! decoded update bytes folded per second, and the memory traffic that implies
+//! they arrive over the wire), S uploads at a time with their chunks interleaved
+//! round-robin, as concurrent uploads arrive (the coordinator receives
+//! `limits.max_concurrent_uploads` at once, 4 by default; the earlier figures in
+//! docs/BENCHMARKS.md interleaved all K), then the mean is applied to the model
+//! once. The
+//! round is run twice: into a fresh accumulator (the coordinator's first round,
+//! page faults included) and into the same one reset (every later round); the
+//! rates are the second's. Reported: decoded update bytes folded per second, and the memory traffic that implies
 //! (per value: the f32 read, the i64 accumulator read and written: 20 bytes),
 //! against `sum` of 1 GiB of f32 (read bandwidth, as the Flower harness's numpy
 //! floor measures it). In a federation the same fold runs inside the upload
@@ -22,7 +28,7 @@ use sangsaeng_common::fedavg::Accumulator;
 
 const CHUNK_VALUES: usize = 1 << 18;
 
-fn point(p: usize, k: usize, bandwidth: f64) {
+fn point(p: usize, k: usize, s: usize, bandwidth: f64) {
     // Two distinct updates reused K times: P*K values would not fit in memory at
     // 1e8 x 32, and the accumulator cannot tell (it is the same work).
     let updates: Vec<Vec<f32>> = (0..2)
@@ -34,19 +40,11 @@ fn point(p: usize, k: usize, bandwidth: f64) {
         .collect();
     let mut global = vec![0.1f32; p];
     let mut acc = Accumulator::new(p);
-    for i in 0..k {
-        acc.reserve(100 + 7 * i as u64).unwrap();
-    }
-    let t = Instant::now();
-    for start in (0..p).step_by(CHUNK_VALUES) {
-        let end = (start + CHUNK_VALUES).min(p);
-        for i in 0..k {
-            let u = &updates[i % 2];
-            acc.fold(start, &u[start..end], 100 + 7 * i as u64).unwrap();
-        }
-    }
-    let fold = t.elapsed().as_secs_f64();
-    (0..k).for_each(|_| acc.commit());
+    // Round 1 folds into fresh memory (a page fault per 4 KiB on first touch);
+    // round 2 into the same accumulator reset, as the coordinator's later rounds do.
+    let fresh = fold_round(&mut acc, &updates, k, s);
+    acc.reset();
+    let fold = fold_round(&mut acc, &updates, k, s);
     let t = Instant::now();
     acc.apply_in_place(&mut global).unwrap();
     let apply = t.elapsed().as_secs_f64();
@@ -55,9 +53,33 @@ fn point(p: usize, k: usize, bandwidth: f64) {
     let rate = bytes / (fold + apply) / 1e9;
     let traffic = (p * k * 20 + p * 24) as f64 / (fold + apply) / 1e9;
     println!(
-        "| {p:.0e} | {k} | {fold:.3} | {apply:.3} | {rate:.2} | {traffic:.1} | {bandwidth:.1} | {:.0} % |",
+        "| {p:.0e} | {k} | {s} | {fresh:.3} | {fold:.3} | {apply:.3} | {rate:.2} | {traffic:.1} | {bandwidth:.1} | {:.0} % | {:.0} % |",
+        100.0 * rate / bandwidth,
         100.0 * traffic / bandwidth
     );
+}
+
+/// Folds K updates chunk by chunk, S uploads at a time with their chunks
+/// interleaved round-robin; returns the seconds it took.
+fn fold_round(acc: &mut Accumulator, updates: &[Vec<f32>], k: usize, s: usize) -> f64 {
+    let p = acc.num_params();
+    for i in 0..k {
+        acc.reserve(100 + 7 * i as u64).unwrap();
+    }
+    let t = Instant::now();
+    for group in (0..k).step_by(s) {
+        let uploads = group..(group + s).min(k);
+        for start in (0..p).step_by(CHUNK_VALUES) {
+            let end = (start + CHUNK_VALUES).min(p);
+            for i in uploads.clone() {
+                let u = &updates[i % 2];
+                acc.fold(start, &u[start..end], 100 + 7 * i as u64).unwrap();
+            }
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    (0..k).for_each(|_| acc.commit());
+    secs
 }
 
 fn main() {
@@ -67,15 +89,19 @@ fn main() {
         .collect();
     let bandwidth = sangsaeng::membw::read_bandwidth_gbs();
     println!(
-        "| P | K | fold s | apply s | update GB/s | memory traffic GB/s | read bandwidth GB/s | traffic / bandwidth |"
+        "| P | K | S | fold s, fresh accumulator | fold s, reused | apply s | update GB/s | memory traffic GB/s | read bandwidth GB/s | update / bandwidth | traffic / bandwidth |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let parse = |s: &str| s.parse::<f64>().expect("a number") as usize;
-    if args.len() == 2 {
-        point(parse(&args[0]), parse(&args[1]), bandwidth);
-    } else {
-        for p in [1e6, 1e7, 1e8] {
-            point(p as usize, 8, bandwidth);
+    match args.as_slice() {
+        [p, k] => point(parse(p), parse(k), 4, bandwidth),
+        [p, k, s] => point(parse(p), parse(k), parse(s), bandwidth),
+        _ => {
+            for p in [1e6, 1e7, 1e8] {
+                for s in [4, 8] {
+                    point(p as usize, 8, s, bandwidth);
+                }
+            }
         }
     }
 }

@@ -135,6 +135,9 @@ pub struct Training {
     pub declined: BTreeMap<String, String>,
     pub stats: BTreeMap<String, FeatureStats>,
     pub accumulator: Option<Accumulator>,
+    /// The last round's accumulator, zeroed and reused by the next round: its
+    /// pages are already mapped, so folding into it takes no page faults.
+    pub spare_accumulator: Option<Accumulator>,
     pub accepted: BTreeMap<String, AcceptedUpdate>,
     /// Participants whose upload for this round is being received right now, each
     /// with its upload's mark id: an upload cut off by a round's re-run may end
@@ -179,6 +182,7 @@ impl Training {
             declined: BTreeMap::new(),
             stats: BTreeMap::new(),
             accumulator: None,
+            spare_accumulator: None,
             accepted: BTreeMap::new(),
             uploading: BTreeMap::new(),
             rejected: BTreeMap::new(),

@@ -294,7 +294,13 @@ fn open_phase(
         t.fold_time = Duration::ZERO;
         if phase == Phase::Training {
             let n = t.models[&(round - 1)].params.len();
-            let mut acc = Accumulator::new(n);
+            let mut acc = match t.spare_accumulator.take() {
+                Some(mut acc) if acc.num_params() == n => {
+                    acc.reset();
+                    acc
+                }
+                _ => Accumulator::new(n),
+            };
             for c in preload {
                 c.fold_into(&mut acc)?;
                 selected.insert(c.org_id.clone());
@@ -514,7 +520,11 @@ async fn drive(
             Err(shared_model) => shared_model.params.clone(),
         };
         acc.apply_in_place(&mut global)?;
-        drop(acc);
+        shared
+            .training()
+            .as_mut()
+            .expect("training")
+            .spare_accumulator = Some(acc);
         let aggregate_secs = agg_start.elapsed().as_secs_f64();
         rec.completed_round = round;
         rec.last_updates = accepted.clone();
