@@ -1829,6 +1829,51 @@ async fn a_participant_that_leaves_frees_the_upload_slot_it_reserved() {
     fed.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_unused_when_its_round_closes_does_not_hold_the_next_rounds_slot() {
+    // One upload slot. site-a reserves it in round 1 and never uploads; the round
+    // closes at its deadline. Without the release at round close, site-b's
+    // reservation in round 2 would wait for site-a's to lapse (30 s here).
+    let limits = Limits {
+        max_concurrent_uploads: 1,
+        transfer_idle_secs: 30,
+        ..limits()
+    };
+    let mut fed = Fed::start(limits).await;
+    let mut a = Site::join(&fed, "site-a").await;
+    let mut b = Site::join(&fed, "site-b").await;
+    let mut plan = support::plan(2, 1);
+    plan.model.hidden_layers = vec![64];
+    plan.training.round_deadline_secs = 3;
+    let r1 = open_round(&mut fed, &mut [&mut a, &mut b], plan.to_toml()).await;
+    let db1 = delta(r1.n(), 22);
+    reserve_slot(b.client.clone(), &r1)
+        .await
+        .expect("a free slot is reserved");
+    b.upload(parts(&r1, &db1, 500)).await.unwrap();
+    reserve_slot(a.client.clone(), &r1)
+        .await
+        .expect("the slot site-b used is free again");
+    // Round 1 closes at its deadline with site-b's update alone.
+    evaluate_all(&mut [&mut a, &mut b]).await;
+    let r2 = b.expect_train().await;
+    a.expect_train().await;
+    assert_eq!(r2.round, 2);
+    tokio::time::timeout(Duration::from_secs(5), reserve_slot(b.client.clone(), &r2))
+        .await
+        .expect("the slot reserved in round 1 is free in round 2")
+        .expect("site-b's reservation");
+    let (da2, db2) = (delta(r2.n(), 55), delta(r2.n(), 66));
+    b.upload(parts(&r2, &db2, 500)).await.unwrap();
+    a.upload(parts(&r2, &da2, 300)).await.unwrap();
+    evaluate_all(&mut [&mut a, &mut b]).await;
+    let out = fed.completed().await;
+    check_round(&out, 1, &[("site-b", &db1, 500)]);
+    check_round(&out, 2, &[("site-a", &da2, 300), ("site-b", &db2, 500)]);
+    drop((a, b));
+    fed.stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // Statistics, evaluations, downloads, problem reports
 // ---------------------------------------------------------------------------
