@@ -6,12 +6,14 @@
 //! - [`config`]: typed, validated configuration (file + CLI) and reconnect backoff.
 //! - [`error`]: the crate's error enum; which errors are worth a reconnect.
 //! - [`site`]: loading, checking, splitting and scaling the site's CSV data.
+//! - [`download`]: checking a downloaded model chunk by chunk and whole.
 //! - [`session`]: the conversation with the coordinator: subscribe, statistics,
 //!   chunked model download with resume, local burn training, delta upload, evaluation.
 //!
 //! [`run`] is what `sangsaeng-participant run` calls; tests and the example call it too.
 
 pub mod config;
+pub mod download;
 pub mod error;
 pub mod session;
 pub mod site;

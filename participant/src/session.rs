@@ -22,6 +22,7 @@ use sangsaeng_proto::v1 as pb;
 use sangsaeng_proto::v1::federation_client::FederationClient;
 
 use crate::config::ParticipantConfig;
+use crate::download::ModelAssembler;
 use crate::error::{ParticipantError, Result};
 use crate::site::{self, Site};
 
@@ -413,21 +414,14 @@ impl Session {
     }
 }
 
-/// Downloads a global model, checking each chunk and the whole; resumes a broken transfer.
+/// Downloads a global model, checking each chunk and the whole
+/// ([`ModelAssembler`]); resumes a broken transfer from the last good chunk.
 pub async fn download(
     client: &mut FederationClient<Channel>,
     training_id: &str,
     info: &pb::ModelInfo,
 ) -> Result<Vec<f32>> {
-    let expected_bytes = info
-        .num_params
-        .checked_mul(4)
-        .filter(|&b| b <= (1u64 << 36))
-        .ok_or_else(|| {
-            ParticipantError::Transfer(format!("implausible model size {}", info.num_params))
-        })? as usize;
-    let mut bytes: Vec<u8> = Vec::with_capacity(expected_bytes);
-    let mut next: u32 = 0;
+    let mut model = ModelAssembler::new(info)?;
     let mut attempts = 0;
     loop {
         attempts += 1;
@@ -436,7 +430,7 @@ pub async fn download(
                 .download_model(pb::DownloadRequest {
                     training_id: training_id.into(),
                     model_round: info.round,
-                    start_chunk: next,
+                    start_chunk: model.next_chunk(),
                 })
                 .await
                 .map_err(|s| ParticipantError::rpc("DownloadModel", s))?
@@ -446,37 +440,7 @@ pub async fn download(
                 .await
                 .map_err(|s| ParticipantError::rpc("DownloadModel", s))?
             {
-                if c.index != next {
-                    return Err(ParticipantError::Transfer(format!(
-                        "chunk {} arrived, expected {next}",
-                        c.index
-                    )));
-                }
-                if c.model_sha256 != info.sha256 {
-                    return Err(ParticipantError::Transfer(
-                        "the model changed during the download".into(),
-                    ));
-                }
-                // The CRC when the coordinator sends one (the whole-model SHA-256
-                // below vouches for the content, so each byte is hashed once);
-                // the chunk's SHA-256 from a coordinator that does not.
-                let chunk_ok = match c.crc32c {
-                    Some(crc) => crc32c::crc32c(&c.data) == crc,
-                    None => weights::sha256_hex(&c.data) == c.sha256,
-                };
-                if !chunk_ok {
-                    return Err(ParticipantError::Transfer(format!(
-                        "chunk {next} digest mismatch"
-                    )));
-                }
-                if bytes.len() + c.data.len() > expected_bytes {
-                    return Err(ParticipantError::Transfer(
-                        "the model is longer than announced".into(),
-                    ));
-                }
-                bytes.extend_from_slice(&c.data);
-                next += 1;
-                if next == c.total_chunks {
+                if model.push(&c)? {
                     return Ok(true);
                 }
             }
@@ -493,18 +457,15 @@ pub async fn download(
                 }
             }
             Err(e) if e.is_transient() && attempts < DOWNLOAD_ATTEMPTS => {
-                tracing::warn!("model download interrupted at chunk {next} ({e}); resuming");
+                tracing::warn!(
+                    "model download interrupted at chunk {} ({e}); resuming",
+                    model.next_chunk()
+                );
             }
             Err(e) => return Err(e),
         }
     }
-    if bytes.len() != expected_bytes || weights::sha256_hex(&bytes) != info.sha256 {
-        return Err(ParticipantError::Transfer(format!(
-            "downloaded model of round {} does not match its digest",
-            info.round
-        )));
-    }
-    Ok(weights::from_le_bytes(&bytes)?)
+    model.finish()
 }
 
 /// Streams a delta (`wire::upload_messages`): header with the whole digest
