@@ -67,9 +67,35 @@ impl CoordinatorError {
     }
 }
 
+impl CoordinatorError {
+    /// True when the coordinator's own disk is full (a spill, the store or the
+    /// audit log could not be written): a condition of this server, not of the
+    /// request, which clears when an operator frees space.
+    fn is_disk_full(&self) -> bool {
+        use sangsaeng_common::Error as C;
+        let source = match self {
+            CoordinatorError::Io { source, .. }
+            | CoordinatorError::Common(C::Io { source, .. }) => source,
+            _ => return false,
+        };
+        matches!(
+            source.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        )
+    }
+}
+
 impl From<CoordinatorError> for Status {
     fn from(e: CoordinatorError) -> Status {
         use sangsaeng_common::Error as C;
+        if e.is_disk_full() {
+            // RESOURCE_EXHAUSTED, which participants retry with backoff, rather
+            // than INTERNAL: the update was fine, and nothing was kept of it.
+            tracing::error!(error = %e, "the coordinator's disk is full; free space in its output folder");
+            return Status::resource_exhausted(
+                "the coordinator's disk is full; the update was not kept, retry later",
+            );
+        }
         let code = match &e {
             CoordinatorError::Unauthenticated(_) => Code::Unauthenticated,
             CoordinatorError::PermissionDenied(_) => Code::PermissionDenied,
@@ -124,5 +150,21 @@ mod tests {
         let s: Status = CoordinatorError::io("writing x", std::io::Error::other("disk")).into();
         assert_eq!(s.code(), Code::Internal);
         assert!(!s.message().contains("disk"));
+    }
+
+    #[test]
+    fn a_full_disk_is_resource_exhausted_not_internal() {
+        let full = || std::io::Error::from(std::io::ErrorKind::StorageFull);
+        for e in [
+            CoordinatorError::io("writing /out/updates/u.bin", full()),
+            CoordinatorError::Common(sangsaeng_common::Error::io("/out/state.redb", full())),
+        ] {
+            let s: Status = e.into();
+            assert_eq!(s.code(), Code::ResourceExhausted);
+            assert!(s.message().contains("disk is full"), "{}", s.message());
+            assert!(!s.message().contains("/out"), "{}", s.message());
+        }
+        let s: Status = CoordinatorError::io("x", std::io::Error::from_raw_os_error(28)).into();
+        assert_eq!(s.code(), Code::ResourceExhausted, "ENOSPC from the OS");
     }
 }
