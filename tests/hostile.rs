@@ -499,7 +499,7 @@ fn raw_parts(r: &Round, delta: &[f32], num_examples: u64) -> Vec<Part> {
         num_params: delta.len() as u64,
         encoding: sangsaeng_common::encoding::UpdateEncoding::Float32,
         delta_sha256: weights::sha256_hex(&chunks.concat()),
-        chunks,
+        chunks: chunks.into(),
         num_examples,
         train_loss: 0.5,
         first_chunk: 0,

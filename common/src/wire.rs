@@ -5,6 +5,8 @@
 //! [`upload_messages`] builds the one form of an update upload that participants
 //! send, so that the figures measured on it are those of the real stream.
 
+use std::sync::Arc;
+
 use sangsaeng_proto::v1 as pb;
 
 use crate::encoding::UpdateEncoding;
@@ -115,8 +117,11 @@ pub struct UpdateUpload {
     pub base_model_sha256: String,
     pub num_params: u64,
     pub encoding: UpdateEncoding,
-    /// The delta's encoded chunks (`encoding::encode_chunks`).
-    pub chunks: Vec<Vec<u8>>,
+    /// The delta's encoded chunks (`encoding::encode_chunks`), shared: the
+    /// stream copies one chunk into its message when it is about to be sent, so
+    /// a participant keeping the chunks for a resumed upload holds them once,
+    /// not once more per attempt.
+    pub chunks: Arc<[Vec<u8>]>,
     /// Lowercase hex SHA-256 of all chunks' bytes, declared up front so that a
     /// broken-off upload can be resumed.
     pub delta_sha256: String,
@@ -157,19 +162,16 @@ pub fn upload_messages(
         encoding: u.encoding.name().into(),
         ..Default::default()
     });
-    let chunks = u
-        .chunks
-        .into_iter()
-        .enumerate()
-        .skip(u.first_chunk as usize)
-        .map(|(i, data)| {
-            Part::Chunk(pb::UpdateChunk {
-                index: i as u32,
-                crc32c: Some(crc32c::crc32c(&data)),
-                data,
-                ..Default::default()
-            })
-        });
+    let all = u.chunks;
+    let chunks = (u.first_chunk as usize..all.len()).map(move |i| {
+        let data = all[i].clone();
+        Part::Chunk(pb::UpdateChunk {
+            index: i as u32,
+            crc32c: Some(crc32c::crc32c(&data)),
+            data,
+            ..Default::default()
+        })
+    });
     let trailer = Part::Trailer(pb::UpdateTrailer::default());
     Ok(std::iter::once(header)
         .chain(chunks)

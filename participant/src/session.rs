@@ -8,11 +8,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use sangsaeng_common::encoding;
+use sangsaeng_common::encoding::{self, UpdateEncoding};
 use sangsaeng_common::model::ModelSpec;
 use sangsaeng_common::plan::TrainingPlan;
 use sangsaeng_common::train::{self, LocalTraining};
@@ -52,11 +53,18 @@ pub struct Session {
     pending: Option<PendingUpload>,
 }
 
+/// A delta as it is sent: encoded once, hashed once, and kept in that form (the
+/// delta itself is dropped) until the coordinator acknowledges it, so a site
+/// holds one model-sized buffer for it, however many attempts the upload takes.
 struct PendingUpload {
     training_id: String,
     round: u32,
     base_sha256: String,
-    delta: Vec<f32>,
+    num_params: u64,
+    encoding: UpdateEncoding,
+    chunks: Arc<[Vec<u8>]>,
+    /// Lowercase hex SHA-256 of all chunks' bytes.
+    delta_sha256: String,
     num_examples: u64,
     train_loss: f64,
 }
@@ -278,17 +286,6 @@ impl Session {
             self.pending = Some(pending);
         }
         let p = self.pending.as_ref().expect("a delta to upload");
-        // Encoding is deterministic, so a resumed upload re-creates the same chunks.
-        let encoding = plan.training.update_encoding;
-        let chunks = encoding::encode_chunks(&p.delta, encoding, self.cfg.upload_chunk_bytes)?;
-        let delta_sha = {
-            use sha2::Digest;
-            let mut h = sha2::Sha256::new();
-            for c in &chunks {
-                h.update(c);
-            }
-            hex::encode(h.finalize())
-        };
         // Wait for an upload slot here rather than inside the upload stream (where the
         // first chunks would sit in the coordinator's buffers meanwhile), and learn how
         // much of an earlier, broken-off upload of this same delta the coordinator kept.
@@ -296,7 +293,7 @@ impl Session {
             .upload_progress(pb::UploadProgressRequest {
                 training_id: tid.into(),
                 round,
-                delta_sha256: delta_sha.clone(),
+                delta_sha256: p.delta_sha256.clone(),
                 reserve_slot: true,
             })
             .await
@@ -317,10 +314,10 @@ impl Session {
                 training_id: tid.into(),
                 round,
                 base_model_sha256: info.sha256.clone(),
-                num_params: p.delta.len() as u64,
-                encoding,
-                chunks,
-                delta_sha256: delta_sha,
+                num_params: p.num_params,
+                encoding: p.encoding,
+                chunks: p.chunks.clone(),
+                delta_sha256: p.delta_sha256.clone(),
                 num_examples: p.num_examples,
                 train_loss: p.train_loss,
                 first_chunk,
@@ -354,19 +351,21 @@ impl Session {
         let cfg = LocalTraining::from_plan(plan, round);
         let backend = self.cfg.backend;
         let begin = std::time::Instant::now();
-        let start_for_thread = start.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            train::train_local(backend, &spec, &start_for_thread, &train_set, &cfg)
+        // The global model goes to the training thread and comes back, rather than
+        // being cloned for it: one model-sized buffer fewer at the peak.
+        let (outcome, start) = tokio::task::spawn_blocking(move || {
+            let outcome = train::train_local(backend, &spec, &start, &train_set, &cfg);
+            (outcome, start)
         })
         .await
-        .map_err(|e| ParticipantError::Transfer(format!("training thread: {e}")))??;
-        let delta: Vec<f32> = outcome
-            .params
-            .iter()
-            .zip(&start)
-            .map(|(l, g)| l - g)
-            .collect();
+        .map_err(|e| ParticipantError::Transfer(format!("training thread: {e}")))?;
+        let outcome = outcome?;
         let loss = outcome.epoch_losses.last().copied().unwrap_or(f64::NAN);
+        let mut delta = outcome.params;
+        for (d, g) in delta.iter_mut().zip(&start) {
+            *d -= g;
+        }
+        drop(start);
         tracing::info!(
             training = tid,
             round,
@@ -375,22 +374,32 @@ impl Session {
             begin.elapsed().as_secs_f64(),
             loss
         );
+        // Encoding is deterministic, so a resumed upload sends the same chunks
+        // (and the same digest) as the attempt that broke off.
+        let encoding = plan.training.update_encoding;
+        let num_params = delta.len() as u64;
+        let chunks: Arc<[Vec<u8>]> =
+            encoding::encode_chunks(&delta, encoding, self.cfg.upload_chunk_bytes)?.into();
+        drop(delta);
+        let delta_sha256 = {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            for c in chunks.iter() {
+                h.update(c);
+            }
+            hex::encode(h.finalize())
+        };
         if let Some(dir) = &self.cfg.record_dir {
-            record_delta(
-                dir,
-                tid,
-                round,
-                plan,
-                &delta,
-                n,
-                self.cfg.upload_chunk_bytes,
-            )?;
+            record_delta(dir, tid, round, plan, &chunks, &delta_sha256, n)?;
         }
         Ok(PendingUpload {
             training_id: tid.to_string(),
             round,
             base_sha256: info.sha256.clone(),
-            delta,
+            num_params,
+            encoding,
+            chunks,
+            delta_sha256,
             num_examples: n,
             train_loss: loss,
         })
@@ -484,33 +493,30 @@ pub async fn upload(
 }
 
 /// Keeps the site's own copy of what it sent (safetensors, same layout as the
-/// model): the delta as the coordinator decodes it (after float16/int8
-/// quantisation, if the plan asks for it), with the digest of the bytes sent.
+/// model): the delta as the coordinator decodes it from `chunks` (after
+/// float16/int8 quantisation, if the plan asks for it), with the digest of the
+/// bytes sent.
 fn record_delta(
     dir: &Path,
     tid: &str,
     round: u32,
     plan: &TrainingPlan,
-    delta: &[f32],
+    chunks: &[Vec<u8>],
+    wire_sha: &str,
     n: u64,
-    chunk_bytes: usize,
 ) -> Result<()> {
     let enc = plan.training.update_encoding;
-    let chunks = encoding::encode_chunks(delta, enc, chunk_bytes)?;
-    let mut sent = Vec::with_capacity(delta.len());
-    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
-    for c in &chunks {
-        sha2::Digest::update(&mut hasher, c);
+    let mut sent = Vec::new();
+    for c in chunks {
         sent.extend(encoding::decode_chunk(c, enc)?);
     }
     let delta = &sent[..];
-    let wire_sha = hex::encode(sha2::Digest::finalize(hasher));
     let d = dir.join(tid);
     std::fs::create_dir_all(&d).map_err(|e| sangsaeng_common::Error::io(&d, e))?;
     let meta = HashMap::from([
         ("round".to_string(), round.to_string()),
         ("num_examples".to_string(), n.to_string()),
-        ("sha256".to_string(), wire_sha),
+        ("sha256".to_string(), wire_sha.to_string()),
         ("encoding".to_string(), enc.name().to_string()),
     ]);
     let layout = ModelSpec::from_plan(plan).layout();
