@@ -609,26 +609,39 @@ fn run_point(args: &Args, pt: &Point) -> anyhow::Result<serde_json::Value> {
     let mut sent = vec![];
     let mut participant_cpu_ms = 0u64;
     let mut failed = None;
-    for c in &mut parts {
-        loop {
-            if let Some(st) = c.try_wait()? {
-                let kv = read_kv(c);
-                if !st.success() {
-                    failed.get_or_insert(format!("a participant exited with {st}"));
-                }
-                peaks.push(value(&kv, "PEAK_RSS_KIB"));
-                sent.push(value(&kv, "SENT_BYTES"));
-                participant_cpu_ms += value(&kv, "CPU_MS");
-                break;
+    // Every participant is watched at once: the plan needs all K updates, so one
+    // that exits with an error (say, its upload was refused because the disk is
+    // full) means the round can never complete, and the point stops there instead
+    // of waiting out the timeout.
+    let mut running: Vec<usize> = (0..parts.len()).collect();
+    while !running.is_empty() {
+        let mut still = Vec::with_capacity(running.len());
+        for i in running {
+            let c = &mut parts[i];
+            let Some(st) = c.try_wait()? else {
+                still.push(i);
+                continue;
+            };
+            let kv = read_kv(c);
+            if !st.success() {
+                failed.get_or_insert(format!("participant {i} exited with {st}"));
             }
-            if Instant::now() > deadline {
-                failed.get_or_insert(format!("timed out after {}s", args.timeout));
-                let _ = c.kill();
-                let _ = c.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+            peaks.push(value(&kv, "PEAK_RSS_KIB"));
+            sent.push(value(&kv, "SENT_BYTES"));
+            participant_cpu_ms += value(&kv, "CPU_MS");
         }
+        running = still;
+        if !running.is_empty() && Instant::now() > deadline {
+            failed.get_or_insert(format!("timed out after {}s", args.timeout));
+        }
+        if failed.is_some() {
+            for &i in &running {
+                let _ = parts[i].kill();
+                let _ = parts[i].wait();
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
     let lo_bytes = loopback_tx_bytes().saturating_sub(lo_before);
     // SIGTERM, the coordinator's graceful shutdown, through the standard tool.
@@ -649,7 +662,11 @@ fn run_point(args: &Args, pt: &Point) -> anyhow::Result<serde_json::Value> {
         .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| p.join("metrics.jsonl").exists())
-        .context("no training output")?;
+        .with_context(|| match &failed {
+            // The reason the run stopped, rather than its consequence.
+            Some(f) => format!("{f}, before any round completed"),
+            None => "no training output".to_string(),
+        })?;
     let mut round_secs = vec![];
     let mut fold_secs = 0.0;
     let mut agg_secs = 0.0;
@@ -665,7 +682,15 @@ fn run_point(args: &Args, pt: &Point) -> anyhow::Result<serde_json::Value> {
     let median = sorted.get(sorted.len() / 2).copied();
 
     // Independent check: init + sum_r sum_i w_i d_{i,r}, in f64, from the workload alone.
-    let global = weights::load_safetensors(&tdir.join("global.safetensors"), &spec.layout())?;
+    let global = match weights::load_safetensors(&tdir.join("global.safetensors"), &spec.layout()) {
+        Ok(g) => g,
+        Err(_) if failed.is_some() => anyhow::bail!(
+            "{}, after {} of {ROUNDS} rounds",
+            failed.unwrap_or_default(),
+            round_secs.len()
+        ),
+        Err(e) => return Err(e.into()),
+    };
     let init = spec.init_params(SEED);
     let total: f64 = (0..pt.k).map(|i| num_examples(i) as f64).sum();
     let mut offset = [0f64; N_ARRAYS];
