@@ -64,9 +64,14 @@ fn limits() -> Limits {
 /// The test plan with a wider hidden layer (3,652 parameters), so models and deltas
 /// span several chunks, and a short deadline so a stuck round ends a test quickly.
 fn raw_plan(rounds: u32, min_participants: usize) -> String {
+    raw_plan_with_deadline(rounds, min_participants, 30)
+}
+
+/// [`raw_plan`] with another round deadline, for tests of what a deadline does.
+fn raw_plan_with_deadline(rounds: u32, min_participants: usize, deadline_secs: u64) -> String {
     let mut p = support::plan(rounds, min_participants);
     p.model.hidden_layers = vec![64];
-    p.training.round_deadline_secs = 30;
+    p.training.round_deadline_secs = deadline_secs;
     p.to_toml()
 }
 
@@ -378,10 +383,15 @@ async fn open_round(fed: &mut Fed, sites: &mut [&mut Site], plan_toml: String) -
 
 /// Two raw sites, site-a and site-b, inside round 1 of a training that needs one update.
 async fn two_sites_in_round(limits: Limits, rounds: u32) -> (Fed, Site, Site, Round) {
+    two_sites_in_round_of(limits, raw_plan(rounds, 1)).await
+}
+
+/// Two raw sites, site-a and site-b, inside round 1 of a training with this plan.
+async fn two_sites_in_round_of(limits: Limits, plan_toml: String) -> (Fed, Site, Site, Round) {
     let mut fed = Fed::start(limits).await;
     let mut a = Site::join(&fed, "site-a").await;
     let mut b = Site::join(&fed, "site-b").await;
-    let r = open_round(&mut fed, &mut [&mut a, &mut b], raw_plan(rounds, 1)).await;
+    let r = open_round(&mut fed, &mut [&mut a, &mut b], plan_toml).await;
     (fed, a, b, r)
 }
 
@@ -1667,13 +1677,8 @@ async fn an_upload_cut_off_by_a_rerun_of_its_round_does_not_clear_the_next_uploa
         transfer_idle_secs: 6,
         ..limits()
     };
-    let mut fed = Fed::start(limits).await;
-    let mut a = Site::join(&fed, "site-a").await;
-    let mut b = Site::join(&fed, "site-b").await;
-    let mut plan = support::plan(1, 2);
-    plan.model.hidden_layers = vec![64];
-    plan.training.round_deadline_secs = 4;
-    let r = open_round(&mut fed, &mut [&mut a, &mut b], plan.to_toml()).await;
+    let (fed, mut a, mut b, r) =
+        two_sites_in_round_of(limits, raw_plan_with_deadline(1, 2, 4)).await;
     let d = delta(r.n(), 11);
     let p = parts(&r, &d, 300);
     let stall = |site: &Site| {
@@ -1839,13 +1844,8 @@ async fn a_reservation_unused_when_its_round_closes_does_not_hold_the_next_round
         transfer_idle_secs: 30,
         ..limits()
     };
-    let mut fed = Fed::start(limits).await;
-    let mut a = Site::join(&fed, "site-a").await;
-    let mut b = Site::join(&fed, "site-b").await;
-    let mut plan = support::plan(2, 1);
-    plan.model.hidden_layers = vec![64];
-    plan.training.round_deadline_secs = 3;
-    let r1 = open_round(&mut fed, &mut [&mut a, &mut b], plan.to_toml()).await;
+    let (fed, mut a, mut b, r1) =
+        two_sites_in_round_of(limits, raw_plan_with_deadline(2, 1, 3)).await;
     let db1 = delta(r1.n(), 22);
     reserve_slot(b.client.clone(), &r1)
         .await
