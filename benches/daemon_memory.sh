@@ -18,6 +18,7 @@ cd "$(dirname "$0")/.."
 H=${1:-4096}
 PARTICIPANT=${2:-target/debug/sangsaeng-participant}
 COORDINATOR=target/debug/sangsaeng-coordinator
+ROSTER=$(realpath participant/tests/data/roster.toml)
 for b in "$PARTICIPANT" "$COORDINATOR"; do
   [ -x "$b" ] || { echo "$b missing: run 'cargo test --workspace --no-run' first" >&2; exit 1; }
 done
@@ -28,19 +29,7 @@ d=$(mktemp -d)
 trap 'rm -rf "$d"' EXIT
 cd "$d"
 
-cat > roster.toml <<'TOML'
-[[organisation]]
-id = "plant-a"
-name = "Plant A"
-tier = "anchor"
-role = "participant"
-
-[[organisation]]
-id = "supplier-b"
-name = "Supplier B"
-tier = "tier-2"
-role = "participant"
-TOML
+cp "$ROSTER" roster.toml
 cat > plan.toml <<TOML
 [schema]
 feature_columns = ["temp", "pressure", "vibration"]

@@ -24,25 +24,8 @@ fn coordinator() -> Command {
     Command::new(p)
 }
 
-const ROSTER: &str = r#"
-[[organisation]]
-id = "plant-a"
-name = "Plant A"
-tier = "anchor"
-role = "participant"
-
-[[organisation]]
-id = "supplier-b"
-name = "Supplier B"
-tier = "tier-2"
-role = "participant"
-
-[[organisation]]
-id = "ops"
-name = "Federation office"
-tier = "anchor"
-role = "admin"
-"#;
+/// Two sites and the federation office; shared with `benches/daemon_memory.sh`.
+const ROSTER: &str = include_str!("data/roster.toml");
 
 const PLAN: &str = r#"
 [schema]
