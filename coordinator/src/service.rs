@@ -574,7 +574,7 @@ impl FederationService {
                     spill_path(&t.output_dir, header.round, org, id),
                 );
             };
-            let spill = Spill::create(&path)?;
+            let spill = Spill::create(&path, self.shared.config.durable_updates)?;
             let mut guard = self.shared.training();
             let t = current(&mut guard, &header.training_id)?;
             if t.phase != Phase::Training || t.round != header.round {
@@ -841,8 +841,16 @@ impl FederationService {
                     pb::update_message::Part::Chunk(c) => {
                         let checked = rx.push(&c)?;
                         // Spilled before it is folded, so an undo can always read
-                        // back every folded chunk.
-                        spill.append(&c.data)?;
+                        // back every folded chunk. On a blocking thread: a direct
+                        // write waits for the disk (and a buffered one may be
+                        // throttled by the kernel's dirty-page limit), which would
+                        // otherwise stall every other transfer on this worker.
+                        let data = c.data;
+                        spill = tokio::task::spawn_blocking(move || {
+                            spill.append(&data).map(|()| spill)
+                        })
+                        .await
+                        .map_err(|e| CoordinatorError::Store(format!("spilling a chunk: {e}")))??;
                         self.fold_chunk(org, &header, upload_id, &checked)?;
                     }
                     pb::update_message::Part::Trailer(mut t) => {

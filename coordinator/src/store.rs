@@ -375,7 +375,7 @@ mod tests {
     /// A contribution whose spill file (in `dir`) holds `delta` as two float32 chunks.
     fn contribution(dir: &Path, org: &str, delta: &[f32]) -> StoredContribution {
         let path = dir.join(format!("{org}-{}.bin", delta.len()));
-        let mut spill = crate::transfer::Spill::create(&path).unwrap();
+        let mut spill = crate::transfer::Spill::create(&path, true).unwrap();
         let bytes = weights::to_le_bytes(delta);
         let (a, b) = bytes.split_at(bytes.len() / 8 * 4);
         spill.append(a).unwrap();
