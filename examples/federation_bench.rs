@@ -179,6 +179,15 @@ fn array_of(j: usize, p: usize) -> usize {
         .map_or(N_ARRAYS - 1, |a| a.min(N_ARRAYS - 1))
 }
 
+/// One past the last value of array `a` of a `p`-value model.
+fn array_end(a: usize, p: usize) -> usize {
+    if a == N_ARRAYS - 1 {
+        p
+    } else {
+        (a + 1) * (p / N_ARRAYS)
+    }
+}
+
 /// Peak resident set (VmHWM) of this process, KiB.
 fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -404,14 +413,23 @@ async fn stream_upload(
         for (index, start) in (0..p).step_by(per).enumerate() {
             let end = (start + per).min(p);
             block.clear();
-            block.extend((start..end).map(|j| d[array_of(j, p)]));
+            // Array by array (each is one run of a single offset), as numpy's
+            // `arr + offset` does in Flower's client: the workload's own cost
+            // should not weigh on the transport being measured.
+            let mut j = start;
+            while j < end {
+                let a = array_of(j, p);
+                let stop = array_end(a, p).min(end);
+                block.resize(block.len() + (stop - j), d[a]);
+                j = stop;
+            }
             for data in encoding::encode_chunks(&block, enc, CHUNK_BYTES).expect("finite values") {
                 whole.update(&data);
                 sent += data.len() as u64;
                 let chunk = pb::UpdateChunk {
                     index: index as u32,
                     crc32c: Some(crc32c::crc32c(&data)),
-                    data,
+                    data: data.into(),
                     ..Default::default()
                 };
                 if tx.send(msg(Part::Chunk(chunk))).await.is_err() {

@@ -9,6 +9,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // The payload of a transfer chunk as `bytes::Bytes`: a received chunk is
+        // a view of tonic's receive buffer rather than a copy of it, and a sent
+        // one can share the coordinator's one encoding of the published model
+        // or the participant's encoded delta (a retry clones a reference, not
+        // a megabyte).
+        .bytes(".sangsaeng.v1.ModelChunk.data")
+        .bytes(".sangsaeng.v1.UpdateChunk.data")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -457,10 +457,17 @@ fn header(r: &Round, num_params: usize, num_examples: u64) -> pb::UpdateHeader {
     }
 }
 
+/// `data` with byte `at` XORed with `mask` (a chunk's payload is immutable).
+fn flip(data: &mut prost::bytes::Bytes, at: usize, mask: u8) {
+    let mut v = data.to_vec();
+    v[at] ^= mask;
+    *data = v.into();
+}
+
 fn chunk(index: u32, data: &[u8]) -> pb::UpdateChunk {
     pb::UpdateChunk {
         index,
-        data: data.to_vec(),
+        data: data.to_vec().into(),
         sha256: weights::sha256_hex(data),
         ..Default::default()
     }
@@ -509,7 +516,7 @@ fn raw_parts(r: &Round, delta: &[f32], num_examples: u64) -> Vec<Part> {
         num_params: delta.len() as u64,
         encoding: sangsaeng_common::encoding::UpdateEncoding::Float32,
         delta_sha256: weights::sha256_hex(&chunks.concat()),
-        chunks: chunks.into(),
+        chunks: chunks.into_iter().map(prost::bytes::Bytes::from).collect(),
         num_examples,
         train_loss: 0.5,
         first_chunk: 0,
@@ -816,7 +823,7 @@ async fn chunk_whose_data_does_not_match_its_digest_is_invalid_argument() {
         limits(),
         |r| {
             let mut p = parts(r, &delta(r.n(), 1), 300);
-            chunk_mut(&mut p, 1).data[17] ^= 0x40; // a bit flipped in transit
+            flip(&mut chunk_mut(&mut p, 1).data, 17, 0x40); // a bit flipped in transit
             p
         },
         Code::InvalidArgument,
@@ -871,7 +878,7 @@ async fn chunk_whose_data_does_not_match_its_raw_digest_is_invalid_argument() {
             let c = chunk_mut(&mut p, 1);
             c.digest = <sha2::Sha256 as sha2::Digest>::digest(&c.data).to_vec();
             c.crc32c = None;
-            c.data[17] ^= 0x40;
+            flip(&mut c.data, 17, 0x40);
             p
         },
         Code::InvalidArgument,
@@ -887,7 +894,7 @@ async fn chunk_whose_data_does_not_match_its_crc_is_invalid_argument() {
         limits(),
         |r| {
             let mut p = raw_parts(r, &delta(r.n(), 1), 300);
-            chunk_mut(&mut p, 2).data[5] ^= 0x01;
+            flip(&mut chunk_mut(&mut p, 2).data, 5, 0x01);
             p
         },
         Code::InvalidArgument,
@@ -907,7 +914,7 @@ async fn update_whose_crc_checked_chunks_add_up_to_another_delta_is_refused_and_
         |r| {
             let mut p = raw_parts(r, &delta(r.n(), 1), 300);
             let c = chunk_mut(&mut p, 1);
-            c.data[17] ^= 0x40;
+            flip(&mut c.data, 17, 0x40);
             c.crc32c = Some(crc32c::crc32c(&c.data));
             p
         },
@@ -1025,7 +1032,7 @@ async fn message_above_the_grpc_size_limit_is_resource_exhausted() {
         limits(),
         |r| {
             let mut p = parts(r, &delta(r.n(), 1), 300);
-            chunk_mut(&mut p, 0).data = vec![0; 100_000];
+            chunk_mut(&mut p, 0).data = vec![0; 100_000].into();
             p
         },
         Code::ResourceExhausted,
@@ -1269,7 +1276,7 @@ async fn a_refused_update_may_be_followed_by_a_correct_one_in_the_same_round() {
     let (mut fed, mut a, mut b, r) = two_sites_in_round(limits(), 1).await;
     let da = delta(r.n(), 11);
     let mut corrupted = parts(&r, &da, 300);
-    chunk_mut(&mut corrupted, 2).data[0] ^= 1;
+    flip(&mut chunk_mut(&mut corrupted, 2).data, 0, 1);
     assert_refused(
         a.upload(corrupted).await,
         Code::InvalidArgument,

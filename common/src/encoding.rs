@@ -258,7 +258,7 @@ mod tests {
                 base_model_sha256: "ab".repeat(32),
                 num_params: p as u64,
                 encoding: enc,
-                chunks: chunks.into(),
+                chunks: chunks.into_iter().map(bytes::Bytes::from).collect(),
                 delta_sha256: "cd".repeat(32),
                 num_examples: 4000,
                 train_loss: 0.5,

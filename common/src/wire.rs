@@ -117,11 +117,11 @@ pub struct UpdateUpload {
     pub base_model_sha256: String,
     pub num_params: u64,
     pub encoding: UpdateEncoding,
-    /// The delta's encoded chunks (`encoding::encode_chunks`), shared: the
-    /// stream copies one chunk into its message when it is about to be sent, so
-    /// a participant keeping the chunks for a resumed upload holds them once,
-    /// not once more per attempt.
-    pub chunks: Arc<[Vec<u8>]>,
+    /// The delta's encoded chunks (`encoding::encode_chunks`), shared: each
+    /// message refers to its chunk rather than copying it, so a participant
+    /// keeping the chunks for a resumed upload holds them once, not once more
+    /// per attempt.
+    pub chunks: Arc<[bytes::Bytes]>,
     /// Lowercase hex SHA-256 of all chunks' bytes, declared up front so that a
     /// broken-off upload can be resumed.
     pub delta_sha256: String,
@@ -137,7 +137,7 @@ pub struct UpdateUpload {
 /// once, for the whole-delta digest (which the caller computed). Digests travel
 /// as their 32 raw bytes (half the size of hex, which on the example's
 /// 5,769-parameter model is 2 % of an int8 update). Each chunk moves into its
-/// message only when the stream is polled for it, never copied.
+/// message only when the stream is polled for it, by reference.
 pub fn upload_messages(
     u: UpdateUpload,
 ) -> Result<impl Iterator<Item = pb::UpdateMessage> + Send + 'static> {

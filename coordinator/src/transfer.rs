@@ -67,16 +67,27 @@ impl PublishedModel {
         self.chunk_digests.len() as u32
     }
 
-    /// Chunk `index`, encoded on demand from the one copy of the values.
-    pub fn chunk(&self, index: u32) -> pb::ModelChunk {
+    /// Chunk `index`: a view of the one copy of the values (on little-endian
+    /// machines), so a download costs no per-chunk encoding or allocation; the
+    /// view holds the model until the chunk has been written out.
+    pub fn chunk(self: &std::sync::Arc<Self>, index: u32) -> pb::ModelChunk {
         let i = index as usize;
         let per = self.chunk_bytes / 4;
         let start = i * per;
         let end = (start + per).min(self.params.len());
+        let data = if cfg!(target_endian = "little") {
+            bytes::Bytes::from_owner(ChunkView {
+                model: self.clone(),
+                start,
+                end,
+            })
+        } else {
+            weights::to_le_bytes(&self.params[start..end]).into()
+        };
         pb::ModelChunk {
             index,
             total_chunks: self.total_chunks(),
-            data: weights::to_le_bytes(&self.params[start..end]),
+            data,
             sha256: self.chunk_digests[i].clone(),
             model_sha256: self.sha256.clone(),
             crc32c: Some(self.chunk_crcs[i]),
@@ -87,6 +98,20 @@ impl PublishedModel {
     /// can be computed in place instead of beside a second copy).
     pub fn into_params(self) -> Vec<f32> {
         self.params
+    }
+}
+
+/// The bytes of values `start..end` of a published model, in place (used on
+/// little-endian machines only, where they are the wire encoding).
+struct ChunkView {
+    model: std::sync::Arc<PublishedModel>,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for ChunkView {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.model.params[self.start..self.end])
     }
 }
 
@@ -543,7 +568,7 @@ mod tests {
         pb::UpdateChunk {
             index,
             sha256: weights::sha256_hex(&data),
-            data,
+            data: data.into(),
             ..Default::default()
         }
     }
@@ -551,17 +576,24 @@ mod tests {
     #[test]
     fn published_model_chunks_reassemble_to_the_model() {
         let params: Vec<f32> = (0..3000).map(|i| i as f32).collect();
-        let m = PublishedModel::new(2, params.clone(), 4096);
+        let m = std::sync::Arc::new(PublishedModel::new(2, params.clone(), 4096));
         assert_eq!(m.total_chunks(), 3);
         let mut bytes = vec![];
         for i in 0..m.total_chunks() {
             let c = m.chunk(i);
             assert_eq!(weights::sha256_hex(&c.data), c.sha256);
             assert_eq!(Some(crc32c::crc32c(&c.data)), c.crc32c);
-            bytes.extend(c.data);
+            bytes.extend_from_slice(&c.data);
         }
         assert_eq!(weights::from_le_bytes(&bytes).unwrap(), params);
         assert_eq!(m.sha256, weights::digest(&params));
+        // A chunk holds the model only while it lives: once sent, the values can
+        // be taken back for the next round without a copy.
+        let held = m.chunk(1);
+        let m = std::sync::Arc::try_unwrap(m).expect_err("a live chunk holds the model");
+        drop(held);
+        let m = std::sync::Arc::try_unwrap(m).expect("no chunk left holds the model");
+        assert_eq!(m.into_params(), params);
     }
 
     #[test]
@@ -615,7 +647,7 @@ mod tests {
             pb::UpdateChunk {
                 index,
                 crc32c: Some(crc32c::crc32c(&data)),
-                data,
+                data: data.into(),
                 ..Default::default()
             }
         };
@@ -627,7 +659,9 @@ mod tests {
 
         let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32);
         let mut c = crc_only(0, &v[..6]);
-        c.data[0] ^= 1;
+        let mut data = c.data.to_vec();
+        data[0] ^= 1;
+        c.data = data.into();
         let e = r.push(&c).unwrap_err().to_string();
         assert!(e.contains("chunk 0 checksum mismatch"), "{e}");
         assert_eq!(r.next_index(), 0);
@@ -748,7 +782,7 @@ mod tests {
                 .push(&pb::UpdateChunk {
                     index: i as u32,
                     sha256: weights::sha256_hex(c),
-                    data: c.clone(),
+                    data: c.clone().into(),
                     ..Default::default()
                 })
                 .unwrap();
@@ -774,7 +808,7 @@ mod tests {
             .push(&pb::UpdateChunk {
                 index: 0,
                 sha256: weights::sha256_hex(&bad),
-                data: bad,
+                data: bad.into(),
                 ..Default::default()
             })
             .unwrap_err()

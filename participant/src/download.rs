@@ -121,7 +121,7 @@ mod tests {
             .map(|(i, d)| pb::ModelChunk {
                 index: i as u32,
                 total_chunks: total,
-                data: d.to_vec(),
+                data: d.to_vec().into(),
                 sha256: weights::sha256_hex(d),
                 model_sha256: sha.clone(),
                 crc32c: Some(crc32c::crc32c(d)),
@@ -136,6 +136,13 @@ mod tests {
     }
 
     /// Feeds the chunks in order; the first error, or the finished model.
+    /// `data` with byte `at` XORed with `mask` (a chunk's payload is immutable).
+    fn flip(data: &mut bytes::Bytes, at: usize, mask: u8) {
+        let mut v = data.to_vec();
+        v[at] ^= mask;
+        *data = v.into();
+    }
+
     fn assemble(info: &pb::ModelInfo, chunks: &[pb::ModelChunk]) -> Result<Vec<f32>> {
         let mut m = ModelAssembler::new(info)?;
         for c in chunks {
@@ -167,7 +174,7 @@ mod tests {
     #[test]
     fn a_chunk_that_fails_its_crc_is_refused_and_not_kept() {
         let (info, mut chunks, params) = served();
-        chunks[2].data[5] ^= 0x10;
+        flip(&mut chunks[2].data, 5, 0x10);
         refused(&info, &chunks, "chunk 2 digest mismatch");
         // The bad chunk is not kept: the download resumes at it, and a good copy
         // completes the model.
@@ -187,14 +194,14 @@ mod tests {
     fn without_a_crc_the_chunk_sha256_is_checked() {
         let (info, mut chunks, _) = served();
         chunks[4].crc32c = None;
-        chunks[4].data[0] ^= 1;
+        flip(&mut chunks[4].data, 0, 1);
         refused(&info, &chunks, "chunk 4 digest mismatch");
     }
 
     #[test]
     fn a_chunk_altered_with_its_crc_recomputed_fails_the_whole_model_digest() {
         let (info, mut chunks, _) = served();
-        chunks[1].data[0] ^= 1;
+        flip(&mut chunks[1].data, 0, 1);
         chunks[1].crc32c = Some(crc32c::crc32c(&chunks[1].data));
         refused(&info, &chunks, "round 3 does not match its digest");
     }

@@ -62,7 +62,7 @@ struct PendingUpload {
     base_sha256: String,
     num_params: u64,
     encoding: UpdateEncoding,
-    chunks: Arc<[Vec<u8>]>,
+    chunks: Arc<[bytes::Bytes]>,
     /// Lowercase hex SHA-256 of all chunks' bytes.
     delta_sha256: String,
     num_examples: u64,
@@ -378,8 +378,11 @@ impl Session {
         // (and the same digest) as the attempt that broke off.
         let encoding = plan.training.update_encoding;
         let num_params = delta.len() as u64;
-        let chunks: Arc<[Vec<u8>]> =
-            encoding::encode_chunks(&delta, encoding, self.cfg.upload_chunk_bytes)?.into();
+        let chunks: Arc<[bytes::Bytes]> =
+            encoding::encode_chunks(&delta, encoding, self.cfg.upload_chunk_bytes)?
+                .into_iter()
+                .map(bytes::Bytes::from)
+                .collect();
         drop(delta);
         let delta_sha256 = {
             use sha2::Digest;
@@ -501,7 +504,7 @@ fn record_delta(
     tid: &str,
     round: u32,
     plan: &TrainingPlan,
-    chunks: &[Vec<u8>],
+    chunks: &[bytes::Bytes],
     wire_sha: &str,
     n: u64,
 ) -> Result<()> {
