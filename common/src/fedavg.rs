@@ -200,10 +200,7 @@ impl Accumulator {
 /// is the index of `values[0]` in the whole delta, so the message names the parameter.
 fn check_values(values: &[f32], offset: usize) -> Result<()> {
     // A branch-free scan first (vectorises), the slow search only on failure.
-    let ok = values
-        .iter()
-        .fold(true, |ok, v| ok & (v.abs() <= MAX_ABS_DELTA));
-    if ok {
+    if all_plausible(values) {
         return Ok(());
     }
     let (i, v) = values
@@ -224,13 +221,58 @@ fn check_values(values: &[f32], offset: usize) -> Result<()> {
     )))
 }
 
+/// Whether every value is finite and within [`MAX_ABS_DELTA`] (NaN fails the
+/// comparison). Dispatched like [`add_quantised`]: the scan reads every value
+/// of a chunk once more, and compiled for baseline x86-64 it took a quarter of
+/// the fold's time in the aggregation bench.
+fn all_plausible(values: &[f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F, checked just above.
+        return unsafe { all_plausible_avx512(values) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { all_plausible_avx2(values) };
+    }
+    all_plausible_scan(values)
+}
+
+#[inline(always)]
+fn all_plausible_scan(values: &[f32]) -> bool {
+    values
+        .iter()
+        .fold(true, |ok, v| ok & (v.abs() <= MAX_ABS_DELTA))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn all_plausible_avx2(values: &[f32]) -> bool {
+    all_plausible_scan(values)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn all_plausible_avx512(values: &[f32]) -> bool {
+    all_plausible_scan(values)
+}
+
 /// `sums[i] += quantise(values[i]) · w`: the fold's inner loop. On x86-64 the same
-/// loop is also compiled for AVX2 and chosen at run time: a build for baseline
-/// x86-64 has SSE2 only, whose two 64-bit lanes make the conversions and the
-/// 64-bit products mostly scalar, and the loop then runs at half the speed or
-/// less (see the aggregation bench in docs/BENCHMARKS.md). Integer results are
-/// the same whichever version runs.
+/// loop is also compiled for AVX2 and for AVX-512 and chosen at run time: a build
+/// for baseline x86-64 has SSE2 only, whose two 64-bit lanes make the conversions
+/// and the 64-bit products mostly scalar, and the loop then runs at half the
+/// speed or less; AVX-512 doubles the lanes again over AVX2 (the loop is bound
+/// by instructions, not memory: the accumulator chunk of the uploads in flight
+/// stays in cache; see the aggregation bench in docs/BENCHMARKS.md). Integer
+/// results are the same whichever version runs.
 fn add_quantised(sums: &mut [i64], values: &[f32], w: i64) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F, checked just above (it implies AVX2).
+        unsafe { add_quantised_avx512(sums, values, w) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
@@ -298,6 +340,12 @@ fn add_quantised_wide(sums: &mut [i64], values: &[f32], w: i64) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn add_quantised_avx2(sums: &mut [i64], values: &[f32], w: i64) {
+    add_quantised_blocks(sums, values, w);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn add_quantised_avx512(sums: &mut [i64], values: &[f32], w: i64) {
     add_quantised_blocks(sums, values, w);
 }
 
@@ -535,10 +583,10 @@ mod tests {
 
     #[test]
     fn every_fold_path_gives_the_reference_integers() {
-        // On a CPU with AVX2 (every x86-64 CI machine and this project's bench
-        // machine) `add_quantised` runs the vectorised block fold; the block fold
-        // is also run as compiled for the baseline target. Both must equal
-        // `quantise` value by value, and undo exactly.
+        // On x86-64 `add_quantised` runs the block fold compiled for AVX-512 or
+        // AVX2 where the CPU has them; the block fold is also run as compiled for
+        // the baseline target, and each vector version the CPU supports is run
+        // directly. All must equal `quantise` value by value, and undo exactly.
         let values = fold_cases();
         let mut expected = vec![3i64; values.len()];
         for (s, &v) in expected.iter_mut().zip(&values) {
@@ -553,8 +601,71 @@ mod tests {
             let mut got = vec![3i64; values.len()];
             add_quantised_blocks(&mut got, &values, w);
             assert_eq!(got, want, "block fold, w = {w}");
+            // Each x86-64 version this CPU can run, whichever the dispatch picks.
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    let mut got = vec![3i64; values.len()];
+                    // SAFETY: AVX2 checked just above.
+                    unsafe { add_quantised_avx2(&mut got, &values, w) };
+                    assert_eq!(got, want, "AVX2 fold, w = {w}");
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    let mut got = vec![3i64; values.len()];
+                    // SAFETY: AVX-512F checked just above.
+                    unsafe { add_quantised_avx512(&mut got, &values, w) };
+                    assert_eq!(got, want, "AVX-512 fold, w = {w}");
+                }
+            }
             add_quantised_blocks(&mut got, &values, -w);
             assert!(got.iter().all(|&s| s == 3));
+        }
+    }
+
+    #[test]
+    fn every_plausibility_scan_refuses_each_bad_value_wherever_it_sits() {
+        type Scan = fn(&[f32]) -> bool;
+        let scans: Vec<(&str, Scan)> = {
+            let mut v: Vec<(&str, Scan)> = vec![
+                ("dispatched", all_plausible),
+                ("baseline", |x| all_plausible_scan(x)),
+            ];
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: AVX2 checked just above.
+                    v.push(("AVX2", |x| unsafe { all_plausible_avx2(x) }));
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: AVX-512F checked just above.
+                    v.push(("AVX-512", |x| unsafe { all_plausible_avx512(x) }));
+                }
+            }
+            v
+        };
+        let bound = MAX_ABS_DELTA;
+        let good: Vec<f32> = (0..1000)
+            .map(|i| (i as f32 - 500.0) * bound / 500.0)
+            .collect();
+        let bad = [
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            bound * 1.0001,
+            -bound * 1.0001,
+        ];
+        for (name, scan) in &scans {
+            assert!(scan(&good), "{name}: plausible values refused");
+            assert!(scan(&[]), "{name}: an empty chunk refused");
+            // First, last, and positions inside and across vector widths.
+            for at in [0, 1, 7, 15, 16, 17, 63, 500, 998, 999] {
+                for b in bad {
+                    let mut v = good.clone();
+                    v[at] = b;
+                    assert!(!scan(&v), "{name}: {b} at {at} accepted");
+                }
+            }
         }
     }
 
