@@ -328,6 +328,8 @@ pub struct Spill {
     path: PathBuf,
     file: File,
     direct: bool,
+    /// Bytes written so far: whole frames, a multiple of [`SPILL_ALIGN`].
+    written: u64,
     /// Staging buffer for a frame, over-allocated so a 4 KiB-aligned window
     /// of it can be handed to a direct write; kept across chunks so each chunk
     /// does not fault in a fresh megabyte.
@@ -367,6 +369,8 @@ impl Spill {
             std::fs::create_dir_all(dir)
                 .map_err(|e| CoordinatorError::io(format!("creating {}", dir.display()), e))?;
         }
+        // O_DIRECT is Linux's; elsewhere the spill is written buffered.
+        let direct = direct && cfg!(target_os = "linux");
         let (file, direct) = match open_spill(path, direct) {
             Ok(f) => (f, direct),
             Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
@@ -382,6 +386,7 @@ impl Spill {
             path: path.to_path_buf(),
             file,
             direct,
+            written: 0,
             staging: Vec::new(),
         };
         let header = spill.stage(|b| b[..SPILL_MAGIC.len()].copy_from_slice(SPILL_MAGIC), 0);
@@ -438,24 +443,27 @@ impl Spill {
         let at = self.staging.as_ptr().align_offset(SPILL_ALIGN);
         let io = |e| CoordinatorError::io(format!("writing {}", self.path.display()), e);
         match self.file.write_all(&self.staging[at..at + len]) {
-            Ok(()) => Ok(()),
+            Ok(()) => {}
             Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
                 tracing::debug!(path = %self.path.display(), "O_DIRECT write refused, spilling through the page cache");
-                let written = self.file.metadata().map_err(io)?.len();
                 let mut file = std::fs::OpenOptions::new()
                     .write(true)
                     .open(&self.path)
                     .map_err(io)?;
-                // A refused write may still have extended the file in part.
-                file.set_len(written - written % SPILL_ALIGN as u64)
-                    .map_err(io)?;
+                // A refused write may have written part of the frame: cut the
+                // file back to the frames written whole, and write it again.
+                file.set_len(self.written).map_err(io)?;
                 std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(io)?;
                 self.file = file;
                 self.direct = false;
-                self.file.write_all(&self.staging[at..at + len]).map_err(io)
+                self.file
+                    .write_all(&self.staging[at..at + len])
+                    .map_err(io)?;
             }
-            Err(e) => Err(io(e)),
+            Err(e) => return Err(io(e)),
         }
+        self.written += len as u64;
+        Ok(())
     }
 
     /// Fsyncs: after this the chunks survive a crash.
