@@ -1505,6 +1505,58 @@ async fn a_broken_off_upload_replaced_by_a_new_one_leaves_no_trace_in_the_aggreg
     fed.stop().await;
 }
 
+/// The participant cancels its upload call after three chunks were folded in
+/// (tonic resets the stream). The upload ends as a broken stream does: its
+/// chunks kept for resumption, then replaced by the site's new upload and taken
+/// out exactly. (A connection closed mid-upload, where hyper may drop the
+/// handler outright, is `tests/federation.rs::uploads_whose_connections_close_as_they_start_leave_no_trace_in_the_model`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cancelled_by_its_caller_leaves_no_trace_in_the_aggregate() {
+    let (fed, mut a, mut b, r) = two_sites_in_round(limits(), 1).await;
+    let first = delta(r.n(), 5);
+    let mut p = parts(&r, &first, 300);
+    header_mut(&mut p).delta_sha256 = weights::sha256_hex(&weights::to_le_bytes(&first));
+    let (tx, pending) = a.upload_by_hand();
+    for part in &p[..4] {
+        tx.send(pb::UpdateMessage {
+            part: Some(part.clone()),
+        })
+        .await
+        .unwrap();
+    }
+    // Long enough for the three chunks to be folded (each folds in well under a
+    // millisecond); then the call is dropped, which resets the stream.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pending.abort();
+    let _ = pending.await;
+    drop(tx);
+    // The site sends a different delta, with another weight, from chunk 0 (its
+    // first attempt may find the cancelled one still being wound up).
+    let da = delta(r.n(), 11);
+    let mut accepted = false;
+    for _ in 0..50 {
+        match a.upload(parts(&r, &da, 200)).await {
+            Ok(_) => {
+                accepted = true;
+                break;
+            }
+            Err(s) if s.code() == Code::AlreadyExists => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(s) => panic!("the new upload was refused: {s:?}"),
+        }
+    }
+    assert!(accepted, "the cancelled upload was never wound up");
+    let db = delta(r.n(), 22);
+    b.upload(parts(&r, &db, 500)).await.unwrap();
+    evaluate_all(&mut [&mut a, &mut b]).await;
+    let out = fed.completed().await;
+    // Exactly the aggregate of the two accepted updates (check_round compares bits).
+    check_round(&out, 1, &[("site-a", &da, 200), ("site-b", &db, 500)]);
+    drop((a, b));
+    fed.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_off_upload_resumes_from_the_last_good_chunk() {
     let limits = Limits {

@@ -26,6 +26,7 @@ use crate::error::{CoordinatorError, Result};
 use crate::state::{AcceptedUpdate, EvalRecord, Folding, Phase, Shared, TASK_QUEUE};
 use crate::transfer::{CheckedChunk, DeltaReceiver, Spill, read_spill};
 
+#[derive(Clone)]
 pub struct FederationService {
     shared: Arc<Shared>,
 }
@@ -231,9 +232,22 @@ impl Federation for FederationService {
     ) -> std::result::Result<Response<pb::UploadReceipt>, Status> {
         let org = self.caller(&req, "UploadUpdate")?;
         let stream = req.into_inner();
-        match self.receive_update(&org, stream).await {
-            Ok(receipt) => Ok(Response::new(receipt)),
-            Err(e) => Err(self.refuse(&org, "UploadUpdate", e)),
+        // In a task of its own: hyper drops a handler whose connection closes
+        // (a cut network, a participant killed mid-upload), and a handler
+        // dropped between two chunks would leave its folded chunks in the
+        // accumulator with no one to keep them for resumption or undo them. The
+        // task reads on until the stream reports the break, and then keeps or
+        // undoes the upload as for any other broken stream.
+        let this = self.clone();
+        let receiving = tokio::spawn(async move {
+            this.receive_update(&org, stream)
+                .await
+                .map_err(|e| this.refuse(&org, "UploadUpdate", e))
+        });
+        match receiving.await {
+            Ok(Ok(receipt)) => Ok(Response::new(receipt)),
+            Ok(Err(status)) => Err(status),
+            Err(e) => Err(Status::internal(format!("the upload's task failed: {e}"))),
         }
     }
 
