@@ -232,12 +232,13 @@ impl Federation for FederationService {
     ) -> std::result::Result<Response<pb::UploadReceipt>, Status> {
         let org = self.caller(&req, "UploadUpdate")?;
         let stream = req.into_inner();
-        // In a task of its own: hyper drops a handler whose connection closes
-        // (a cut network, a participant killed mid-upload), and a handler
-        // dropped between two chunks would leave its folded chunks in the
-        // accumulator with no one to keep them for resumption or undo them. The
-        // task reads on until the stream reports the break, and then keeps or
-        // undoes the upload as for any other broken stream.
+        // In a task of its own: hyper may drop the handler of a stream whose
+        // connection closes (tests/federation.rs shows it for a clean close
+        // mid-upload), and a dropped handler would leave the upload's reserved
+        // weight and folded chunks in the accumulator, with no one to keep them
+        // for resumption or undo them. The task reads on until the stream
+        // reports the break, then keeps or undoes the upload as for any other
+        // broken stream.
         let this = self.clone();
         let receiving = tokio::spawn(async move {
             this.receive_update(&org, stream)
