@@ -250,18 +250,21 @@ enum Cut {
 /// cut as `cut` says once `cut_after` bytes have gone from the participant to the
 /// coordinator; later connections pass everything at once. Returns its port and
 /// the participant-to-coordinator bytes of each connection.
-async fn cutting_relay(
+fn cutting_relay(
     target: std::net::SocketAddr,
     cut_after: u64,
     cut: Cut,
     cuts: usize,
 ) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<u64>>>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    // Bound here, so the port is known before the participant is configured.
+    let bound = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    bound.set_nonblocking(true).unwrap();
+    let port = bound.local_addr().unwrap().port();
     let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
     let counts = sent.clone();
     tokio::spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(bound).unwrap();
         loop {
             let Ok((client, _)) = listener.accept().await else {
                 return;
@@ -356,10 +359,7 @@ async fn run_with_site_a_cut(cut: Cut, cut_after: u64, cuts: usize) -> (Vec<f32>
         (org == support::SITES[0]).then(|| {
             let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
             let target = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-            let (relay_port, sent) = tokio::task::block_in_place(|| {
-                tokio::runtime::Handle::current()
-                    .block_on(cutting_relay(target, cut_after, cut, cuts))
-            });
+            let (relay_port, sent) = cutting_relay(target, cut_after, cut, cuts);
             *relay.lock().unwrap() = Some(sent);
             (format!("https://127.0.0.1:{relay_port}"), 4096)
         })
