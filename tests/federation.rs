@@ -335,12 +335,18 @@ fn eight_chunk_plan() -> sangsaeng_common::plan::TrainingPlan {
     p
 }
 
-/// The final model of a one-round run without any cut.
-async fn uncut_model() -> Vec<f32> {
+/// The final model of a one-round run without any cut, the delta's bytes, and
+/// where to cut a participant's first connection: before its upload it sends
+/// about 3.5 KB (TLS handshake with its certificate, subscription, statistics,
+/// download and progress requests), so once 60 % of the delta could have gone too.
+async fn reference_and_cut_point() -> (Vec<f32>, u64, u64) {
+    support::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let files = support::site_files(dir.path(), 3);
     let out = run_federation_with(dir.path(), eight_chunk_plan(), files, false).await;
-    final_model(&out)
+    let reference = final_model(&out);
+    let delta_bytes = reference.len() as u64 * 4;
+    (reference, delta_bytes, 6_000 + delta_bytes * 6 / 10)
 }
 
 fn final_model(out: &Path) -> Vec<f32> {
@@ -376,13 +382,7 @@ async fn run_with_site_a_cut(cut: Cut, cut_after: u64, cuts: usize) -> (Vec<f32>
 /// to a run without the cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_daemon_whose_upload_is_cut_resumes_it_from_the_chunks_kept() {
-    support::init_tracing();
-    let reference = uncut_model().await;
-    let delta_bytes = reference.len() as u64 * 4;
-    // Before its upload a participant sends about 3.5 KB (TLS handshake with its
-    // certificate, subscription, statistics, download and progress requests):
-    // cut once 60 % of the delta could have gone as well.
-    let cut_after = 6_000 + delta_bytes * 6 / 10;
+    let (reference, delta_bytes, cut_after) = reference_and_cut_point().await;
     let (global, sent) = run_with_site_a_cut(Cut::PacedThenDropped, cut_after, 1).await;
     assert_eq!(global, reference, "the cut changed the final model");
     assert!(
@@ -410,10 +410,7 @@ async fn a_daemon_whose_upload_is_cut_resumes_it_from_the_chunks_kept() {
 /// and the final model is exact (23 runs of 23).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn uploads_whose_connections_close_as_they_start_leave_no_trace_in_the_model() {
-    support::init_tracing();
-    let reference = uncut_model().await;
-    let delta_bytes = reference.len() as u64 * 4;
-    let cut_after = 6_000 + delta_bytes * 6 / 10;
+    let (reference, _, cut_after) = reference_and_cut_point().await;
     let (global, sent) = run_with_site_a_cut(Cut::BurstThenClosed, cut_after, 4).await;
     // Cut connections until the upload got through on one that was not (it may
     // resume chunks an earlier connection delivered, and so need fewer bytes).

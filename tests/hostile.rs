@@ -457,6 +457,17 @@ fn header(r: &Round, num_params: usize, num_examples: u64) -> pb::UpdateHeader {
     }
 }
 
+/// Sends `parts` on an upload stream opened with `upload_by_hand`, in order.
+async fn send_parts(tx: &mpsc::Sender<pb::UpdateMessage>, parts: &[Part]) {
+    for part in parts {
+        tx.send(pb::UpdateMessage {
+            part: Some(part.clone()),
+        })
+        .await
+        .unwrap();
+    }
+}
+
 /// `data` with byte `at` XORed with `mask` (a chunk's payload is immutable).
 fn flip(data: &mut prost::bytes::Bytes, at: usize, mask: u8) {
     let mut v = data.to_vec();
@@ -1321,22 +1332,10 @@ async fn duplicate_update_for_the_same_round_is_already_exists_and_counted_once(
     let bytes = weights::to_le_bytes(&db);
     let first: Vec<Part> = parts(&r, &db, 500);
     let (tx, pending) = b.upload_by_hand();
-    for p in &first[..3] {
-        tx.send(pb::UpdateMessage {
-            part: Some(p.clone()),
-        })
-        .await
-        .unwrap();
-    }
+    send_parts(&tx, &first[..3]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let second = b.upload(parts(&r, &db, 500)).await;
-    for p in &first[3..] {
-        tx.send(pb::UpdateMessage {
-            part: Some(p.clone()),
-        })
-        .await
-        .unwrap();
-    }
+    send_parts(&tx, &first[3..]).await;
     drop(tx);
     let first = pending.await.unwrap();
     let (ok, refused) = match (first, second) {
@@ -1437,13 +1436,7 @@ async fn stalled_upload_is_aborted_after_the_idle_limit_and_may_be_retried() {
     let da = delta(r.n(), 11);
     let p = parts(&r, &da, 300);
     let (tx, pending) = a.upload_by_hand();
-    for part in &p[..2] {
-        tx.send(pb::UpdateMessage {
-            part: Some(part.clone()),
-        })
-        .await
-        .unwrap();
-    }
+    send_parts(&tx, &p[..2]).await;
     // ... and nothing more, with the stream left open.
     let r_stalled = tokio::time::timeout(Duration::from_secs(20), pending)
         .await
@@ -1477,13 +1470,7 @@ async fn a_broken_off_upload_replaced_by_a_new_one_leaves_no_trace_in_the_aggreg
     let mut p = parts(&r, &first, 300);
     header_mut(&mut p).delta_sha256 = weights::sha256_hex(&weights::to_le_bytes(&first));
     let (tx, pending) = a.upload_by_hand();
-    for part in &p[..4] {
-        tx.send(pb::UpdateMessage {
-            part: Some(part.clone()),
-        })
-        .await
-        .unwrap();
-    }
+    send_parts(&tx, &p[..4]).await;
     let cut = tokio::time::timeout(Duration::from_secs(20), pending)
         .await
         .unwrap()
@@ -1517,13 +1504,7 @@ async fn an_upload_cancelled_by_its_caller_leaves_no_trace_in_the_aggregate() {
     let mut p = parts(&r, &first, 300);
     header_mut(&mut p).delta_sha256 = weights::sha256_hex(&weights::to_le_bytes(&first));
     let (tx, pending) = a.upload_by_hand();
-    for part in &p[..4] {
-        tx.send(pb::UpdateMessage {
-            part: Some(part.clone()),
-        })
-        .await
-        .unwrap();
-    }
+    send_parts(&tx, &p[..4]).await;
     // Long enough for the three chunks to be folded (each folds in well under a
     // millisecond); then the call is dropped, which resets the stream.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1572,13 +1553,7 @@ async fn a_broken_off_upload_resumes_from_the_last_good_chunk() {
     assert!(p.len() >= 5, "the delta must span several chunks");
     // Header and two chunks, then the connection goes quiet and is cut.
     let (tx, pending) = a.upload_by_hand();
-    for part in &p[..3] {
-        tx.send(pb::UpdateMessage {
-            part: Some(part.clone()),
-        })
-        .await
-        .unwrap();
-    }
+    send_parts(&tx, &p[..3]).await;
     let cut = tokio::time::timeout(Duration::from_secs(20), pending)
         .await
         .unwrap()
