@@ -457,6 +457,31 @@ fn header(r: &Round, num_params: usize, num_examples: u64) -> pb::UpdateHeader {
     }
 }
 
+/// Ends a one-round test: site-b sends its delta (seed 22, 500 examples), both
+/// sites evaluate, and the round's model must be exactly the aggregate of
+/// site-b's update and `site_a`'s (its delta and examples), if site-a's counted.
+async fn finish_with_site_b(
+    fed: Fed,
+    mut a: Site,
+    mut b: Site,
+    r: &Round,
+    site_a: Option<(&[f32], u64)>,
+) {
+    let db = delta(r.n(), 22);
+    b.upload(parts(r, &db, 500)).await.unwrap();
+    evaluate_all(&mut [&mut a, &mut b]).await;
+    let out = fed.completed().await;
+    // check_round compares bits.
+    let mut accepted = vec![];
+    if let Some((da, n)) = site_a {
+        accepted.push(("site-a", da, n));
+    }
+    accepted.push(("site-b", &db[..], 500));
+    check_round(&out, 1, &accepted);
+    drop((a, b));
+    fed.stop().await;
+}
+
 /// Sends `parts` on an upload stream opened with `upload_by_hand`, in order.
 async fn send_parts(tx: &mpsc::Sender<pb::UpdateMessage>, parts: &[Part]) {
     for part in parts {
@@ -1271,13 +1296,7 @@ async fn message_with_no_part_set_inside_an_upload_is_invalid_argument() {
     );
     fed.after_refusal("site-a", "no part set", Then::NotWaitedFor)
         .await;
-    let db = delta(r.n(), 22);
-    b.upload(parts(&r, &db, 500)).await.unwrap();
-    evaluate_all(&mut [&mut a, &mut b]).await;
-    let out = fed.completed().await;
-    check_round(&out, 1, &[("site-b", &db, 500)]);
-    drop((a, b));
-    fed.stop().await;
+    finish_with_site_b(fed, a, b, &r, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1298,13 +1317,7 @@ async fn a_refused_update_may_be_followed_by_a_correct_one_in_the_same_round() {
     let receipt = a.upload(parts(&r, &da, 300)).await.unwrap();
     assert_eq!(receipt.sha256, weights::digest(&da));
     assert_eq!(receipt.accepted_in_round, 1);
-    let db = delta(r.n(), 22);
-    b.upload(parts(&r, &db, 500)).await.unwrap();
-    evaluate_all(&mut [&mut a, &mut b]).await;
-    let out = fed.completed().await;
-    check_round(&out, 1, &[("site-a", &da, 300), ("site-b", &db, 500)]);
-    drop((a, b));
-    fed.stop().await;
+    finish_with_site_b(fed, a, b, &r, Some((&da, 300))).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1449,13 +1462,7 @@ async fn stalled_upload_is_aborted_after_the_idle_limit_and_may_be_retried() {
     fed.after_refusal("site-a", "idle", Then::StillWaitedFor)
         .await;
     a.upload(p).await.expect("the retry is accepted");
-    let db = delta(r.n(), 22);
-    b.upload(parts(&r, &db, 500)).await.unwrap();
-    evaluate_all(&mut [&mut a, &mut b]).await;
-    let out = fed.completed().await;
-    check_round(&out, 1, &[("site-a", &da, 300), ("site-b", &db, 500)]);
-    drop((a, b));
-    fed.stop().await;
+    finish_with_site_b(fed, a, b, &r, Some((&da, 300))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1482,14 +1489,7 @@ async fn a_broken_off_upload_replaced_by_a_new_one_leaves_no_trace_in_the_aggreg
     a.upload(parts(&r, &da, 200))
         .await
         .expect("a new upload replaces the kept part");
-    let db = delta(r.n(), 22);
-    b.upload(parts(&r, &db, 500)).await.unwrap();
-    evaluate_all(&mut [&mut a, &mut b]).await;
-    let out = fed.completed().await;
-    // Exactly the aggregate of the two accepted updates (check_round compares bits).
-    check_round(&out, 1, &[("site-a", &da, 200), ("site-b", &db, 500)]);
-    drop((a, b));
-    fed.stop().await;
+    finish_with_site_b(fed, a, b, &r, Some((&da, 200))).await;
 }
 
 /// The participant cancels its upload call after three chunks were folded in
@@ -1528,14 +1528,7 @@ async fn an_upload_cancelled_by_its_caller_leaves_no_trace_in_the_aggregate() {
         }
     }
     assert!(accepted, "the cancelled upload was never wound up");
-    let db = delta(r.n(), 22);
-    b.upload(parts(&r, &db, 500)).await.unwrap();
-    evaluate_all(&mut [&mut a, &mut b]).await;
-    let out = fed.completed().await;
-    // Exactly the aggregate of the two accepted updates (check_round compares bits).
-    check_round(&out, 1, &[("site-a", &da, 200), ("site-b", &db, 500)]);
-    drop((a, b));
-    fed.stop().await;
+    finish_with_site_b(fed, a, b, &r, Some((&da, 200))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1606,13 +1599,7 @@ async fn a_broken_off_upload_resumes_from_the_last_good_chunk() {
         .await
         .expect("the resumed upload is accepted");
     assert_eq!(receipt.sha256, digest);
-    let db = delta(r.n(), 22);
-    b.upload(parts(&r, &db, 500)).await.unwrap();
-    evaluate_all(&mut [&mut a, &mut b]).await;
-    let out = fed.completed().await;
-    check_round(&out, 1, &[("site-a", &da, 300), ("site-b", &db, 500)]);
-    drop((a, b));
-    fed.stop().await;
+    finish_with_site_b(fed, a, b, &r, Some((&da, 300))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2398,13 +2385,7 @@ async fn undecodable_protobuf_is_refused_and_leaves_the_round_intact() {
     fed.after_refusal("site-a", "decode", Then::NotWaitedFor)
         .await;
 
-    let db = delta(r.n(), 22);
-    b.upload(parts(&r, &db, 500)).await.unwrap();
-    evaluate_all(&mut [&mut a, &mut b]).await;
-    let out = fed.completed().await;
-    check_round(&out, 1, &[("site-b", &db, 500)]);
-    drop((a, b));
-    fed.stop().await;
+    finish_with_site_b(fed, a, b, &r, None).await;
 }
 
 // ---------------------------------------------------------------------------
