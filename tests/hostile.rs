@@ -1283,7 +1283,7 @@ async fn first_message_with_no_part_set_is_invalid_argument() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_with_no_part_set_inside_an_upload_is_invalid_argument() {
-    let (mut fed, mut a, mut b, r) = two_sites_in_round(limits(), 1).await;
+    let (mut fed, mut a, b, r) = two_sites_in_round(limits(), 1).await;
     let mut messages: Vec<pb::UpdateMessage> = parts(&r, &delta(r.n(), 1), 300)
         .into_iter()
         .map(|p| pb::UpdateMessage { part: Some(p) })
@@ -1303,7 +1303,7 @@ async fn message_with_no_part_set_inside_an_upload_is_invalid_argument() {
 async fn a_refused_update_may_be_followed_by_a_correct_one_in_the_same_round() {
     // Refused for the round means "not waited for", not "banned": a site whose upload
     // was corrupted in transit may send it again while the round is open.
-    let (mut fed, mut a, mut b, r) = two_sites_in_round(limits(), 1).await;
+    let (mut fed, mut a, b, r) = two_sites_in_round(limits(), 1).await;
     let da = delta(r.n(), 11);
     let mut corrupted = parts(&r, &da, 300);
     flip(&mut chunk_mut(&mut corrupted, 2).data, 0, 1);
@@ -1445,7 +1445,7 @@ async fn stalled_upload_is_aborted_after_the_idle_limit_and_may_be_retried() {
         transfer_idle_secs: 1,
         ..limits()
     };
-    let (mut fed, mut a, mut b, r) = two_sites_in_round(limits, 1).await;
+    let (mut fed, mut a, b, r) = two_sites_in_round(limits, 1).await;
     let da = delta(r.n(), 11);
     let p = parts(&r, &da, 300);
     let (tx, pending) = a.upload_by_hand();
@@ -1471,7 +1471,7 @@ async fn a_broken_off_upload_replaced_by_a_new_one_leaves_no_trace_in_the_aggreg
         transfer_idle_secs: 1,
         ..limits()
     };
-    let (fed, mut a, mut b, r) = two_sites_in_round(limits, 1).await;
+    let (fed, mut a, b, r) = two_sites_in_round(limits, 1).await;
     // Three chunks of a first delta are folded in, then the connection is cut...
     let first = delta(r.n(), 5);
     let mut p = parts(&r, &first, 300);
@@ -1499,7 +1499,7 @@ async fn a_broken_off_upload_replaced_by_a_new_one_leaves_no_trace_in_the_aggreg
 /// handler outright, is `tests/federation.rs::uploads_whose_connections_close_as_they_start_leave_no_trace_in_the_model`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_cancelled_by_its_caller_leaves_no_trace_in_the_aggregate() {
-    let (fed, mut a, mut b, r) = two_sites_in_round(limits(), 1).await;
+    let (fed, mut a, b, r) = two_sites_in_round(limits(), 1).await;
     let first = delta(r.n(), 5);
     let mut p = parts(&r, &first, 300);
     header_mut(&mut p).delta_sha256 = weights::sha256_hex(&weights::to_le_bytes(&first));
@@ -1537,7 +1537,7 @@ async fn a_broken_off_upload_resumes_from_the_last_good_chunk() {
         transfer_idle_secs: 1,
         ..limits()
     };
-    let (fed, mut a, mut b, r) = two_sites_in_round(limits, 1).await;
+    let (fed, mut a, b, r) = two_sites_in_round(limits, 1).await;
     let da = delta(r.n(), 11);
     let bytes = weights::to_le_bytes(&da);
     let digest = weights::sha256_hex(&bytes);
@@ -2337,7 +2337,7 @@ async fn raw_upload(ch: Channel, messages: Vec<Clashing>) -> Result<pb::UploadRe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_protobuf_is_refused_and_leaves_the_round_intact() {
-    let (mut fed, mut a, mut b, r) = two_sites_in_round(limits(), 1).await;
+    let (mut fed, a, b, r) = two_sites_in_round(limits(), 1).await;
     let clash = Clashing {
         header: None,
         chunk_as_varint: Some(5),
