@@ -330,6 +330,8 @@ pub struct Spill {
     direct: bool,
     /// Bytes written so far: whole frames, a multiple of [`SPILL_ALIGN`].
     written: u64,
+    #[cfg(test)]
+    refuse_next_write: bool,
     /// Staging buffer for a frame, over-allocated so a 4 KiB-aligned window
     /// of it can be handed to a direct write; kept across chunks so each chunk
     /// does not fault in a fresh megabyte.
@@ -387,6 +389,8 @@ impl Spill {
             file,
             direct,
             written: 0,
+            #[cfg(test)]
+            refuse_next_write: false,
             staging: Vec::new(),
         };
         let header = spill.stage(|b| b[..SPILL_MAGIC.len()].copy_from_slice(SPILL_MAGIC), 0);
@@ -441,8 +445,9 @@ impl Spill {
     /// write) reopens the file buffered and writes again.
     fn write_staged(&mut self, len: usize) -> Result<()> {
         let at = self.staging.as_ptr().align_offset(SPILL_ALIGN);
-        let io = |e| CoordinatorError::io(format!("writing {}", self.path.display()), e);
-        match self.file.write_all(&self.staging[at..at + len]) {
+        let path = self.path.clone();
+        let io = |e| CoordinatorError::io(format!("writing {}", path.display()), e);
+        match self.try_write(at, len) {
             Ok(()) => {}
             Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
                 tracing::debug!(path = %self.path.display(), "O_DIRECT write refused, spilling through the page cache");
@@ -464,6 +469,19 @@ impl Spill {
         }
         self.written += len as u64;
         Ok(())
+    }
+
+    /// Writes the staged window `at..at + len` to the file as opened.
+    fn try_write(&mut self, at: usize, len: usize) -> std::io::Result<()> {
+        // Tests stand in for a file system that takes the first block of a
+        // direct write and then refuses it (none at hand does).
+        #[cfg(test)]
+        if std::mem::take(&mut self.refuse_next_write) {
+            self.file
+                .write_all(&self.staging[at..at + len.min(SPILL_ALIGN)])?;
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        self.file.write_all(&self.staging[at..at + len])
     }
 
     /// Fsyncs: after this the chunks survive a crash.
@@ -748,6 +766,40 @@ mod tests {
                 .to_string();
             assert!(e.contains("damaged"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_direct_write_refused_midway_is_written_again_through_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.bin");
+        let v: Vec<f32> = (0..3000).map(|i| i as f32 * 0.5).collect();
+        // Two frames of two blocks each (4,004 bytes with the length, padded).
+        let chunks = encoding::encode_chunks(&v, UpdateEncoding::Float32, 6000).unwrap();
+        assert_eq!(chunks.len(), 2);
+        let mut spill = Spill::create(&path, true).unwrap();
+        spill.append(&chunks[0]).unwrap();
+        // Whether or not this file system took O_DIRECT at open, the spill now
+        // believes its writes are direct, and the next one is refused after its
+        // first block reached the file.
+        spill.direct = true;
+        spill.refuse_next_write = true;
+        spill.append(&chunks[1]).unwrap();
+        assert!(
+            !spill.is_direct(),
+            "the spill went on through the page cache"
+        );
+        spill.sync().unwrap();
+        // The partly written frame was cut off and written whole, once.
+        let frame = |c: &[u8]| (4 + c.len()).div_ceil(SPILL_ALIGN) * SPILL_ALIGN;
+        let len = std::fs::metadata(&path).unwrap().len() as usize;
+        assert_eq!(len, SPILL_ALIGN + frame(&chunks[0]) + frame(&chunks[1]));
+        let mut got = vec![];
+        read_spill(&path, UpdateEncoding::Float32, None, |_, vals, _| {
+            got.extend_from_slice(vals);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, v);
     }
 
     #[test]
