@@ -445,9 +445,9 @@ impl Spill {
     /// write) reopens the file buffered and writes again.
     fn write_staged(&mut self, len: usize) -> Result<()> {
         let at = self.staging.as_ptr().align_offset(SPILL_ALIGN);
-        let path = self.path.clone();
-        let io = |e| CoordinatorError::io(format!("writing {}", path.display()), e);
-        match self.try_write(at, len) {
+        let written = self.try_write(at, len);
+        let io = |e| CoordinatorError::io(format!("writing {}", self.path.display()), e);
+        match written {
             Ok(()) => {}
             Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
                 tracing::debug!(path = %self.path.display(), "O_DIRECT write refused, spilling through the page cache");
