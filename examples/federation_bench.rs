@@ -31,7 +31,7 @@
 //! computed here in f64 from the workload definition alone.
 //!
 //! The participants here are the benchmark's own: they stream the download
-//! (checking every chunk's CRC-32C and the whole SHA-256, as the daemon does)
+//! (checking every chunk's CRC-32C and the whole digest, BLAKE3 or SHA-256, as the daemon does)
 //! and generate the upload chunk by chunk, so a participant holds one chunk, not
 //! the model. The real participant daemon (`sangsaeng-participant`) trains a
 //! burn model and holds it in memory.
@@ -45,10 +45,10 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 
 use sangsaeng::localnet;
+use sangsaeng_common::digest::{self, DigestAlgorithm};
 use sangsaeng_common::encoding::{self, UpdateEncoding};
 use sangsaeng_common::model::ModelSpec;
 use sangsaeng_common::plan::TrainingPlan;
@@ -78,6 +78,11 @@ struct Args {
     /// Update encoding: float32, float16 or int8.
     #[arg(long, default_value = "float32")]
     encoding: String,
+    /// Whole-object digest the participants use: `blake3` (as the daemon does with
+    /// a coordinator that announces it) or `sha256` (as participants that predate
+    /// BLAKE3 do; the coordinator takes both).
+    #[arg(long, default_value = "blake3", value_parser = ["blake3", "sha256"])]
+    digest: String,
     /// fsync each accepted update before acknowledging it (the coordinator's default).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     durable_updates: bool,
@@ -107,6 +112,9 @@ enum Role {
         dir: PathBuf,
         url: String,
         index: usize,
+        /// Hash downloads and uploads with SHA-256 even where BLAKE3 is announced.
+        #[arg(long)]
+        sha256: bool,
     },
 }
 
@@ -118,7 +126,8 @@ fn main() -> anyhow::Result<()> {
             ref dir,
             ref url,
             index,
-        }) => participant_process(dir, url, index),
+            sha256,
+        }) => participant_process(dir, url, index, sha256),
         None => driver(&args),
     }
 }
@@ -264,11 +273,11 @@ fn coordinator_process(dir: &Path) -> anyhow::Result<()> {
 
 // ---------------------------------------------------------------- participant
 
-fn participant_process(dir: &Path, url: &str, index: usize) -> anyhow::Result<()> {
+fn participant_process(dir: &Path, url: &str, index: usize, sha256: bool) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let sent = rt.block_on(participate(dir, url, index))?;
+    let sent = rt.block_on(participate(dir, url, index, sha256))?;
     println!("SENT_BYTES {sent}");
     println!("PEAK_RSS_KIB {}", peak_rss_kib());
     println!("CPU_MS {}", (cpu_secs() * 1000.0) as u64);
@@ -276,7 +285,7 @@ fn participant_process(dir: &Path, url: &str, index: usize) -> anyhow::Result<()
 }
 
 /// Follows tasks until the training finishes; returns the payload bytes uploaded.
-async fn participate(dir: &Path, url: &str, index: usize) -> anyhow::Result<u64> {
+async fn participate(dir: &Path, url: &str, index: usize, sha256: bool) -> anyhow::Result<u64> {
     let pki = dir.join("pki");
     let tls = sangsaeng_common::tls::TlsFiles {
         ca: pki.join("ca.pem"),
@@ -320,7 +329,7 @@ async fn participate(dir: &Path, url: &str, index: usize) -> anyhow::Result<u64>
                 let plan = t.plan.context("train task without a plan")?;
                 let info = t.model.context("train task without a model")?;
                 let enc = UpdateEncoding::from_name(&plan.update_encoding)?;
-                stream_download(&mut client, &task.training_id, &info).await?;
+                stream_download(&mut client, &task.training_id, &info, sha256).await?;
                 sent += stream_upload(
                     &mut client,
                     &task.training_id,
@@ -328,6 +337,7 @@ async fn participate(dir: &Path, url: &str, index: usize) -> anyhow::Result<u64>
                     &info,
                     enc,
                     index,
+                    sha256,
                 )
                 .await?;
                 uploaded = task.round;
@@ -344,6 +354,7 @@ async fn stream_download(
     client: &mut FederationClient<tonic::transport::Channel>,
     training_id: &str,
     info: &pb::ModelInfo,
+    sha256: bool,
 ) -> anyhow::Result<()> {
     let mut stream = client
         .download_model(pb::DownloadRequest {
@@ -353,20 +364,35 @@ async fn stream_download(
         })
         .await?
         .into_inner();
-    let mut whole = sha2::Sha256::new();
+    let algorithm = digest_algorithm(info, sha256);
+    let expected = match algorithm {
+        DigestAlgorithm::Blake3 => info.blake3.clone(),
+        DigestAlgorithm::Sha256 => hex::decode(&info.sha256)?,
+    };
+    let mut whole = digest::Hasher::new(algorithm);
     let mut bytes = 0u64;
     while let Some(c) = stream.message().await? {
-        // As the daemon does: the CRC per chunk, SHA-256 once over the whole.
+        // As the daemon does: the CRC per chunk, one hash over the whole.
         if Some(crc32c::crc32c(&c.data)) != c.crc32c {
             bail!("model chunk {} checksum mismatch", c.index);
         }
         whole.update(&c.data);
         bytes += c.data.len() as u64;
     }
-    if bytes != info.num_params * 4 || hex::encode(whole.finalize()) != info.sha256 {
+    if bytes != info.num_params * 4 || whole.finalize()[..] != expected[..] {
         bail!("downloaded model does not match its digest");
     }
     Ok(())
+}
+
+/// The daemon's choice: BLAKE3 where the coordinator announces it, unless told
+/// to use SHA-256 as participants that predate BLAKE3 do.
+fn digest_algorithm(info: &pb::ModelInfo, sha256: bool) -> DigestAlgorithm {
+    if sha256 || info.blake3.is_empty() {
+        DigestAlgorithm::Sha256
+    } else {
+        DigestAlgorithm::Blake3
+    }
 }
 
 /// Generates and streams this participant's delta chunk by chunk.
@@ -377,6 +403,7 @@ async fn stream_upload(
     info: &pb::ModelInfo,
     enc: UpdateEncoding,
     index: usize,
+    sha256: bool,
 ) -> anyhow::Result<u64> {
     use pb::update_message::Part;
     let p = info.num_params as usize;
@@ -391,8 +418,10 @@ async fn stream_upload(
         train_loss: 0.0,
         first_chunk: 0,
         encoding: enc.name().into(),
+        delta_digest_algorithm: digest_algorithm(info, sha256).to_wire() as i32,
         ..Default::default()
     };
+    let algorithm = digest_algorithm(info, sha256);
     // The admission step the daemon takes too: wait for an upload slot before streaming.
     client
         .upload_progress(pb::UploadProgressRequest {
@@ -407,7 +436,7 @@ async fn stream_upload(
         let msg = |part| pb::UpdateMessage { part: Some(part) };
         tx.send(msg(Part::Header(header))).await.ok();
         let per = enc.values_per_chunk(CHUNK_BYTES);
-        let mut whole = sha2::Sha256::new();
+        let mut whole = digest::Hasher::new(algorithm);
         let mut block = Vec::with_capacity(per);
         let mut sent = 0u64;
         for (index, start) in (0..p).step_by(per).enumerate() {
@@ -615,12 +644,17 @@ fn run_point(args: &Args, pt: &Point) -> anyhow::Result<serde_json::Value> {
     let started = Instant::now();
     let mut parts = vec![];
     for i in 0..pt.k {
-        parts.push(spawn_self(&[
-            "participant".into(),
-            dir_s.clone(),
-            url.clone(),
-            i.to_string(),
-        ])?);
+        parts.push(spawn_self(
+            &[
+                "participant".into(),
+                dir_s.clone(),
+                url.clone(),
+                i.to_string(),
+            ]
+            .into_iter()
+            .chain((args.digest == "sha256").then(|| "--sha256".to_string()))
+            .collect::<Vec<_>>(),
+        )?);
     }
     let deadline = started + Duration::from_secs(args.timeout);
     let mut peaks = vec![];
@@ -741,6 +775,7 @@ fn run_point(args: &Args, pt: &Point) -> anyhow::Result<serde_json::Value> {
         "params": p,
         "clients": pt.k,
         "encoding": args.encoding,
+        "digest": args.digest,
         "durable_updates": args.durable_updates,
         "max_concurrent_uploads": args.max_concurrent_uploads,
         "max_concurrent_downloads": args.max_concurrent_downloads,

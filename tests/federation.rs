@@ -173,6 +173,12 @@ async fn federated_loss_decreases_over_rounds_on_tennessee_eastman() {
     );
     for r in &records {
         assert_eq!(r["participants"].as_array().unwrap().len(), 3);
+        // The daemons hash their deltas with BLAKE3, which this coordinator
+        // announces with every model, and it records the digests as such.
+        for p in r["participants"].as_array().unwrap() {
+            let d = p["sha256"].as_str().unwrap();
+            assert!(d.starts_with("blake3:") && d.len() == 7 + 64, "{d}");
+        }
         assert_eq!(r["evaluations"].as_array().unwrap().len(), 3);
         let f1 = r["eval_macro_f1"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&f1));

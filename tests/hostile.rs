@@ -31,6 +31,7 @@ use tonic::{Code, Status};
 
 use sangsaeng::localnet::{self, Pki, RunningCoordinator};
 use sangsaeng_common::data::{Dataset, FeatureStats};
+use sangsaeng_common::digest::{self, DigestAlgorithm};
 use sangsaeng_common::fedavg::Accumulator;
 use sangsaeng_common::model::ModelSpec;
 use sangsaeng_common::pki::CaBundle;
@@ -537,8 +538,20 @@ fn parts(r: &Round, delta: &[f32], num_examples: u64) -> Vec<Part> {
 
 /// A correct upload of `delta` exactly as the participant daemon sends it
 /// (`wire::upload_messages`: raw 32-byte digests, the whole digest declared in
-/// the header and left implicit in the trailer, each chunk checked by CRC-32C).
+/// the header and left implicit in the trailer, each chunk checked by CRC-32C),
+/// with a SHA-256 whole-delta digest, as daemons that predate BLAKE3 did.
 fn raw_parts(r: &Round, delta: &[f32], num_examples: u64) -> Vec<Part> {
+    raw_parts_hashed(r, delta, num_examples, DigestAlgorithm::Sha256)
+}
+
+/// [`raw_parts`] with the whole-delta digest of `algorithm` (the daemon uses
+/// BLAKE3 where the round's model info announces it, as this coordinator's does).
+fn raw_parts_hashed(
+    r: &Round,
+    delta: &[f32],
+    num_examples: u64,
+    algorithm: DigestAlgorithm,
+) -> Vec<Part> {
     let chunks = sangsaeng_common::encoding::encode_chunks(
         delta,
         sangsaeng_common::encoding::UpdateEncoding::Float32,
@@ -551,7 +564,7 @@ fn raw_parts(r: &Round, delta: &[f32], num_examples: u64) -> Vec<Part> {
         base_model_sha256: r.info.sha256.clone(),
         num_params: delta.len() as u64,
         encoding: sangsaeng_common::encoding::UpdateEncoding::Float32,
-        delta_sha256: weights::sha256_hex(&chunks.concat()),
+        delta_digest: algorithm.id(&digest::digest(algorithm, &chunks.concat())),
         chunks: chunks.into_iter().map(prost::bytes::Bytes::from).collect(),
         num_examples,
         train_loss: 0.5,
@@ -646,9 +659,17 @@ fn check_round(out: &Path, round: u32, accepted: &[(&str, &[f32], u64)]) {
         })
         .collect();
     listed.sort();
+    // Each digest in the algorithm its id names (SHA-256 hex, or `blake3:` hex).
     let mut expected: Vec<(String, String, u64)> = accepted
         .iter()
-        .map(|(org, d, n)| (org.to_string(), weights::digest(d), *n))
+        .map(|(org, d, n)| {
+            let algorithm = listed
+                .iter()
+                .find(|l| l.0 == *org)
+                .map_or(DigestAlgorithm::Sha256, |l| DigestAlgorithm::of_id(&l.1));
+            let raw = digest::digest(algorithm, &weights::to_le_bytes(d));
+            (org.to_string(), algorithm.id(&raw), *n)
+        })
         .collect();
     expected.sort();
     assert_eq!(
@@ -1022,6 +1043,66 @@ async fn raw_delta_digest_that_does_not_match_the_data_is_invalid_argument() {
         Code::InvalidArgument,
         "whole-delta digest mismatch: declared 0707",
         Then::NotWaitedFor,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_with_blake3_or_sha256_delta_digests_are_both_accepted_and_recorded_as_such() {
+    let (fed, mut a, mut b, r) = two_sites_in_round(limits(), 1).await;
+    // The round's model is announced with its BLAKE3 too (what tells a
+    // participant the coordinator takes BLAKE3 delta digests).
+    let announced = digest::digest(DigestAlgorithm::Blake3, &weights::to_le_bytes(&r.base));
+    assert_eq!(r.info.blake3, announced);
+    let (da, db) = (delta(r.n(), 11), delta(r.n(), 22));
+    let p = raw_parts_hashed(&r, &da, 300, DigestAlgorithm::Blake3);
+    assert_eq!(
+        header_mut(&mut p.clone()).delta_digest_algorithm,
+        pb::DigestAlgorithm::Blake3 as i32
+    );
+    let receipt = a.upload(p).await.expect("a BLAKE3 whole-delta digest");
+    let b3 = digest::digest(DigestAlgorithm::Blake3, &weights::to_le_bytes(&da));
+    assert_eq!(receipt.sha256, format!("blake3:{}", hex::encode(b3)));
+    let receipt = b
+        .upload(raw_parts(&r, &db, 500))
+        .await
+        .expect("a SHA-256 one");
+    assert_eq!(receipt.sha256, weights::digest(&db));
+    evaluate_all(&mut [&mut a, &mut b]).await;
+    let out = fed.completed().await;
+    check_round(&out, 1, &[("site-a", &da, 300), ("site-b", &db, 500)]);
+    drop((a, b));
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sha256_delta_digest_declared_as_blake3_is_invalid_argument() {
+    refused_upload(
+        limits(),
+        |r| {
+            let mut p = raw_parts(r, &delta(r.n(), 1), 300);
+            header_mut(&mut p).delta_digest_algorithm = pb::DigestAlgorithm::Blake3 as i32;
+            p
+        },
+        Code::InvalidArgument,
+        "whole-delta digest mismatch: declared blake3:",
+        Then::NotWaitedFor,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_delta_digest_algorithm_is_invalid_argument() {
+    refused_upload(
+        limits(),
+        |r| {
+            let mut p = raw_parts(r, &delta(r.n(), 1), 300);
+            header_mut(&mut p).delta_digest_algorithm = 7;
+            p
+        },
+        Code::InvalidArgument,
+        "delta_digest_algorithm 7 is not one this coordinator knows",
+        Then::StillWaitedFor,
     )
     .await;
 }
@@ -1533,6 +1614,19 @@ async fn an_upload_cancelled_by_its_caller_leaves_no_trace_in_the_aggregate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_off_upload_resumes_from_the_last_good_chunk() {
+    resume_from_the_last_good_chunk(DigestAlgorithm::Sha256).await;
+}
+
+/// The same with a BLAKE3 whole-delta digest: the kept part is found by its
+/// `blake3:` id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_off_upload_with_a_blake3_digest_resumes_from_the_last_good_chunk() {
+    resume_from_the_last_good_chunk(DigestAlgorithm::Blake3).await;
+}
+
+/// An upload (hex digests, the whole one declared in the header) cut after two
+/// chunks, asked about, resumed wrongly and then rightly.
+async fn resume_from_the_last_good_chunk(algorithm: DigestAlgorithm) {
     let limits = Limits {
         transfer_idle_secs: 1,
         ..limits()
@@ -1540,9 +1634,14 @@ async fn a_broken_off_upload_resumes_from_the_last_good_chunk() {
     let (fed, mut a, b, r) = two_sites_in_round(limits, 1).await;
     let da = delta(r.n(), 11);
     let bytes = weights::to_le_bytes(&da);
-    let digest = weights::sha256_hex(&bytes);
+    let raw = digest::digest(algorithm, &bytes);
+    let digest = algorithm.id(&raw);
     let mut p = parts(&r, &da, 300);
-    header_mut(&mut p).delta_sha256 = digest.clone();
+    header_mut(&mut p).delta_sha256 = hex::encode(raw);
+    header_mut(&mut p).delta_digest_algorithm = algorithm.to_wire() as i32;
+    // The trailer leaves the whole digest to the header.
+    let last = p.len() - 1;
+    p[last] = Part::Trailer(pb::UpdateTrailer::default());
     assert!(p.len() >= 5, "the delta must span several chunks");
     // Header and two chunks, then the connection goes quiet and is cut.
     let (tx, pending) = a.upload_by_hand();

@@ -259,7 +259,7 @@ mod tests {
                 num_params: p as u64,
                 encoding: enc,
                 chunks: chunks.into_iter().map(bytes::Bytes::from).collect(),
-                delta_sha256: "cd".repeat(32),
+                delta_digest: format!("blake3:{}", "cd".repeat(32)),
                 num_examples: 4000,
                 train_loss: 0.5,
                 first_chunk: 0,

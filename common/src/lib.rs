@@ -21,6 +21,7 @@
 //! - [`encoding`]: update deltas on the wire: float32, float16, or int8 with a scale per chunk.
 //! - [`fedavg`]: exact (order-independent) example-weighted aggregation of deltas.
 //! - [`weights`]: model files (safetensors) and digests.
+//! - [`digest`]: whole-object transfer digests, SHA-256 or BLAKE3, and their text form.
 //! - [`signing`]: ECDSA P-256 signatures with an endpoint's TLS key, and DSSE
 //!   envelopes (audit log entries, release provenance).
 //! - [`wire`]: conversions between the protocol messages and these types.
@@ -30,6 +31,7 @@ pub mod backend;
 pub mod channel;
 pub mod config_file;
 pub mod data;
+pub mod digest;
 pub mod encoding;
 pub mod error;
 pub mod fedavg;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use sangsaeng_proto::v1 as pb;
 
+use crate::digest::DigestAlgorithm;
 use crate::encoding::UpdateEncoding;
 use crate::plan::{
     Activation, DataSchema, ModelConfig, Optimizer, Scaling, TrainingConfig, TrainingPlan,
@@ -122,9 +123,9 @@ pub struct UpdateUpload {
     /// keeping the chunks for a resumed upload holds them once, not once more
     /// per attempt.
     pub chunks: Arc<[bytes::Bytes]>,
-    /// Lowercase hex SHA-256 of all chunks' bytes, declared up front so that a
-    /// broken-off upload can be resumed.
-    pub delta_sha256: String,
+    /// Digest id (`digest`: SHA-256 hex, or `blake3:` and hex) of all chunks'
+    /// bytes, declared up front so that a broken-off upload can be resumed.
+    pub delta_digest: String,
     pub num_examples: u64,
     pub train_loss: f64,
     /// 0 for a new upload; the coordinator's `next_chunk` to resume one.
@@ -133,8 +134,8 @@ pub struct UpdateUpload {
 
 /// The messages of the `UploadUpdate` stream for `u`, in order: the header, the
 /// chunks from `first_chunk`, and a trailer that leaves the declared whole digest
-/// implicit. Each chunk is checked by its CRC-32C, so SHA-256 runs over each byte
-/// once, for the whole-delta digest (which the caller computed). Digests travel
+/// implicit. Each chunk is checked by its CRC-32C, so the whole-delta hash (which
+/// the caller computed) is the one pass of a hash over each byte. Digests travel
 /// as their 32 raw bytes (half the size of hex, which on the example's
 /// 5,769-parameter model is 2 % of an int8 update). Each chunk moves into its
 /// message only when the stream is polled for it, by reference.
@@ -142,14 +143,17 @@ pub fn upload_messages(
     u: UpdateUpload,
 ) -> Result<impl Iterator<Item = pb::UpdateMessage> + Send + 'static> {
     use pb::update_message::Part;
-    let raw = |hex_digest: &str, what: &str| -> Result<Vec<u8>> {
-        match hex::decode(hex_digest) {
-            Ok(b) if b.len() == 32 => Ok(b),
-            _ => Err(Error::Protocol(format!(
-                "{what} '{hex_digest}' is not a hex SHA-256 digest"
-            ))),
-        }
+    let raw = |id: &str, what: &str| -> Result<Vec<u8>> {
+        crate::digest::raw_of_id(id)
+            .map(Vec::from)
+            .ok_or_else(|| Error::Protocol(format!("{what} '{id}' is not a 32-byte hex digest")))
     };
+    if DigestAlgorithm::of_id(&u.base_model_sha256) != DigestAlgorithm::Sha256 {
+        return Err(Error::Protocol(format!(
+            "the base model's digest '{}' must be its SHA-256 (ModelInfo.sha256)",
+            u.base_model_sha256
+        )));
+    }
     let header = Part::Header(pb::UpdateHeader {
         training_id: u.training_id,
         round: u.round,
@@ -157,7 +161,8 @@ pub fn upload_messages(
         num_params: u.num_params,
         num_examples: u.num_examples,
         train_loss: u.train_loss,
-        delta_digest: raw(&u.delta_sha256, "the delta's digest")?,
+        delta_digest: raw(&u.delta_digest, "the delta's digest")?,
+        delta_digest_algorithm: DigestAlgorithm::of_id(&u.delta_digest).to_wire() as i32,
         first_chunk: u.first_chunk,
         encoding: u.encoding.name().into(),
         ..Default::default()
@@ -232,5 +237,56 @@ seed = 42
                 .to_string()
                 .contains("swish")
         );
+    }
+
+    #[test]
+    fn an_upload_header_carries_its_digests_raw_with_the_delta_s_algorithm() {
+        use crate::digest::{self, DigestAlgorithm};
+        let base = digest::digest(DigestAlgorithm::Sha256, b"model");
+        let delta = digest::digest(DigestAlgorithm::Blake3, b"delta");
+        let upload = |delta_digest: String, base_model_sha256: String| UpdateUpload {
+            training_id: "t".into(),
+            round: 1,
+            base_model_sha256,
+            num_params: 1,
+            encoding: UpdateEncoding::Float32,
+            chunks: vec![bytes::Bytes::from_static(&[0, 0, 0, 0])].into(),
+            delta_digest,
+            num_examples: 1,
+            train_loss: 0.0,
+            first_chunk: 0,
+        };
+        let header = |u: UpdateUpload| match upload_messages(u).unwrap().next() {
+            Some(pb::UpdateMessage {
+                part: Some(pb::update_message::Part::Header(h)),
+            }) => h,
+            other => panic!("not a header: {other:?}"),
+        };
+        let h = header(upload(
+            DigestAlgorithm::Blake3.id(&delta),
+            hex::encode(base),
+        ));
+        assert_eq!(h.delta_digest, delta);
+        assert_eq!(h.delta_digest_algorithm, pb::DigestAlgorithm::Blake3 as i32);
+        assert_eq!(h.base_model_digest, base);
+        assert!(h.delta_sha256.is_empty() && h.base_model_sha256.is_empty());
+
+        let h = header(upload(hex::encode(delta), hex::encode(base)));
+        assert_eq!(h.delta_digest_algorithm, pb::DigestAlgorithm::Sha256 as i32);
+
+        // The base model is named by its SHA-256 identity only.
+        let e = upload_messages(upload(
+            hex::encode(delta),
+            DigestAlgorithm::Blake3.id(&base),
+        ))
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("must be its SHA-256"), "{e}");
+        let e = upload_messages(upload("blake3:12".into(), hex::encode(base)))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("not a 32-byte hex digest"), "{e}");
     }
 }

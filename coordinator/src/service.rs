@@ -569,6 +569,7 @@ impl FederationService {
         num_params: usize,
     ) -> Result<(DeltaReceiver, Spill, u64)> {
         if header.first_chunk == 0 {
+            let algorithm = crate::transfer::delta_algorithm(header)?;
             // Two short lock sections around the spill file's creation (disk work
             // stays outside the lock): one allocates the upload, one reserves its
             // weight. A new upload first replaces whatever was kept of an earlier
@@ -624,6 +625,7 @@ impl FederationService {
                     num_params,
                     self.shared.config.limits.max_chunk_bytes,
                     encoding,
+                    algorithm,
                 ),
                 spill,
                 upload_id,

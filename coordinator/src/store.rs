@@ -29,6 +29,7 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use sangsaeng_common::digest::{self, DigestAlgorithm};
 use sangsaeng_common::encoding::UpdateEncoding;
 use sangsaeng_common::fedavg::Accumulator;
 use sangsaeng_common::model::ModelSpec;
@@ -78,7 +79,8 @@ pub struct TrainingRecord {
 pub struct StoredContribution {
     pub version: u32,
     pub org_id: String,
-    /// SHA-256 of the update's bytes as sent (all chunks, in order).
+    /// Digest id (`sangsaeng_common::digest`: SHA-256 hex, or `blake3:` and hex)
+    /// of the update's bytes as sent (all chunks, in order).
     pub sha256: String,
     pub num_examples: u64,
     pub train_loss: f64,
@@ -114,7 +116,6 @@ impl StoredContribution {
     /// recorded digest as it reads it once; a damaged or missing file is refused
     /// and what was folded of it is subtracted again, leaving `acc` as it was.
     pub fn fold_into(&self, acc: &mut Accumulator) -> Result<()> {
-        use sha2::Digest;
         let encoding = UpdateEncoding::from_name(&self.encoding)
             .map_err(|e| corrupt(format!("the stored update of '{}': {e}", self.org_id)))?;
         let path = Path::new(&self.spill);
@@ -125,7 +126,7 @@ impl StoredContribution {
             ))
         };
         acc.reserve(self.num_examples)?;
-        let mut h = sha2::Sha256::new();
+        let mut h = digest::Hasher::new(DigestAlgorithm::of_id(&self.sha256));
         let (mut values_read, mut folded) = (0usize, 0u32);
         let read = read_spill(path, encoding, None, |offset, values, raw| {
             h.update(raw);
@@ -135,7 +136,7 @@ impl StoredContribution {
             Ok(())
         });
         let checked = read.and_then(|()| {
-            if hex::encode(h.finalize()) == self.sha256 && values_read == acc.num_params() {
+            if h.finalize_id() == self.sha256 && values_read == acc.num_params() {
                 Ok(())
             } else {
                 Err(mismatch())
@@ -452,6 +453,26 @@ mod tests {
         assert_eq!(acc, before);
         s.clear_contributions("t-1", 2).unwrap();
         assert!(s.contributions("t-1", 2).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_stored_update_is_checked_with_the_algorithm_its_digest_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let delta = [0.5f32, -1.0, 2.0, 0.25];
+        let bytes = weights::to_le_bytes(&delta);
+        let mut c = contribution(dir.path(), "a", &delta);
+        let blake3 = digest::digest(DigestAlgorithm::Blake3, &bytes);
+        c.sha256 = DigestAlgorithm::Blake3.id(&blake3);
+        let mut acc = Accumulator::new(4);
+        c.fold_into(&mut acc).unwrap();
+        assert_eq!(acc.apply_to(&[0.0; 4]).unwrap(), delta.to_vec());
+        // The update's SHA-256 labelled as BLAKE3 is not its BLAKE3: refused,
+        // the accumulator left as it was.
+        let before = acc.clone();
+        c.sha256 = DigestAlgorithm::Blake3.id_of_hex(&weights::sha256_hex(&bytes));
+        let e = c.fold_into(&mut acc).unwrap_err().to_string();
+        assert!(e.contains("does not match its digest"), "{e}");
+        assert_eq!(acc, before);
     }
 
     #[test]

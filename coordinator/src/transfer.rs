@@ -2,8 +2,9 @@
 //! streamed to every downloader; the checks on an uploaded delta's chunks; and
 //! the spill file that keeps an upload's chunks, as sent, while it is folded in.
 //!
-//! A model is digested once when published (whole, and per chunk with SHA-256
-//! and CRC-32C); every download of that round reads the same `f32` values, so
+//! A model is digested once when published (whole with SHA-256, its identity,
+//! and BLAKE3, what current participants check; per chunk with SHA-256 and
+//! CRC-32C); every download of that round reads the same `f32` values, so
 //! the coordinator holds one copy of the model whatever the number of downloaders.
 //!
 //! An upload is folded into the round's accumulator chunk by chunk as it arrives
@@ -16,6 +17,7 @@ use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
+use sangsaeng_common::digest::{self, DigestAlgorithm};
 use sangsaeng_common::encoding::{self, UpdateEncoding};
 use sangsaeng_common::weights;
 use sangsaeng_proto::v1 as pb;
@@ -28,6 +30,7 @@ pub struct PublishedModel {
     pub round: u32,
     pub params: Vec<f32>,
     pub sha256: String,
+    blake3: [u8; 32],
     chunk_bytes: usize,
     chunk_digests: Vec<String>,
     chunk_crcs: Vec<u32>,
@@ -38,6 +41,7 @@ impl PublishedModel {
     pub fn new(round: u32, params: Vec<f32>, chunk_bytes: usize) -> Self {
         let bytes = weights::le_bytes(&params);
         let sha256 = weights::sha256_hex(&bytes);
+        let blake3 = digest::digest(DigestAlgorithm::Blake3, &bytes);
         // One pass over the chunks for both checks (the SHA-256 is for participants
         // that predate the CRC field).
         let (chunk_digests, chunk_crcs) = bytes
@@ -49,6 +53,7 @@ impl PublishedModel {
             round,
             params,
             sha256,
+            blake3,
             chunk_bytes,
             chunk_digests,
             chunk_crcs,
@@ -60,6 +65,7 @@ impl PublishedModel {
             round: self.round,
             num_params: self.params.len() as u64,
             sha256: self.sha256.clone(),
+            blake3: self.blake3.to_vec(),
         }
     }
 
@@ -91,6 +97,7 @@ impl PublishedModel {
             sha256: self.chunk_digests[i].clone(),
             model_sha256: self.sha256.clone(),
             crc32c: Some(self.chunk_crcs[i]),
+            model_blake3: self.blake3.to_vec(),
         }
     }
 
@@ -133,7 +140,7 @@ pub struct DeltaReceiver {
     encoding: UpdateEncoding,
     next_index: u32,
     received_values: usize,
-    hasher: sha2::Sha256,
+    hasher: digest::Hasher,
 }
 
 impl std::fmt::Debug for DeltaReceiver {
@@ -157,15 +164,20 @@ impl DeltaReceiver {
     }
 
     /// A receiver for `expected_values` values sent in `encoding`, chunks of at
-    /// most `max_chunk_bytes` encoded bytes.
-    pub fn new(expected_values: usize, max_chunk_bytes: usize, encoding: UpdateEncoding) -> Self {
+    /// most `max_chunk_bytes` encoded bytes, the whole hashed with `algorithm`.
+    pub fn new(
+        expected_values: usize,
+        max_chunk_bytes: usize,
+        encoding: UpdateEncoding,
+        algorithm: DigestAlgorithm,
+    ) -> Self {
         DeltaReceiver {
             expected_values,
             max_chunk_bytes,
             encoding,
             next_index: 0,
             received_values: 0,
-            hasher: <sha2::Sha256 as sha2::Digest>::new(),
+            hasher: digest::Hasher::new(algorithm),
         }
     }
 
@@ -204,7 +216,7 @@ impl DeltaReceiver {
             }
         }
         // A chunk's own SHA-256 is computed only when the chunk declares one: with
-        // the CRC alone, the whole-delta digest below is the one pass of SHA-256.
+        // the CRC alone, the whole-delta digest below is the one pass of a hash.
         let digest = if has_digest {
             sha2::Sha256::digest(&chunk.data)
         } else {
@@ -244,9 +256,9 @@ impl DeltaReceiver {
         Ok(CheckedChunk { offset, values })
     }
 
-    /// Checks the length and the trailer's whole-delta digest; returns the digest.
+    /// Checks the length and the trailer's whole-delta digest (settled by
+    /// [`settle_trailer`]); returns the digest's id.
     pub fn finish(self, trailer: &pb::UpdateTrailer) -> Result<String> {
-        use sha2::Digest;
         if self.received_values != self.expected_values {
             return Err(CoordinatorError::InvalidArgument(format!(
                 "the delta ended after {} of {} values",
@@ -258,7 +270,7 @@ impl DeltaReceiver {
                 "the upload declared no whole-delta digest, in its header or its trailer".into(),
             ));
         }
-        let digest = hex::encode(self.hasher.finalize());
+        let digest = self.hasher.finalize_id();
         if digest != trailer.sha256 {
             return Err(CoordinatorError::InvalidArgument(format!(
                 "whole-delta digest mismatch: declared {}, received data hashes to {digest}",
@@ -271,13 +283,13 @@ impl DeltaReceiver {
 
 /// Folds the raw-byte form of a digest (the `*_digest` fields of an upload's
 /// messages) into its hex form, the one the coordinator compares and records.
-fn settle_digest(hex_form: &mut String, raw: &[u8], field: &str) -> Result<()> {
+fn settle_digest(hex_form: &mut String, raw: &[u8], field: &str, kind: &str) -> Result<()> {
     if raw.is_empty() {
         return Ok(());
     }
     if raw.len() != 32 {
         return Err(CoordinatorError::InvalidArgument(format!(
-            "{field} must be the 32 bytes of a SHA-256 digest, not {}",
+            "{field} must be the 32 bytes of a {kind}, not {}",
             raw.len()
         )));
     }
@@ -291,22 +303,43 @@ fn settle_digest(hex_form: &mut String, raw: &[u8], field: &str) -> Result<()> {
     Ok(())
 }
 
-/// An upload header with its digests in hex form, whichever form was sent.
+/// The hash function of an upload's whole-delta digest, as its header names it.
+pub fn delta_algorithm(h: &pb::UpdateHeader) -> Result<DigestAlgorithm> {
+    DigestAlgorithm::from_wire(h.delta_digest_algorithm).ok_or_else(|| {
+        CoordinatorError::InvalidArgument(format!(
+            "delta_digest_algorithm {} is not one this coordinator knows (0 = SHA-256, 1 = BLAKE3)",
+            h.delta_digest_algorithm
+        ))
+    })
+}
+
+/// An upload header with its digests in the coordinator's text form, whichever
+/// form was sent: the base model's SHA-256 in hex, the delta's digest as its id
+/// (`sangsaeng_common::digest`: hex, or `blake3:` and hex).
 pub fn settle_header(h: &mut pb::UpdateHeader) -> Result<()> {
     settle_digest(
         &mut h.base_model_sha256,
         &h.base_model_digest,
         "base_model_digest",
+        "SHA-256 digest",
     )?;
-    settle_digest(&mut h.delta_sha256, &h.delta_digest, "delta_digest")
+    let kind = format!("{} digest", delta_algorithm(h)?.name());
+    settle_digest(&mut h.delta_sha256, &h.delta_digest, "delta_digest", &kind)?;
+    if !h.delta_sha256.is_empty() {
+        h.delta_sha256 = delta_algorithm(h)?.id_of_hex(&h.delta_sha256);
+    }
+    Ok(())
 }
 
-/// A trailer with the whole-delta digest in hex form: the one it carries, or
-/// else the one the header declared (empty if neither did).
+/// A trailer with the whole-delta digest as an id in the header's algorithm:
+/// the one it carries, or else the one the header declared (empty if neither did).
 pub fn settle_trailer(t: &mut pb::UpdateTrailer, header: &pb::UpdateHeader) -> Result<()> {
-    settle_digest(&mut t.sha256, &t.digest, "the trailer's digest")?;
+    let kind = format!("{} digest", delta_algorithm(header)?.name());
+    settle_digest(&mut t.sha256, &t.digest, "the trailer's digest", &kind)?;
     if t.sha256.is_empty() {
         t.sha256.clone_from(&header.delta_sha256);
+    } else {
+        t.sha256 = delta_algorithm(header)?.id_of_hex(&t.sha256);
     }
     Ok(())
 }
@@ -613,6 +646,9 @@ mod tests {
         }
         assert_eq!(weights::from_le_bytes(&bytes).unwrap(), params);
         assert_eq!(m.sha256, weights::digest(&params));
+        let b3 = digest::digest(DigestAlgorithm::Blake3, &bytes);
+        assert_eq!(m.info().blake3, b3);
+        assert_eq!(m.chunk(2).model_blake3, b3);
         // A chunk holds the model only while it lives: once sent, the values can
         // be taken back for the next round without a copy.
         let held = m.chunk(1);
@@ -625,14 +661,14 @@ mod tests {
     #[test]
     fn receiver_accepts_a_good_delta_and_refuses_bad_chunks() {
         let v: Vec<f32> = (0..10).map(|i| i as f32 * 0.5).collect();
-        let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32);
+        let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32, DigestAlgorithm::Sha256);
         let a = r.push(&chunk(0, &v[..6])).unwrap();
         let b = r.push(&chunk(1, &v[6..])).unwrap();
         assert_eq!((a.offset, a.values.as_slice()), (0, &v[..6]));
         assert_eq!((b.offset, b.values.as_slice()), (6, &v[6..]));
         assert_eq!(r.finish(&trailer(&v)).unwrap(), weights::digest(&v));
 
-        let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32);
+        let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32, DigestAlgorithm::Sha256);
         assert!(
             r.push(&chunk(1, &v))
                 .unwrap_err()
@@ -647,22 +683,73 @@ mod tests {
                 .to_string()
                 .contains("digest mismatch")
         );
-        let mut r = DeltaReceiver::new(10, 8, UpdateEncoding::Float32);
+        let mut r = DeltaReceiver::new(10, 8, UpdateEncoding::Float32, DigestAlgorithm::Sha256);
         assert!(matches!(
             r.push(&chunk(0, &v[..3])),
             Err(CoordinatorError::ResourceExhausted(_))
         ));
-        let mut r = DeltaReceiver::new(2, 4096, UpdateEncoding::Float32);
+        let mut r = DeltaReceiver::new(2, 4096, UpdateEncoding::Float32, DigestAlgorithm::Sha256);
         assert!(
             r.push(&chunk(0, &v[..3]))
                 .unwrap_err()
                 .to_string()
                 .contains("beyond")
         );
-        let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32);
+        let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32, DigestAlgorithm::Sha256);
         r.push(&chunk(0, &v[..4])).unwrap();
         let e = r.finish(&trailer(&v[..4])).unwrap_err();
         assert!(e.to_string().contains("ended after 4 of 10"));
+    }
+
+    #[test]
+    fn a_blake3_delta_digest_is_checked_and_recorded_with_its_algorithm() {
+        let v: Vec<f32> = (0..10).map(|i| i as f32 * 0.5).collect();
+        let bytes = weights::to_le_bytes(&v);
+        let b3 = digest::digest(DigestAlgorithm::Blake3, &bytes);
+        let header = |raw: Vec<u8>, algorithm: i32| {
+            let mut h = pb::UpdateHeader {
+                delta_digest: raw,
+                delta_digest_algorithm: algorithm,
+                ..Default::default()
+            };
+            settle_header(&mut h).map(|()| h)
+        };
+        let blake3 = pb::DigestAlgorithm::Blake3 as i32;
+        let h = header(b3.to_vec(), blake3).unwrap();
+        assert_eq!(h.delta_sha256, format!("blake3:{}", hex::encode(b3)));
+        let receive = |h: &pb::UpdateHeader, t: &mut pb::UpdateTrailer| {
+            settle_trailer(t, h)?;
+            let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32, delta_algorithm(h)?);
+            r.push(&chunk(0, &v[..6]))?;
+            r.push(&chunk(1, &v[6..]))?;
+            r.finish(t)
+        };
+        // Declared in the header, left implicit in the trailer.
+        assert_eq!(
+            receive(&h, &mut pb::UpdateTrailer::default()).unwrap(),
+            h.delta_sha256
+        );
+        // Declared in the trailer only, as raw bytes.
+        let bare = header(vec![], blake3).unwrap();
+        let mut t = pb::UpdateTrailer {
+            digest: b3.to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(receive(&bare, &mut t).unwrap(), h.delta_sha256);
+        // The SHA-256 of the same bytes declared as BLAKE3 does not pass.
+        let sha = digest::digest(DigestAlgorithm::Sha256, &bytes);
+        let wrong = header(sha.to_vec(), blake3).unwrap();
+        let e = receive(&wrong, &mut pb::UpdateTrailer::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("whole-delta digest mismatch"), "{e}");
+        assert!(
+            e.contains(&format!("hashes to blake3:{}", hex::encode(b3))),
+            "{e}"
+        );
+        // An algorithm this coordinator does not know is named, not guessed.
+        let e = header(b3.to_vec(), 9).unwrap_err().to_string();
+        assert!(e.contains("delta_digest_algorithm 9 is not one"), "{e}");
     }
 
     #[test]
@@ -677,13 +764,13 @@ mod tests {
                 ..Default::default()
             }
         };
-        let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32);
+        let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32, DigestAlgorithm::Sha256);
         r.push(&crc_only(0, &v[..6])).unwrap();
         r.push(&crc_only(1, &v[6..])).unwrap();
         // The whole-delta SHA-256 still decides.
         assert_eq!(r.finish(&trailer(&v)).unwrap(), weights::digest(&v));
 
-        let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32);
+        let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32, DigestAlgorithm::Sha256);
         let mut c = crc_only(0, &v[..6]);
         let mut data = c.data.to_vec();
         data[0] ^= 1;
@@ -833,7 +920,7 @@ mod tests {
     fn receiver_decodes_int8_chunks_and_refuses_a_bad_scale() {
         let v: Vec<f32> = (0..100).map(|i| (i as f32 - 50.0) * 0.01).collect();
         let chunks = encoding::encode_chunks(&v, UpdateEncoding::Int8, 64).unwrap();
-        let mut r = DeltaReceiver::new(100, 64, UpdateEncoding::Int8);
+        let mut r = DeltaReceiver::new(100, 64, UpdateEncoding::Int8, DigestAlgorithm::Sha256);
         let mut all = vec![];
         let mut got = vec![];
         for (i, c) in chunks.iter().enumerate() {
@@ -863,7 +950,7 @@ mod tests {
 
         let mut bad = f32::INFINITY.to_le_bytes().to_vec();
         bad.extend([1u8, 2, 3]);
-        let mut r = DeltaReceiver::new(100, 64, UpdateEncoding::Int8);
+        let mut r = DeltaReceiver::new(100, 64, UpdateEncoding::Int8, DigestAlgorithm::Sha256);
         let e = r
             .push(&pb::UpdateChunk {
                 index: 0,

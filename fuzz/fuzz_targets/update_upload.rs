@@ -3,7 +3,7 @@
 //! The input is a sequence of length-delimited `UpdateMessage`s, exactly the
 //! frames of the `UploadUpdate` client stream. They drive the coordinator's own
 //! `DeltaReceiver` (chunk order, size limit, per-chunk CRC-32C and digests,
-//! whole digests in hex or raw form, length) and the exact FedAvg accumulator the way the service
+//! whole digests in hex or raw form, SHA-256 or BLAKE3, length) and the exact FedAvg accumulator the way the service
 //! does: digests settled into hex at the header and the trailer, weight
 //! reserved at the header, each checked chunk folded as it arrives, and on any
 //! refusal the folded chunks subtracted again. The header's encoding (float32,
@@ -56,9 +56,19 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(acc, before);
                     return;
                 }
+                let Ok(algorithm) = transfer::delta_algorithm(&h) else {
+                    acc.release(h.num_examples);
+                    assert_eq!(acc, before);
+                    return;
+                };
                 weight = h.num_examples;
                 header = h;
-                receiver = Some(DeltaReceiver::new(NUM_PARAMS, MAX_CHUNK_BYTES, encoding));
+                receiver = Some(DeltaReceiver::new(
+                    NUM_PARAMS,
+                    MAX_CHUNK_BYTES,
+                    encoding,
+                    algorithm,
+                ));
             }
             Some(pb::update_message::Part::Chunk(c)) => {
                 let Some(r) = receiver.as_mut() else { return };

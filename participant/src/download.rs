@@ -7,6 +7,7 @@
 //! [`ModelAssembler::next_chunk`]: a chunk is only kept once it passed its check,
 //! so a resumed download never starts from a bad one.
 
+use sangsaeng_common::digest::{self, DigestAlgorithm};
 use sangsaeng_common::weights;
 use sangsaeng_proto::v1 as pb;
 
@@ -22,6 +23,12 @@ const MAX_MODEL_BYTES: u64 = 1 << 36;
 pub struct ModelAssembler {
     round: u32,
     sha256: String,
+    blake3: Vec<u8>,
+    /// The whole-model digest the download is checked against: BLAKE3 when the
+    /// coordinator announces one (2.5x faster per core), else SHA-256.
+    expected: [u8; 32],
+    /// Fed as each chunk is kept, while its bytes are still in cache.
+    hasher: digest::Hasher,
     expected_bytes: usize,
     bytes: Vec<u8>,
     next: u32,
@@ -37,9 +44,27 @@ impl ModelAssembler {
             .ok_or_else(|| {
                 ParticipantError::Transfer(format!("implausible model size {}", info.num_params))
             })? as usize;
+        let bad_digest = || {
+            ParticipantError::Transfer(format!(
+                "the model of round {} is announced with a malformed digest",
+                info.round
+            ))
+        };
+        let (algorithm, expected) = if info.blake3.is_empty() {
+            let raw = digest::raw_of_id(&info.sha256)
+                .filter(|_| DigestAlgorithm::of_id(&info.sha256) == DigestAlgorithm::Sha256)
+                .ok_or_else(bad_digest)?;
+            (DigestAlgorithm::Sha256, raw)
+        } else {
+            let raw: [u8; 32] = info.blake3[..].try_into().map_err(|_| bad_digest())?;
+            (DigestAlgorithm::Blake3, raw)
+        };
         Ok(ModelAssembler {
             round: info.round,
             sha256: info.sha256.clone(),
+            blake3: info.blake3.clone(),
+            expected,
+            hasher: digest::Hasher::new(algorithm),
             expected_bytes,
             bytes: Vec::with_capacity(expected_bytes),
             next: 0,
@@ -61,13 +86,13 @@ impl ModelAssembler {
                 c.index
             )));
         }
-        if c.model_sha256 != self.sha256 {
+        if c.model_sha256 != self.sha256 || c.model_blake3 != self.blake3 {
             return Err(ParticipantError::Transfer(
                 "the model changed during the download".into(),
             ));
         }
-        // The CRC when the coordinator sends one (the whole-model SHA-256 in
-        // `finish` vouches for the content, so each byte is hashed once); the
+        // The CRC when the coordinator sends one (the whole-model digest checked
+        // in `finish` vouches for the content, so each byte is hashed once); the
         // chunk's SHA-256 from a coordinator that does not.
         let chunk_ok = match c.crc32c {
             Some(crc) => crc32c::crc32c(&c.data) == crc,
@@ -83,16 +108,15 @@ impl ModelAssembler {
                 "the model is longer than announced".into(),
             ));
         }
+        self.hasher.update(&c.data);
         self.bytes.extend_from_slice(&c.data);
         self.next += 1;
         Ok(self.next == c.total_chunks)
     }
 
-    /// The model, once its length and whole SHA-256 match what was announced.
+    /// The model, once its length and whole digest match what was announced.
     pub fn finish(self) -> Result<Vec<f32>> {
-        if self.bytes.len() != self.expected_bytes
-            || weights::sha256_hex(&self.bytes) != self.sha256
-        {
+        if self.bytes.len() != self.expected_bytes || self.hasher.finalize() != self.expected {
             return Err(ParticipantError::Transfer(format!(
                 "downloaded model of round {} does not match its digest",
                 self.round
@@ -109,11 +133,12 @@ mod tests {
     const CHUNK: usize = 64;
 
     /// A 100-parameter model as a coordinator serves it: 7 chunks of up to 64
-    /// bytes, each with its CRC-32C and SHA-256.
+    /// bytes, each with its CRC-32C and SHA-256, the whole with SHA-256 and BLAKE3.
     fn served() -> (pb::ModelInfo, Vec<pb::ModelChunk>, Vec<f32>) {
         let params: Vec<f32> = (0..100).map(|i| i as f32 * 0.25 - 3.0).collect();
         let bytes = weights::to_le_bytes(&params);
         let sha = weights::sha256_hex(&bytes);
+        let b3 = digest::digest(DigestAlgorithm::Blake3, &bytes).to_vec();
         let total = bytes.len().div_ceil(CHUNK) as u32;
         let chunks = bytes
             .chunks(CHUNK)
@@ -125,13 +150,23 @@ mod tests {
                 sha256: weights::sha256_hex(d),
                 model_sha256: sha.clone(),
                 crc32c: Some(crc32c::crc32c(d)),
+                model_blake3: b3.clone(),
             })
             .collect();
         let info = pb::ModelInfo {
             round: 3,
             num_params: 100,
             sha256: sha,
+            blake3: b3,
         };
+        (info, chunks, params)
+    }
+
+    /// The same model from a coordinator that predates BLAKE3.
+    fn served_sha256_only() -> (pb::ModelInfo, Vec<pb::ModelChunk>, Vec<f32>) {
+        let (mut info, mut chunks, params) = served();
+        info.blake3.clear();
+        chunks.iter_mut().for_each(|c| c.model_blake3.clear());
         (info, chunks, params)
     }
 
@@ -200,10 +235,40 @@ mod tests {
 
     #[test]
     fn a_chunk_altered_with_its_crc_recomputed_fails_the_whole_model_digest() {
-        let (info, mut chunks, _) = served();
-        flip(&mut chunks[1].data, 0, 1);
-        chunks[1].crc32c = Some(crc32c::crc32c(&chunks[1].data));
+        for (info, mut chunks, _) in [served(), served_sha256_only()] {
+            flip(&mut chunks[1].data, 0, 1);
+            chunks[1].crc32c = Some(crc32c::crc32c(&chunks[1].data));
+            refused(&info, &chunks, "round 3 does not match its digest");
+        }
+    }
+
+    #[test]
+    fn the_whole_model_is_checked_with_blake3_when_announced_else_sha256() {
+        let (info, chunks, params) = served_sha256_only();
+        assert_eq!(assemble(&info, &chunks).unwrap(), params);
+
+        // With BLAKE3 announced it is BLAKE3 that decides: a wrong one refuses
+        // the model although its SHA-256 is right.
+        let (mut info, mut chunks, _) = served();
+        let mut wrong = info.blake3.clone();
+        wrong[0] ^= 1;
+        info.blake3.clone_from(&wrong);
+        chunks
+            .iter_mut()
+            .for_each(|c| c.model_blake3.clone_from(&wrong));
         refused(&info, &chunks, "round 3 does not match its digest");
+
+        // Chunks announcing another BLAKE3 than the model did are another model.
+        let (info, mut chunks, _) = served();
+        chunks[2].model_blake3 = vec![0; 32];
+        refused(&info, &chunks, "the model changed during the download");
+
+        let (mut info, chunks, _) = served();
+        info.blake3.truncate(31);
+        refused(&info, &chunks, "announced with a malformed digest");
+        let (mut info, chunks, _) = served_sha256_only();
+        info.sha256 = "not hex".into();
+        refused(&info, &chunks, "announced with a malformed digest");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use sangsaeng_common::digest::{self, DigestAlgorithm};
 use sangsaeng_common::encoding::{self, UpdateEncoding};
 use sangsaeng_common::model::ModelSpec;
 use sangsaeng_common::plan::TrainingPlan;
@@ -63,8 +64,8 @@ struct PendingUpload {
     num_params: u64,
     encoding: UpdateEncoding,
     chunks: Arc<[bytes::Bytes]>,
-    /// Lowercase hex SHA-256 of all chunks' bytes.
-    delta_sha256: String,
+    /// Digest id of all chunks' bytes (`sangsaeng_common::digest`).
+    delta_digest: String,
     num_examples: u64,
     train_loss: f64,
 }
@@ -293,7 +294,7 @@ impl Session {
             .upload_progress(pb::UploadProgressRequest {
                 training_id: tid.into(),
                 round,
-                delta_sha256: p.delta_sha256.clone(),
+                delta_sha256: p.delta_digest.clone(),
                 reserve_slot: true,
             })
             .await
@@ -317,7 +318,7 @@ impl Session {
                 num_params: p.num_params,
                 encoding: p.encoding,
                 chunks: p.chunks.clone(),
-                delta_sha256: p.delta_sha256.clone(),
+                delta_digest: p.delta_digest.clone(),
                 num_examples: p.num_examples,
                 train_loss: p.train_loss,
                 first_chunk,
@@ -328,7 +329,8 @@ impl Session {
         tracing::info!(
             training = tid,
             round,
-            sha256 = &receipt.sha256[..12],
+            // Whatever the coordinator sent, shortened (a char boundary, never a panic).
+            digest = receipt.sha256.get(..19).unwrap_or(&receipt.sha256),
             "delta accepted by the coordinator"
         );
         Ok(())
@@ -384,16 +386,21 @@ impl Session {
                 .map(bytes::Bytes::from)
                 .collect();
         drop(delta);
-        let delta_sha256 = {
-            use sha2::Digest;
-            let mut h = sha2::Sha256::new();
+        // BLAKE3 where the coordinator announced it (it then accepts it), else SHA-256.
+        let algorithm = if info.blake3.is_empty() {
+            DigestAlgorithm::Sha256
+        } else {
+            DigestAlgorithm::Blake3
+        };
+        let delta_digest = {
+            let mut h = digest::Hasher::new(algorithm);
             for c in chunks.iter() {
                 h.update(c);
             }
-            hex::encode(h.finalize())
+            h.finalize_id()
         };
         if let Some(dir) = &self.cfg.record_dir {
-            record_delta(dir, tid, round, plan, &chunks, &delta_sha256, n)?;
+            record_delta(dir, tid, round, plan, &chunks, &delta_digest, n)?;
         }
         Ok(PendingUpload {
             training_id: tid.to_string(),
@@ -402,7 +409,7 @@ impl Session {
             num_params,
             encoding,
             chunks,
-            delta_sha256,
+            delta_digest,
             num_examples: n,
             train_loss: loss,
         })
@@ -497,15 +504,15 @@ pub async fn upload(
 
 /// Keeps the site's own copy of what it sent (safetensors, same layout as the
 /// model): the delta as the coordinator decodes it from `chunks` (after
-/// float16/int8 quantisation, if the plan asks for it), with the digest of the
-/// bytes sent.
+/// float16/int8 quantisation, if the plan asks for it), with the digest id of
+/// the bytes sent (metadata `delta_digest`, as the coordinator's receipt names it).
 fn record_delta(
     dir: &Path,
     tid: &str,
     round: u32,
     plan: &TrainingPlan,
     chunks: &[bytes::Bytes],
-    wire_sha: &str,
+    wire_digest: &str,
     n: u64,
 ) -> Result<()> {
     let enc = plan.training.update_encoding;
@@ -519,7 +526,7 @@ fn record_delta(
     let meta = HashMap::from([
         ("round".to_string(), round.to_string()),
         ("num_examples".to_string(), n.to_string()),
-        ("sha256".to_string(), wire_sha.to_string()),
+        ("delta_digest".to_string(), wire_digest.to_string()),
         ("encoding".to_string(), enc.name().to_string()),
     ]);
     let layout = ModelSpec::from_plan(plan).layout();
