@@ -670,7 +670,7 @@ impl FederationService {
         &self,
         org: &str,
         header: &pb::UpdateHeader,
-        receiver: DeltaReceiver,
+        mut receiver: DeltaReceiver,
         spill: Spill,
         upload_id: u64,
     ) -> bool {
@@ -694,6 +694,7 @@ impl FederationService {
             chunks = receiver.next_index(),
             "kept a broken-off upload for resumption"
         );
+        receiver.release_buffer();
         t.partial.insert(
             org.to_string(),
             crate::state::PartialUpload {
@@ -737,7 +738,7 @@ impl FederationService {
             .accumulator
             .as_mut()
             .expect("a training round has an accumulator")
-            .fold(chunk.offset, &chunk.values, header.num_examples);
+            .fold(chunk.offset, chunk.values, header.num_examples);
         t.fold_time += start.elapsed();
         folded?;
         f.folded += 1;

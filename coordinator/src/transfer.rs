@@ -122,11 +122,12 @@ impl AsRef<[u8]> for ChunkView {
     }
 }
 
-/// One chunk that passed every check, decoded, and where its values go.
+/// One chunk that passed every check, decoded, and where its values go: a view
+/// of the receiver's decode buffer, valid until its next chunk.
 #[derive(Debug)]
-pub struct CheckedChunk {
+pub struct CheckedChunk<'a> {
     pub offset: usize,
-    pub values: Vec<f32>,
+    pub values: &'a [f32],
 }
 
 /// Checks a delta's chunks in order (index, size, CRC-32C and/or digest,
@@ -141,6 +142,8 @@ pub struct DeltaReceiver {
     next_index: u32,
     received_values: usize,
     hasher: digest::Hasher,
+    /// Decoded values of the latest chunk, reused from chunk to chunk.
+    values: Vec<f32>,
 }
 
 impl std::fmt::Debug for DeltaReceiver {
@@ -154,6 +157,12 @@ impl std::fmt::Debug for DeltaReceiver {
 }
 
 impl DeltaReceiver {
+    /// Gives back the decode buffer (a chunk's worth of values), for a receiver
+    /// set aside until its upload resumes.
+    pub fn release_buffer(&mut self) {
+        self.values = Vec::new();
+    }
+
     /// Index of the next chunk expected (the number of chunks accepted so far).
     pub fn next_index(&self) -> u32 {
         self.next_index
@@ -178,11 +187,12 @@ impl DeltaReceiver {
             next_index: 0,
             received_values: 0,
             hasher: digest::Hasher::new(algorithm),
+            values: Vec::new(),
         }
     }
 
     /// Checks one chunk and returns its decoded values with their offset.
-    pub fn push(&mut self, chunk: &pb::UpdateChunk) -> Result<CheckedChunk> {
+    pub fn push(&mut self, chunk: &pb::UpdateChunk) -> Result<CheckedChunk<'_>> {
         use sha2::Digest;
         let bad = |m: String| Err(CoordinatorError::InvalidArgument(m));
         if chunk.index != self.next_index {
@@ -236,13 +246,14 @@ impl DeltaReceiver {
                 hex::encode(digest)
             ));
         }
-        let values = match encoding::decode_chunk(&chunk.data, self.encoding) {
-            Ok(v) => v,
+        match encoding::decode_chunk_into(&chunk.data, self.encoding, &mut self.values) {
+            Ok(()) => {}
             Err(sangsaeng_common::Error::Protocol(m)) => {
                 return bad(format!("chunk {}: {m}", chunk.index));
             }
             Err(e) => return bad(format!("chunk {}: {e}", chunk.index)),
         };
+        let values = &self.values[..];
         if self.received_values + values.len() > self.expected_values {
             return bad(format!(
                 "chunk {} takes the delta beyond the model's {} values",
@@ -584,6 +595,7 @@ fn read_frames(
 ) -> Result<()> {
     let mut offset = 0usize;
     let mut buf = Vec::new();
+    let mut values = Vec::new();
     let mut n = 0u32;
     while frames.is_none_or(|f| n < f) {
         let mut len = [0u8; 4];
@@ -601,7 +613,7 @@ fn read_frames(
         r.read_exact(&mut buf)
             .map_err(|e| damaged(format!("frame {n}: {e}")))?;
         let data = &buf[..len];
-        let values = encoding::decode_chunk(data, encoding)
+        encoding::decode_chunk_into(data, encoding, &mut values)
             .map_err(|e| damaged(format!("frame {n}: {e}")))?;
         each(offset, &values, data)?;
         offset += values.len();
@@ -663,9 +675,9 @@ mod tests {
         let v: Vec<f32> = (0..10).map(|i| i as f32 * 0.5).collect();
         let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32, DigestAlgorithm::Sha256);
         let a = r.push(&chunk(0, &v[..6])).unwrap();
+        assert_eq!((a.offset, a.values), (0, &v[..6]));
         let b = r.push(&chunk(1, &v[6..])).unwrap();
-        assert_eq!((a.offset, a.values.as_slice()), (0, &v[..6]));
-        assert_eq!((b.offset, b.values.as_slice()), (6, &v[6..]));
+        assert_eq!((b.offset, b.values), (6, &v[6..]));
         assert_eq!(r.finish(&trailer(&v)).unwrap(), weights::digest(&v));
 
         let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32, DigestAlgorithm::Sha256);
@@ -934,7 +946,7 @@ mod tests {
                 })
                 .unwrap();
             assert_eq!(checked.offset, got.len());
-            got.extend(checked.values);
+            got.extend_from_slice(checked.values);
         }
         let sha = r
             .finish(&pb::UpdateTrailer {

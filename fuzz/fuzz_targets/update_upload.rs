@@ -78,7 +78,7 @@ fuzz_target!(|data: &[u8]| {
                 if acc.fold(chunk.offset, &chunk.values, weight).is_err() {
                     return refuse(&mut acc, &folded, weight, &before);
                 }
-                folded.push((chunk.offset, chunk.values));
+                folded.push((chunk.offset, chunk.values.to_vec()));
             }
             Some(pb::update_message::Part::Trailer(mut t)) => {
                 let Some(r) = receiver.take() else { return };
