@@ -12,6 +12,7 @@ use sangsaeng::localnet;
 use sangsaeng_common::encoding::UpdateEncoding;
 use sangsaeng_common::model::ModelSpec;
 use sangsaeng_common::weights;
+use sangsaeng_coordinator::config::Limits;
 
 /// Runs a training to completion and returns its output folder.
 async fn run_federation(dir: &Path, rounds: u32, files: Vec<PathBuf>, record: bool) -> PathBuf {
@@ -24,7 +25,7 @@ async fn run_federation_with(
     files: Vec<PathBuf>,
     record: bool,
 ) -> PathBuf {
-    run_federation_via(dir, plan, files, record, |_, _| None).await
+    run_federation_via(dir, plan, files, record, Default::default(), |_, _| None).await
 }
 
 /// [`run_federation_with`], where `route(org, coordinator_url)` may give a site
@@ -34,19 +35,14 @@ async fn run_federation_via(
     plan: sangsaeng_common::plan::TrainingPlan,
     files: Vec<PathBuf>,
     record: bool,
+    limits: Limits,
     route: impl Fn(&str, &str) -> Option<(String, usize)>,
 ) -> PathBuf {
     let roster = support::roster(&[]);
     let pki = support::pki(dir, &roster);
-    let coord = localnet::start_coordinator(
-        &pki,
-        roster,
-        Some(plan),
-        &dir.join("runs"),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    let coord = localnet::start_coordinator(&pki, roster, Some(plan), &dir.join("runs"), limits)
+        .await
+        .unwrap();
     let stop = CancellationToken::new();
     let handles: Vec<_> = support::SITES
         .iter()
@@ -367,15 +363,32 @@ async fn run_with_site_a_cut(cut: Cut, cut_after: u64, cuts: usize) -> (Vec<f32>
     let dir = tempfile::tempdir().unwrap();
     let files = support::site_files(dir.path(), 3);
     let relay = std::sync::Mutex::new(None);
-    let out = run_federation_via(dir.path(), eight_chunk_plan(), files, false, |org, url| {
-        (org == support::SITES[0]).then(|| {
+    // Chunks of at most 16 KiB, and so HTTP/2 frames of 16 KiB (the coordinator
+    // sizes frames by its chunk limit): a DATA frame is delivered only whole, so
+    // with frames larger than this 29 KB delta a cut would lose all of it, as a
+    // 1 MiB frame loses about one 1 MiB chunk with the defaults.
+    let limits = Limits {
+        max_chunk_bytes: 16 << 10,
+        ..Default::default()
+    };
+    let out = run_federation_via(
+        dir.path(),
+        eight_chunk_plan(),
+        files,
+        false,
+        limits,
+        |org, url| {
+            // Every site sends 4 KiB chunks; only site-a goes through the relay.
+            if org != support::SITES[0] {
+                return Some((url.to_string(), 4096));
+            }
             let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
             let target = std::net::SocketAddr::from(([127, 0, 0, 1], port));
             let (relay_port, sent) = cutting_relay(target, cut_after, cut, cuts);
             *relay.lock().unwrap() = Some(sent);
-            (format!("https://127.0.0.1:{relay_port}"), 4096)
-        })
-    })
+            Some((format!("https://127.0.0.1:{relay_port}"), 4096))
+        },
+    )
     .await;
     let sent = relay.lock().unwrap().take().unwrap();
     let sent = sent.lock().unwrap().clone();

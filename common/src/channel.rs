@@ -13,6 +13,10 @@ use crate::{Error, Result};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Detects a dead coordinator on an idle connection (e.g. during long local training).
 const KEEPALIVE: Duration = Duration::from_secs(20);
+/// Largest HTTP/2 frame a participant accepts, so the coordinator sends each
+/// 1 MiB model chunk as one DATA frame rather than 64 of the default 16 KiB
+/// (the coordinator accepts the same for uploads; see its `HTTP2_MAX_FRAME`).
+const HTTP2_MAX_FRAME: u32 = 1 << 20;
 
 /// Connects to `url` (e.g. `https://coordinator.example:7443`) presenting the site's
 /// certificate; `server_name` is the name in the coordinator's certificate.
@@ -26,7 +30,8 @@ pub async fn connect(url: &str, tls: &TlsMaterial, server_name: &str) -> Result<
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(KEEPALIVE)
         .keep_alive_timeout(KEEPALIVE)
-        .keep_alive_while_idle(true);
+        .keep_alive_while_idle(true)
+        .max_frame_size(HTTP2_MAX_FRAME);
     endpoint.connect().await.map_err(|e| {
         Error::Tls(format!(
             "cannot connect to the coordinator at {url}: {}",

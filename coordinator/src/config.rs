@@ -76,6 +76,27 @@ impl Limits {
         self.max_chunk_bytes + 64 * 1024
     }
 
+    /// HTTP/2 receive window (per stream and per connection): one chunk, at
+    /// least the protocol's default 64 KiB, at most 16 MiB. Participants wait for
+    /// an upload slot before they stream (`UploadProgress` with `reserve_slot`),
+    /// so queued uploads park nothing; the window bounds what an upload in
+    /// flight, or a client that skips the admission step, holds in the
+    /// coordinator's buffers (`max_connections` bounds the number of windows).
+    /// With 64 KiB windows every 1 MiB chunk waited for 16 window updates.
+    pub fn http2_window(&self) -> u32 {
+        self.max_chunk_bytes.clamp(65_535, 16 << 20) as u32
+    }
+
+    /// Largest HTTP/2 frame accepted: one chunk, within HTTP/2's bounds
+    /// (16 KiB..16 MiB). A chunk then crosses as one DATA frame rather than 64
+    /// of the default 16 KiB, each framed, woken for and copied on its own. Not
+    /// more than a chunk: a frame is delivered only whole, so a connection cut
+    /// mid-frame loses the frame, and a resumed upload should lose no more than
+    /// about the chunk it was sending.
+    pub fn http2_max_frame(&self) -> u32 {
+        self.max_chunk_bytes.clamp(16_384, (1 << 24) - 1) as u32
+    }
+
     fn validate(&self) -> std::result::Result<(), String> {
         if !(4096..=64 << 20).contains(&self.max_chunk_bytes)
             || !self.max_chunk_bytes.is_multiple_of(4)
@@ -282,5 +303,33 @@ impl CoordinatorConfig {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http2_window_and_frame_follow_the_chunk_limit_within_http2_bounds() {
+        let with = |max_chunk_bytes| Limits {
+            max_chunk_bytes,
+            ..Limits::default()
+        };
+        let d = Limits::default();
+        assert_eq!((d.http2_window(), d.http2_max_frame()), (1 << 20, 1 << 20));
+        // Below HTTP/2's defaults: the defaults (a frame may not be under 16 KiB).
+        assert_eq!(
+            (with(4096).http2_window(), with(4096).http2_max_frame()),
+            (65_535, 16_384)
+        );
+        // Above HTTP/2's largest frame: the largest frame, and a 16 MiB window.
+        assert_eq!(
+            (
+                with(64 << 20).http2_window(),
+                with(64 << 20).http2_max_frame()
+            ),
+            (16 << 20, (1 << 24) - 1)
+        );
     }
 }

@@ -52,16 +52,6 @@ pub use state::Shared;
 /// without closing its connection, so operators see it offline within a minute.
 const HTTP2_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// HTTP/2 receive windows: how much a participant may send before the coordinator
-/// reads it. Participants wait for an upload slot before they stream
-/// (`UploadProgress` with `reserve_slot`), so queued uploads park nothing; the
-/// window still bounds what each upload in flight, or a client that skips the
-/// admission step, holds in the coordinator's buffers. Measured (docs/BENCHMARKS.md):
-/// 1 MiB windows make P = 1e7, K = 32 about 12 % faster but cost 20 MiB more at
-/// K = 256 (buffers that grow per connection and stay); the protocol's default,
-/// 64 KiB, keeps memory flat and still moves more than 1 GB/s per stream on loopback.
-const HTTP2_WINDOW: u32 = 65_535;
-
 /// Serves the coordinator on `listener` until `shutdown` is cancelled.
 ///
 /// An unfinished training found in the state store is resumed; otherwise, if the
@@ -131,8 +121,12 @@ pub async fn run(
         .max_concurrent_streams(limits.max_streams_per_connection)
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE))
-        .initial_stream_window_size(HTTP2_WINDOW)
-        .initial_connection_window_size(HTTP2_WINDOW)
+        // Both sized by the chunk limit (see `Limits::http2_window`): measured on
+        // 2026-11-30 (docs/BENCHMARKS.md), 1 MiB windows and frames instead of
+        // 64 KiB and 16 KiB took 17 % of the coordinator's CPU off P = 1e7, K = 32.
+        .initial_stream_window_size(limits.http2_window())
+        .initial_connection_window_size(limits.http2_window())
+        .max_frame_size(Some(limits.http2_max_frame()))
         .add_service(federation)
         .add_service(admin)
         .serve_with_incoming_shutdown(
