@@ -36,27 +36,57 @@ pub struct PublishedModel {
     chunk_crcs: Vec<u32>,
 }
 
-impl PublishedModel {
+/// The digests a published model is served with.
+#[derive(Debug)]
+pub struct ModelDigests {
+    sha256: String,
+    blake3: [u8; 32],
+    chunk_digests: Vec<String>,
+    chunk_crcs: Vec<u32>,
+}
+
+impl ModelDigests {
     /// Digests `params` whole and per chunk of `chunk_bytes` (a multiple of 4).
-    pub fn new(round: u32, params: Vec<f32>, chunk_bytes: usize) -> Self {
-        let bytes = weights::le_bytes(&params);
-        let sha256 = weights::sha256_hex(&bytes);
-        let blake3 = digest::digest(DigestAlgorithm::Blake3, &bytes);
+    pub fn of(params: &[f32], chunk_bytes: usize) -> Self {
+        let bytes = weights::le_bytes(params);
         // One pass over the chunks for both checks (the SHA-256 is for participants
         // that predate the CRC field).
         let (chunk_digests, chunk_crcs) = bytes
             .chunks(chunk_bytes)
             .map(|c| (weights::sha256_hex(c), crc32c::crc32c(c)))
             .unzip();
-        drop(bytes);
+        ModelDigests {
+            sha256: weights::sha256_hex(&bytes),
+            blake3: digest::digest(DigestAlgorithm::Blake3, &bytes),
+            chunk_digests,
+            chunk_crcs,
+        }
+    }
+}
+
+impl PublishedModel {
+    /// Digests `params` whole and per chunk of `chunk_bytes` (a multiple of 4).
+    pub fn new(round: u32, params: Vec<f32>, chunk_bytes: usize) -> Self {
+        let digests = ModelDigests::of(&params, chunk_bytes);
+        Self::with_digests(round, params, chunk_bytes, digests)
+    }
+
+    /// A model whose digests were computed beforehand by [`ModelDigests::of`]
+    /// with the same `params` and `chunk_bytes`.
+    pub fn with_digests(
+        round: u32,
+        params: Vec<f32>,
+        chunk_bytes: usize,
+        digests: ModelDigests,
+    ) -> Self {
         PublishedModel {
             round,
             params,
-            sha256,
-            blake3,
+            sha256: digests.sha256,
+            blake3: digests.blake3,
             chunk_bytes,
-            chunk_digests,
-            chunk_crcs,
+            chunk_digests: digests.chunk_digests,
+            chunk_crcs: digests.chunk_crcs,
         }
     }
 
