@@ -23,10 +23,15 @@ if [ ! -x "$HARNESS/.venv/bin/python" ]; then
 fi
 cargo build --release --example federation_bench
 BENCH=target/release/examples/federation_bench
+# Before each run: the previous run's writes flushed and its processes gone, so
+# neither framework starts while the other's teardown still loads the machine.
+settle() { sync; sleep 5; }
 for pt in $POINTS; do
   P=${pt%%:*}; K=${pt##*:}
+  settle
   echo "=== Flower deployment P=$P K=$K"
   (cd "$HARNESS" && timeout 620 .venv/bin/python bench_deploy.py --params "$P" --clients "$K" --timeout 500 | tail -n 1) || echo "flower run ended with $?"
+  settle
   echo "=== Sangsaeng P=$P K=$K"
   timeout 1200 "$BENCH" --params "$P" --clients "$K" --timeout 1100 || echo "sangsaeng run ended with $?"
 done
