@@ -388,10 +388,10 @@ async fn stream_download(
 /// The daemon's choice: BLAKE3 where the coordinator announces it, unless told
 /// to use SHA-256 as participants that predate BLAKE3 do.
 fn digest_algorithm(info: &pb::ModelInfo, sha256: bool) -> DigestAlgorithm {
-    if sha256 || info.blake3.is_empty() {
+    if sha256 {
         DigestAlgorithm::Sha256
     } else {
-        DigestAlgorithm::Blake3
+        DigestAlgorithm::announced_by(info)
     }
 }
 
@@ -409,6 +409,7 @@ async fn stream_upload(
     let p = info.num_params as usize;
     let d = client_deltas(index, round);
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::UpdateMessage>(4);
+    let algorithm = digest_algorithm(info, sha256);
     let header = pb::UpdateHeader {
         training_id: training_id.into(),
         round,
@@ -418,10 +419,9 @@ async fn stream_upload(
         train_loss: 0.0,
         first_chunk: 0,
         encoding: enc.name().into(),
-        delta_digest_algorithm: digest_algorithm(info, sha256).to_wire() as i32,
+        delta_digest_algorithm: algorithm.to_wire() as i32,
         ..Default::default()
     };
-    let algorithm = digest_algorithm(info, sha256);
     // The admission step the daemon takes too: wait for an upload slot before streaming.
     client
         .upload_progress(pb::UploadProgressRequest {

@@ -45,6 +45,17 @@ impl DigestAlgorithm {
         }
     }
 
+    /// The whole-object digest a participant uses with the coordinator that
+    /// sent `info`: BLAKE3 where the model info announces the model's BLAKE3
+    /// (such a coordinator also accepts BLAKE3 delta digests), else SHA-256.
+    pub fn announced_by(info: &pb::ModelInfo) -> Self {
+        if info.blake3.is_empty() {
+            DigestAlgorithm::Sha256
+        } else {
+            DigestAlgorithm::Blake3
+        }
+    }
+
     /// The algorithm of a digest id (see the module docs).
     pub fn of_id(id: &str) -> Self {
         if id.starts_with(BLAKE3_PREFIX) {
@@ -195,6 +206,20 @@ mod tests {
 
         assert_eq!(raw_of_id("blake3:abcd"), None);
         assert_eq!(raw_of_id(&"zz".repeat(32)), None);
+    }
+
+    #[test]
+    fn a_participant_uses_blake3_only_with_a_coordinator_that_announces_it() {
+        let mut info = pb::ModelInfo::default();
+        assert_eq!(
+            DigestAlgorithm::announced_by(&info),
+            DigestAlgorithm::Sha256
+        );
+        info.blake3 = vec![0; 32];
+        assert_eq!(
+            DigestAlgorithm::announced_by(&info),
+            DigestAlgorithm::Blake3
+        );
     }
 
     #[test]

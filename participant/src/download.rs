@@ -50,15 +50,13 @@ impl ModelAssembler {
                 info.round
             ))
         };
-        let (algorithm, expected) = if info.blake3.is_empty() {
-            let raw = digest::raw_of_id(&info.sha256)
-                .filter(|_| DigestAlgorithm::of_id(&info.sha256) == DigestAlgorithm::Sha256)
-                .ok_or_else(bad_digest)?;
-            (DigestAlgorithm::Sha256, raw)
-        } else {
-            let raw: [u8; 32] = info.blake3[..].try_into().map_err(|_| bad_digest())?;
-            (DigestAlgorithm::Blake3, raw)
-        };
+        let algorithm = DigestAlgorithm::announced_by(info);
+        let expected = match algorithm {
+            DigestAlgorithm::Sha256 => digest::raw_of_id(&info.sha256)
+                .filter(|_| DigestAlgorithm::of_id(&info.sha256) == DigestAlgorithm::Sha256),
+            DigestAlgorithm::Blake3 => info.blake3[..].try_into().ok(),
+        }
+        .ok_or_else(bad_digest)?;
         Ok(ModelAssembler {
             round: info.round,
             sha256: info.sha256.clone(),

@@ -386,14 +386,8 @@ impl Session {
                 .map(bytes::Bytes::from)
                 .collect();
         drop(delta);
-        // BLAKE3 where the coordinator announced it (it then accepts it), else SHA-256.
-        let algorithm = if info.blake3.is_empty() {
-            DigestAlgorithm::Sha256
-        } else {
-            DigestAlgorithm::Blake3
-        };
         let delta_digest = {
-            let mut h = digest::Hasher::new(algorithm);
+            let mut h = digest::Hasher::new(DigestAlgorithm::announced_by(info));
             for c in chunks.iter() {
                 h.update(c);
             }
