@@ -15,7 +15,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEPALIVE: Duration = Duration::from_secs(20);
 /// Largest HTTP/2 frame a participant accepts, so the coordinator sends each
 /// 1 MiB model chunk as one DATA frame rather than 64 of the default 16 KiB
-/// (the coordinator accepts the same for uploads; see its `HTTP2_MAX_FRAME`).
+/// (the coordinator accepts frames of one chunk for uploads; see its
+/// `Limits::http2_max_frame`).
 const HTTP2_MAX_FRAME: u32 = 1 << 20;
 
 /// Connects to `url` (e.g. `https://coordinator.example:7443`) presenting the site's
