@@ -370,7 +370,7 @@ async fn drive(
             rec.completed_round = 0;
             rec.evaluated_round = 0;
             let layout = ModelSpec::from_plan(&plan).layout();
-            let published = commit_model(shared, &plan, &layout, &rec, global)?;
+            let published = commit_model_off_runtime(shared, &plan, &layout, &rec, global).await?;
             (plan, published)
         }
     };
@@ -529,7 +529,7 @@ async fn drive(
         let aggregate_secs = agg_start.elapsed().as_secs_f64();
         rec.completed_round = round;
         rec.last_updates = accepted.clone();
-        published = commit_model(shared, &plan, &layout, &rec, global)?;
+        published = commit_model_off_runtime(shared, &plan, &layout, &rec, global).await?;
         remove_spills_later(&out_dir, round);
 
         let eval_start = Instant::now();
@@ -721,6 +721,22 @@ fn model_metadata(plan: &TrainingPlan, round: u32) -> HashMap<String, String> {
         ("round".to_string(), round.to_string()),
         ("plan_toml".to_string(), plan.to_toml()),
     ])
+}
+
+/// [`commit_model`] on a blocking thread: hashing, writing and fsyncing a model
+/// (4 GB at P = 1e9, many seconds) would otherwise hold one of the runtime's
+/// workers, which also serve every transfer, subscription and keepalive.
+async fn commit_model_off_runtime(
+    shared: &Arc<Shared>,
+    plan: &TrainingPlan,
+    layout: &[sangsaeng_common::model::TensorSpec],
+    rec: &TrainingRecord,
+    params: Vec<f32>,
+) -> Result<Arc<PublishedModel>> {
+    let (shared, plan, layout, rec) = (shared.clone(), plan.clone(), layout.to_vec(), rec.clone());
+    tokio::task::spawn_blocking(move || commit_model(&shared, &plan, &layout, &rec, params))
+        .await
+        .map_err(|e| CoordinatorError::Store(format!("committing the round's model: {e}")))?
 }
 
 /// Makes a round's model the committed one: its file written and fsynced, then
