@@ -922,13 +922,18 @@ mod tests {
         let frame = |c: &[u8]| (4 + c.len()).div_ceil(SPILL_ALIGN) * SPILL_ALIGN;
         let len = std::fs::metadata(&path).unwrap().len() as usize;
         assert_eq!(len, SPILL_ALIGN + frame(&chunks[0]) + frame(&chunks[1]));
+        assert_eq!(read_back(&path), v);
+    }
+
+    /// Every value of a float32 spill file, in order.
+    fn read_back(path: &Path) -> Vec<f32> {
         let mut got = vec![];
-        read_spill(&path, UpdateEncoding::Float32, None, |_, vals, _| {
+        read_spill(path, UpdateEncoding::Float32, None, |_, vals, _| {
             got.extend_from_slice(vals);
             Ok(())
         })
         .unwrap();
-        assert_eq!(got, v);
+        got
     }
 
     #[test]
@@ -943,13 +948,7 @@ mod tests {
             old.extend_from_slice(c);
         }
         std::fs::write(&path, &old).unwrap();
-        let mut got = vec![];
-        read_spill(&path, UpdateEncoding::Float32, None, |_, vals, _| {
-            got.extend_from_slice(vals);
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(got, v);
+        assert_eq!(read_back(&path), v);
         // And an empty one holds no frame.
         std::fs::write(&path, b"").unwrap();
         read_spill(&path, UpdateEncoding::Float32, None, |_, _, _| {
