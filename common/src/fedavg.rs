@@ -116,8 +116,16 @@ impl Accumulator {
                     self.sums.len()
                 ))
             })?;
-        check_values(values, offset)?;
-        add_quantised(&mut self.sums[offset..end], values, weight as i64);
+        let sums = &mut self.sums[offset..end];
+        // The plausibility scan runs block by block inside the fold (one pass over
+        // the chunk instead of two); a bad value is rare, so the blocks folded
+        // before it are subtracted again rather than every chunk scanned first.
+        let folded = add_quantised(sums, values, weight as i64);
+        if folded < values.len() {
+            add_quantised(&mut sums[..folded], &values[..folded], -(weight as i64));
+            return Err(check_values(&values[folded..], offset + folded)
+                .expect_err("the fold stops only at an implausible value"));
+        }
         Ok(())
     }
 
@@ -125,7 +133,12 @@ impl Accumulator {
     /// addition is invertible, so an update refused halfway leaves no trace.
     pub fn unfold(&mut self, offset: usize, values: &[f32], weight: u64) {
         let end = (offset + values.len()).min(self.sums.len());
-        add_quantised(&mut self.sums[offset..end], values, -(weight as i64));
+        let folded = add_quantised(&mut self.sums[offset..end], values, -(weight as i64));
+        debug_assert_eq!(
+            folded,
+            values.len(),
+            "unfolded values that were never folded"
+        );
     }
 
     /// Checks an update without touching the accumulator: right length, weight in
@@ -258,33 +271,32 @@ fn all_plausible_avx512(values: &[f32]) -> bool {
     all_plausible_scan(values)
 }
 
-/// `sums[i] += quantise(values[i]) · w`: the fold's inner loop. On x86-64 the same
-/// loop is also compiled for AVX2 and for AVX-512 and chosen at run time: a build
-/// for baseline x86-64 has SSE2 only, whose two 64-bit lanes make the conversions
-/// and the 64-bit products mostly scalar, and the loop then runs at half the
-/// speed or less; AVX-512 doubles the lanes again over AVX2 (the loop is bound
-/// by instructions, not memory: the accumulator chunk of the uploads in flight
-/// stays in cache; see the aggregation bench in docs/BENCHMARKS.md). Integer
+/// `sums[i] += quantise(values[i]) · w`: the fold's inner loop, which also
+/// checks plausibility block by block. It stops before the first block holding a
+/// value that is not finite or beyond [`MAX_ABS_DELTA`] and returns how many
+/// values it folded (all of them when every value is plausible). On x86-64 the
+/// same loop is also compiled for AVX2 and for AVX-512 and chosen at run time: a
+/// build for baseline x86-64 has SSE2 only, whose two 64-bit lanes make the
+/// conversions and the 64-bit products mostly scalar, and the loop then runs at
+/// half the speed or less; AVX-512 doubles the lanes again over AVX2. Integer
 /// results are the same whichever version runs.
-fn add_quantised(sums: &mut [i64], values: &[f32], w: i64) {
+fn add_quantised(sums: &mut [i64], values: &[f32], w: i64) -> usize {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU supports AVX-512F, checked just above (it implies AVX2).
-        unsafe { add_quantised_avx512(sums, values, w) };
-        return;
+        return unsafe { add_quantised_avx512(sums, values, w) };
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
-        unsafe { add_quantised_avx2(sums, values, w) };
-        return;
+        return unsafe { add_quantised_avx2(sums, values, w) };
     }
     // Baseline x86-64 (SSE2) has no instruction for the narrow path's rounding
     // (`roundps` is SSE4.1) and would call libm per value: wide path only.
     #[cfg(target_arch = "x86_64")]
-    add_quantised_wide(sums, values, w);
+    return add_quantised_blocks::<false>(sums, values, w);
     #[cfg(not(target_arch = "x86_64"))]
-    add_quantised_blocks(sums, values, w);
+    add_quantised_blocks::<true>(sums, values, w)
 }
 
 /// Values per block of the fold: 16 KiB of f32, so the narrow-range scan and the
@@ -296,20 +308,29 @@ const FOLD_BLOCK: usize = 4096;
 const NARROW_LIMIT: f32 = (1u32 << (31 - FRACTION_BITS)) as f32;
 
 /// The fold, block by block: a block whose values all lie below [`NARROW_LIMIT`]
-/// (every plausible training delta does) takes the narrow path, the rest the
-/// wide one. Both give the same integers ([`quantise`]'s definition).
+/// (every plausible training delta does, and such a block is plausible) takes
+/// the narrow path when `NARROW`, a plausible block the wide one; both give the
+/// same integers ([`quantise`]'s definition). Stops before an implausible block
+/// and returns the values folded.
 #[inline(always)]
-fn add_quantised_blocks(sums: &mut [i64], values: &[f32], w: i64) {
+fn add_quantised_blocks<const NARROW: bool>(sums: &mut [i64], values: &[f32], w: i64) -> usize {
     // |w| ≤ MAX_TOTAL_WEIGHT = 2^28, so it fits an i32 and the narrow path's
     // 32 x 32 → 64-bit products are exact.
-    let narrow_w = i32::try_from(w).ok();
-    for (s, v) in sums.chunks_mut(FOLD_BLOCK).zip(values.chunks(FOLD_BLOCK)) {
-        let narrow = v.iter().fold(true, |ok, x| ok & (x.abs() < NARROW_LIMIT));
+    let narrow_w = i32::try_from(w).ok().filter(|_| NARROW);
+    for (b, (s, v)) in sums
+        .chunks_mut(FOLD_BLOCK)
+        .zip(values.chunks(FOLD_BLOCK))
+        .enumerate()
+    {
         match narrow_w {
-            Some(w) if narrow => add_quantised_narrow(s, v, w),
-            _ => add_quantised_wide(s, v, w),
+            Some(w) if v.iter().fold(true, |ok, x| ok & (x.abs() < NARROW_LIMIT)) => {
+                add_quantised_narrow(s, v, w)
+            }
+            _ if all_plausible_scan(v) => add_quantised_wide(s, v, w),
+            _ => return b * FOLD_BLOCK,
         }
     }
+    values.len()
 }
 
 /// The narrow path: `v · 2^24` is exact in f32 (a power-of-two scaling), so
@@ -339,14 +360,14 @@ fn add_quantised_wide(sums: &mut [i64], values: &[f32], w: i64) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn add_quantised_avx2(sums: &mut [i64], values: &[f32], w: i64) {
-    add_quantised_blocks(sums, values, w);
+fn add_quantised_avx2(sums: &mut [i64], values: &[f32], w: i64) -> usize {
+    add_quantised_blocks::<true>(sums, values, w)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn add_quantised_avx512(sums: &mut [i64], values: &[f32], w: i64) {
-    add_quantised_blocks(sums, values, w);
+fn add_quantised_avx512(sums: &mut [i64], values: &[f32], w: i64) -> usize {
+    add_quantised_blocks::<true>(sums, values, w)
 }
 
 const SCALE_F32: f32 = (1u32 << FRACTION_BITS) as f32;
@@ -595,11 +616,15 @@ mod tests {
         for w in [MAX_TOTAL_WEIGHT as i64 - 1, -(MAX_TOTAL_WEIGHT as i64 - 1)] {
             let sign = w.signum();
             let want: Vec<i64> = expected.iter().map(|&e| (e - 3) * sign + 3).collect();
-            let mut got = vec![3i64; values.len()];
-            add_quantised(&mut got, &values, w);
+            let n = values.len();
+            let mut got = vec![3i64; n];
+            assert_eq!(add_quantised(&mut got, &values, w), n);
             assert_eq!(got, want, "dispatched fold, w = {w}");
-            let mut got = vec![3i64; values.len()];
-            add_quantised_blocks(&mut got, &values, w);
+            let mut got = vec![3i64; n];
+            assert_eq!(add_quantised_blocks::<false>(&mut got, &values, w), n);
+            assert_eq!(got, want, "wide block fold, w = {w}");
+            let mut got = vec![3i64; n];
+            assert_eq!(add_quantised_blocks::<true>(&mut got, &values, w), n);
             assert_eq!(got, want, "block fold, w = {w}");
             // Each x86-64 version this CPU can run, whichever the dispatch picks.
             #[cfg(target_arch = "x86_64")]
@@ -607,18 +632,66 @@ mod tests {
                 if std::arch::is_x86_feature_detected!("avx2") {
                     let mut got = vec![3i64; values.len()];
                     // SAFETY: AVX2 checked just above.
-                    unsafe { add_quantised_avx2(&mut got, &values, w) };
+                    assert_eq!(unsafe { add_quantised_avx2(&mut got, &values, w) }, n);
                     assert_eq!(got, want, "AVX2 fold, w = {w}");
                 }
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     let mut got = vec![3i64; values.len()];
                     // SAFETY: AVX-512F checked just above.
-                    unsafe { add_quantised_avx512(&mut got, &values, w) };
+                    assert_eq!(unsafe { add_quantised_avx512(&mut got, &values, w) }, n);
                     assert_eq!(got, want, "AVX-512 fold, w = {w}");
                 }
             }
-            add_quantised_blocks(&mut got, &values, -w);
+            add_quantised_blocks::<true>(&mut got, &values, -w);
             assert!(got.iter().all(|&s| s == 3));
+        }
+    }
+
+    #[test]
+    fn every_fold_path_stops_before_the_block_of_a_bad_value_and_fold_undoes_the_rest() {
+        type Fold = fn(&mut [i64], &[f32], i64) -> usize;
+        let mut folds: Vec<(&str, Fold)> = vec![
+            ("dispatched", add_quantised),
+            ("wide", add_quantised_blocks::<false>),
+            ("narrow", add_quantised_blocks::<true>),
+        ];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: AVX2 checked just above.
+                folds.push(("AVX2", |s, v, w| unsafe { add_quantised_avx2(s, v, w) }));
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: AVX-512F checked just above.
+                folds.push(("AVX-512", |s, v, w| unsafe {
+                    add_quantised_avx512(s, v, w)
+                }));
+            }
+        }
+        let n = 3 * FOLD_BLOCK + 17;
+        let good: Vec<f32> = (0..n).map(|i| (i % 201) as f32 * 1e-3 - 0.1).collect();
+        for at in [0, FOLD_BLOCK - 1, FOLD_BLOCK, 2 * FOLD_BLOCK + 5, n - 1] {
+            for bad in [f32::NAN, f32::NEG_INFINITY, MAX_ABS_DELTA * 1.5] {
+                let mut values = good.clone();
+                values[at] = bad;
+                let stop = at / FOLD_BLOCK * FOLD_BLOCK;
+                for (name, fold) in &folds {
+                    let mut sums = vec![5i64; n];
+                    assert_eq!(fold(&mut sums, &values, 300), stop, "{name}: {bad} at {at}");
+                    assert!(
+                        sums[stop..].iter().all(|&s| s == 5),
+                        "{name}: folded past {stop}"
+                    );
+                }
+                // The accumulator subtracts what it folded before the bad block.
+                let mut acc = Accumulator::new(n + 3);
+                acc.reserve(300).unwrap();
+                acc.fold(3, &good, 300).unwrap();
+                let before = acc.clone();
+                let e = acc.fold(3, &values, 300).unwrap_err().to_string();
+                assert!(e.contains(&format!("delta value #{}", at + 3)), "{e}");
+                assert_eq!(acc, before, "{bad} at {at}");
+            }
         }
     }
 
