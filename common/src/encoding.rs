@@ -71,7 +71,13 @@ pub fn encode_chunks(
     enc: UpdateEncoding,
     chunk_bytes: usize,
 ) -> Result<Vec<Vec<u8>>> {
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+    // A branch-free scan first (it vectorises; `position` stops early and does
+    // not), the search for the culprit only when there is one.
+    if !values.iter().fold(true, |ok, v| ok & v.is_finite()) {
+        let i = values
+            .iter()
+            .position(|v| !v.is_finite())
+            .expect("found above");
         return Err(Error::Model(format!(
             "delta value {i} is not finite ({})",
             values[i]
@@ -80,7 +86,8 @@ pub fn encode_chunks(
     Ok(values
         .chunks(enc.values_per_chunk(chunk_bytes))
         .map(|c| match enc {
-            UpdateEncoding::Float32 => c.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            // One copy of the bytes as they lie (little-endian), not a push per byte.
+            UpdateEncoding::Float32 => crate::weights::to_le_bytes(c),
             UpdateEncoding::Float16 => c
                 .iter()
                 .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
@@ -248,7 +255,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("scale"), "{e}");
-        assert!(encode_chunks(&[1.0, f32::INFINITY], UpdateEncoding::Int8, 64).is_err());
+        for enc in [
+            UpdateEncoding::Float32,
+            UpdateEncoding::Float16,
+            UpdateEncoding::Int8,
+        ] {
+            for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+                let mut v = vec![0.5f32; 100];
+                v[37] = bad;
+                let e = encode_chunks(&v, enc, 64).unwrap_err().to_string();
+                assert!(e.contains("delta value 37 is not finite"), "{e}");
+            }
+        }
         assert!(UpdateEncoding::from_name("bf16").is_err());
         assert_eq!(
             UpdateEncoding::from_name("").unwrap(),
