@@ -235,9 +235,9 @@ fn check_values(values: &[f32], offset: usize) -> Result<()> {
 }
 
 /// Whether every value is finite and within [`MAX_ABS_DELTA`] (NaN fails the
-/// comparison). Dispatched like [`add_quantised`]: the scan reads every value
-/// of a chunk once more, and compiled for baseline x86-64 it took a quarter of
-/// the fold's time in the aggregation bench.
+/// comparison), for [`Accumulator::check`]'s whole delta (the fold scans its
+/// blocks itself). Dispatched like [`add_quantised`]: compiled for baseline
+/// x86-64, the scan took a quarter of the fold's time in the aggregation bench.
 fn all_plausible(values: &[f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
