@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 secs=${1:-600}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(protocol_messages update_upload store_records csv_rows config_toml audit_log)
+[ ${#targets[@]} -gt 0 ] || targets=(protocol_messages update_upload fedavg_fold store_records csv_rows config_toml audit_log)
 export RUSTC_BOOTSTRAP=1
 
 seed() { mkdir -p "corpus/$1"; printf '%b' "$3" > "corpus/$1/$2"; }
@@ -18,6 +18,7 @@ seed csv_rows quoted '"a","b","c","fault"\n"1","2","3","1"\n'
 seed config_toml plan '\x00[schema]\nfeature_columns = ["a", "b"]\nlabel_column = "y"\nclasses = ["ok", "bad"]\n[model]\nhidden_layers = [8]\n[training]\nrounds = 2\nlearning_rate = 0.01\nmin_participants = 1\n'
 seed config_toml roster '\x01[[organisation]]\nid = "hanbit"\nname = "Hanbit Motors"\ntier = "anchor"\nrole = "admin"\n'
 seed protocol_messages empty '\x00'
+seed fedavg_fold one '\x00\x00\x05\x00\x00\x00\x10\x00\x04\x00\x00\x00\x80\x3f\x00\x00\x00\xbf'
 seed config_toml policy '\x02[rules]\nrequire_consent = true\nmin_contributors = 3\nmax_weight_share = 0.5\nmin_rounds = 10\nmin_macro_f1 = 0.6\nrequire_differential_privacy = false\nmax_epsilon = 8.0\n[disclosure]\ncontributors = "tier"\n[licence]\nid = "Apache-2.0"\nterms = "x"\n'
 seed audit_log line '{"entry":{"seq":0,"time":"2026-11-28T00:00:00Z","kind":"round_completed","data":{"training":"t-1","round":1,"contributions":[{"org":"a","sha256":"00","weight":3}],"global_model_sha256":"11"},"prev":"0000000000000000000000000000000000000000000000000000000000000000"},"hash":"00","sig":"AA=="}\n'
 
