@@ -56,16 +56,24 @@ fuzz_target!(|data: &[u8]| {
             // Value by value, through the same public fold, must give the same integers.
             let mut one_by_one = before.clone();
             for (i, v) in values.iter().enumerate() {
-                one_by_one.fold(offset + i, std::slice::from_ref(v), weight).unwrap();
+                one_by_one
+                    .fold(offset + i, std::slice::from_ref(v), weight)
+                    .unwrap();
             }
-            assert_eq!(acc, one_by_one, "a chunk fold differs from its values folded one by one");
+            assert_eq!(
+                acc, one_by_one,
+                "a chunk fold differs from its values folded one by one"
+            );
             acc.unfold(offset, &values, weight);
             assert_eq!(acc, before, "unfolding an accepted chunk left a trace");
         }
         (Err(e), Some(i)) => {
             assert_eq!(acc, before, "a refused chunk left a trace");
             let e = e.to_string();
-            assert!(e.contains(&format!("delta value #{} ", offset + i)), "{e} (bad value at {i})");
+            assert!(
+                e.contains(&format!("delta value #{} ", offset + i)),
+                "{e} (bad value at {i})"
+            );
         }
         (got, bad) => panic!("fold gave {got:?} for a chunk whose first bad value is {bad:?}"),
     }
