@@ -576,6 +576,19 @@ fn raw_parts_hashed(
         .collect()
 }
 
+/// A correct upload (delta 1, 300 examples) made by `make` (`parts` or
+/// `raw_parts`), with one edit to its header: the shape of most header refusals.
+fn edited<R>(
+    make: fn(&Round, &[f32], u64) -> Vec<Part>,
+    edit: impl FnOnce(&Round, &mut pb::UpdateHeader) -> R,
+) -> impl FnOnce(&Round) -> Vec<Part> {
+    move |r| {
+        let mut p = make(r, &delta(r.n(), 1), 300);
+        edit(r, header_mut(&mut p));
+        p
+    }
+}
+
 /// A correct upload of `delta` except that element `at` is `value` (digests match the data).
 fn parts_with(r: &Round, at: usize, value: f32) -> Vec<Part> {
     let mut d = delta(r.n(), 1);
@@ -762,11 +775,7 @@ async fn refused_upload(
 async fn header_declaring_the_wrong_number_of_values_is_invalid_argument() {
     refused_upload(
         limits(),
-        |r| {
-            let mut p = parts(r, &delta(r.n(), 1), 300);
-            header_mut(&mut p).num_params = r.n() as u64 + 1;
-            p
-        },
+        edited(parts, |r, h| h.num_params = r.n() as u64 + 1),
         Code::InvalidArgument,
         "the update declares 3653 values, the model has 3652",
         Then::StillWaitedFor,
@@ -1002,11 +1011,7 @@ async fn chunk_without_any_digest_is_invalid_argument() {
 async fn raw_base_model_digest_of_the_wrong_length_is_invalid_argument() {
     refused_upload(
         limits(),
-        |r| {
-            let mut p = raw_parts(r, &delta(r.n(), 1), 300);
-            header_mut(&mut p).base_model_digest.pop();
-            p
-        },
+        edited(raw_parts, |_, h| h.base_model_digest.pop()),
         Code::InvalidArgument,
         "base_model_digest must be the 32 bytes of a SHA-256 digest, not 31",
         Then::StillWaitedFor,
@@ -1018,11 +1023,7 @@ async fn raw_base_model_digest_of_the_wrong_length_is_invalid_argument() {
 async fn raw_and_hex_forms_of_a_digest_that_disagree_are_invalid_argument() {
     refused_upload(
         limits(),
-        |r| {
-            let mut p = raw_parts(r, &delta(r.n(), 1), 300);
-            header_mut(&mut p).delta_sha256 = "0".repeat(64);
-            p
-        },
+        edited(raw_parts, |_, h| h.delta_sha256 = "0".repeat(64)),
         Code::InvalidArgument,
         "disagrees with its hex form",
         Then::StillWaitedFor,
@@ -1035,11 +1036,7 @@ async fn raw_delta_digest_that_does_not_match_the_data_is_invalid_argument() {
     // The trailer leaves the digest to the header, which declared a wrong one.
     refused_upload(
         limits(),
-        |r| {
-            let mut p = raw_parts(r, &delta(r.n(), 1), 300);
-            header_mut(&mut p).delta_digest = vec![7; 32];
-            p
-        },
+        edited(raw_parts, |_, h| h.delta_digest = vec![7; 32]),
         Code::InvalidArgument,
         "whole-delta digest mismatch: declared 0707",
         Then::NotWaitedFor,
@@ -1079,11 +1076,9 @@ async fn uploads_with_blake3_or_sha256_delta_digests_are_both_accepted_and_recor
 async fn a_sha256_delta_digest_declared_as_blake3_is_invalid_argument() {
     refused_upload(
         limits(),
-        |r| {
-            let mut p = raw_parts(r, &delta(r.n(), 1), 300);
-            header_mut(&mut p).delta_digest_algorithm = pb::DigestAlgorithm::Blake3 as i32;
-            p
-        },
+        edited(raw_parts, |_, h| {
+            h.delta_digest_algorithm = pb::DigestAlgorithm::Blake3 as i32
+        }),
         Code::InvalidArgument,
         "whole-delta digest mismatch: declared blake3:",
         Then::NotWaitedFor,
@@ -1095,11 +1090,7 @@ async fn a_sha256_delta_digest_declared_as_blake3_is_invalid_argument() {
 async fn an_unknown_delta_digest_algorithm_is_invalid_argument() {
     refused_upload(
         limits(),
-        |r| {
-            let mut p = raw_parts(r, &delta(r.n(), 1), 300);
-            header_mut(&mut p).delta_digest_algorithm = 7;
-            p
-        },
+        edited(raw_parts, |_, h| h.delta_digest_algorithm = 7),
         Code::InvalidArgument,
         "delta_digest_algorithm 7 is not one this coordinator knows",
         Then::StillWaitedFor,
@@ -1111,11 +1102,7 @@ async fn an_unknown_delta_digest_algorithm_is_invalid_argument() {
 async fn upload_that_declares_no_whole_digest_anywhere_is_invalid_argument() {
     refused_upload(
         limits(),
-        |r| {
-            let mut p = raw_parts(r, &delta(r.n(), 1), 300);
-            header_mut(&mut p).delta_digest.clear();
-            p
-        },
+        edited(raw_parts, |_, h| h.delta_digest.clear()),
         Code::InvalidArgument,
         "declared no whole-delta digest",
         Then::NotWaitedFor,
@@ -1195,11 +1182,7 @@ async fn chunk_that_is_not_whole_float32_values_is_invalid_argument() {
 async fn update_encoded_otherwise_than_the_plan_is_invalid_argument() {
     refused_upload(
         limits(),
-        |r| {
-            let mut p = parts(r, &delta(r.n(), 1), 300);
-            header_mut(&mut p).encoding = "int8".into();
-            p
-        },
+        edited(parts, |_, h| h.encoding = "int8".into()),
         Code::InvalidArgument,
         "the update is encoded as int8, the plan asks for float32",
         Then::StillWaitedFor,
@@ -1211,11 +1194,7 @@ async fn update_encoded_otherwise_than_the_plan_is_invalid_argument() {
 async fn update_with_an_unknown_encoding_is_invalid_argument() {
     refused_upload(
         limits(),
-        |r| {
-            let mut p = parts(r, &delta(r.n(), 1), 300);
-            header_mut(&mut p).encoding = "bfloat16".into();
-            p
-        },
+        edited(parts, |_, h| h.encoding = "bfloat16".into()),
         Code::InvalidArgument,
         "unknown update encoding 'bfloat16'",
         Then::StillWaitedFor,
@@ -1227,11 +1206,7 @@ async fn update_with_an_unknown_encoding_is_invalid_argument() {
 async fn update_for_a_future_round_is_failed_precondition() {
     refused_upload(
         limits(),
-        |r| {
-            let mut p = parts(r, &delta(r.n(), 1), 300);
-            header_mut(&mut p).round = 2;
-            p
-        },
+        edited(parts, |_, h| h.round = 2),
         Code::FailedPrecondition,
         "update for future round 2; round 1 is in progress",
         Then::StillWaitedFor,
@@ -1243,11 +1218,9 @@ async fn update_for_a_future_round_is_failed_precondition() {
 async fn update_from_another_base_model_is_failed_precondition() {
     refused_upload(
         limits(),
-        |r| {
-            let mut p = parts(r, &delta(r.n(), 1), 300);
-            header_mut(&mut p).base_model_sha256 = weights::digest(&[1.0, 2.0]);
-            p
-        },
+        edited(parts, |_, h| {
+            h.base_model_sha256 = weights::digest(&[1.0, 2.0])
+        }),
         Code::FailedPrecondition,
         "the update starts from model",
         Then::StillWaitedFor,
@@ -1259,11 +1232,7 @@ async fn update_from_another_base_model_is_failed_precondition() {
 async fn update_for_an_unknown_training_is_not_found() {
     refused_upload(
         limits(),
-        |r| {
-            let mut p = parts(r, &delta(r.n(), 1), 300);
-            header_mut(&mut p).training_id = "t-nope".into();
-            p
-        },
+        edited(parts, |_, h| h.training_id = "t-nope".into()),
         Code::NotFound,
         "unknown training 't-nope'",
         Then::StillWaitedFor,
@@ -1275,11 +1244,7 @@ async fn update_for_an_unknown_training_is_not_found() {
 async fn update_over_zero_examples_is_invalid_argument() {
     refused_upload(
         limits(),
-        |r| {
-            let mut p = parts(r, &delta(r.n(), 1), 300);
-            header_mut(&mut p).num_examples = 0;
-            p
-        },
+        edited(parts, |_, h| h.num_examples = 0),
         Code::InvalidArgument,
         "num_examples 0 is outside 1..=50000000",
         Then::StillWaitedFor,
@@ -1291,11 +1256,7 @@ async fn update_over_zero_examples_is_invalid_argument() {
 async fn update_claiming_more_examples_than_the_limit_is_invalid_argument() {
     refused_upload(
         limits(),
-        |r| {
-            let mut p = parts(r, &delta(r.n(), 1), 300);
-            header_mut(&mut p).num_examples = u64::MAX;
-            p
-        },
+        edited(parts, |_, h| h.num_examples = u64::MAX),
         Code::InvalidArgument,
         "num_examples 18446744073709551615 is outside 1..=50000000",
         Then::StillWaitedFor,
