@@ -24,9 +24,11 @@ pub struct Limits {
     /// while amortising per-message overhead (digest, framing).
     pub max_chunk_bytes: usize,
     /// Uploads received at the same time. Each is folded in chunk by chunk as it
-    /// arrives (one chunk in memory, the rest spilled to disk), so this bounds
-    /// concurrency and disk use, not memory: peak memory is about 3 × the model
-    /// whatever the number of participants.
+    /// arrives (its chunks in flight in memory, the rest spilled to disk), so
+    /// peak memory stays about 3 × the model whatever the number of
+    /// participants; each upload in flight adds its HTTP/2 window and chunk
+    /// buffers (measured about 7 MiB with 1 MiB chunks: 4 → 8 took 1e6 × 256 from
+    /// 104 to 129–134 MiB, docs/BENCHMARKS.md) and a spill file of up to one update.
     pub max_concurrent_uploads: usize,
     /// Model downloads streamed at the same time. Each holds about two chunks in
     /// flight (the message being encoded and the one HTTP/2 is sending), so this
