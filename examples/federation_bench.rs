@@ -25,7 +25,8 @@
 //! published), the coordinator's and the largest participant's peak RSS (VmHWM,
 //! read by each process just before it exits), payload bytes per update,
 //! loopback bytes per round, aggregation throughput (bytes of decoded updates
-//! folded per second of folding, from the coordinator's `fold_secs`, plus the
+//! folded per CPU-second of folding, from the coordinator's `fold_secs` (thread
+//! CPU time, so preemption by the participants on the same cores is not counted), plus the
 //! final apply) beside the memory bandwidth measured in the same run, and the
 //! largest error of the final model against `init + Σ_r Σ_i w_i d_{i,r}`
 //! computed here in f64 from the workload definition alone.

@@ -732,14 +732,14 @@ impl FederationService {
                 header.round
             )));
         };
-        let start = std::time::Instant::now();
+        let start = sangsaeng_common::process::thread_cpu_time();
         // All or nothing: a refused chunk is not folded, so it is not counted.
         let folded = t
             .accumulator
             .as_mut()
             .expect("a training round has an accumulator")
             .fold(chunk.offset, chunk.values, header.num_examples);
-        t.fold_time += start.elapsed();
+        t.fold_time += sangsaeng_common::process::thread_cpu_time().saturating_sub(start);
         folded?;
         f.folded += 1;
         Ok(())

@@ -158,7 +158,9 @@ pub struct Training {
     /// Set when an undo could not read its spill back (a failing disk): the
     /// round's aggregate is then unknown and the training fails when it closes.
     pub undo_failed: Option<String>,
-    /// Time spent folding chunks this round (the benchmark's aggregation throughput).
+    /// CPU time spent folding chunks this round (the benchmark's aggregation
+    /// throughput): thread CPU time, so a fold preempted on a busy machine counts
+    /// only the time it ran.
     pub fold_time: std::time::Duration,
     /// Participants that said they leave (Leave RPC) during this phase: not waited for.
     /// One that merely disconnected is waited for until the deadline, since it may

@@ -56,9 +56,9 @@ pub struct RoundRecord {
 #[derive(Debug, Serialize)]
 pub struct Timings {
     pub train_phase_secs: f64,
-    /// Time spent folding update chunks into the accumulator, summed over all
-    /// uploads of the round (it overlaps the training phase: chunks are folded
-    /// as they arrive).
+    /// CPU time spent folding update chunks into the accumulator (thread CPU
+    /// time, not wall time), summed over all uploads of the round (it overlaps
+    /// the training phase: chunks are folded as they arrive).
     pub fold_secs: f64,
     /// Applying the accumulated mean to the model once the round closed.
     pub aggregate_secs: f64,
