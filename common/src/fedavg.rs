@@ -78,6 +78,13 @@ impl Accumulator {
     /// Follow with [`Accumulator::fold`] per chunk and [`Accumulator::commit`], or
     /// undo with [`Accumulator::unfold`] per folded chunk and [`Accumulator::release`].
     pub fn reserve(&mut self, weight: u64) -> Result<()> {
+        self.check_weight(weight)?;
+        self.total_weight += weight;
+        Ok(())
+    }
+
+    /// A weight of at least one example that keeps the round within [`MAX_TOTAL_WEIGHT`].
+    fn check_weight(&self, weight: u64) -> Result<()> {
         if weight == 0 {
             return Err(Error::Aggregation(
                 "an update must cover at least one example".into(),
@@ -88,7 +95,6 @@ impl Accumulator {
                 "example count {weight} would take the round's total above {MAX_TOTAL_WEIGHT}"
             )));
         }
-        self.total_weight += weight;
         Ok(())
     }
 
@@ -152,16 +158,7 @@ impl Accumulator {
                 self.sums.len()
             )));
         }
-        if weight == 0 {
-            return Err(Error::Aggregation(
-                "an update must cover at least one example".into(),
-            ));
-        }
-        if self.total_weight + weight > MAX_TOTAL_WEIGHT {
-            return Err(Error::Aggregation(format!(
-                "example count {weight} would take the round's total above {MAX_TOTAL_WEIGHT}"
-            )));
-        }
+        self.check_weight(weight)?;
         check_values(delta, 0)
     }
 
