@@ -146,8 +146,7 @@ pub fn rustls_server_config(m: &TlsMaterial) -> Result<ServerConfig> {
     let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .map_err(|e| Error::Tls(format!("cannot use the CA to verify clients: {e}")))?;
-    let chain = certs(&m.cert_pem).map_err(|e| Error::Tls(format!("own certificate: {e}")))?;
-    let key = private_key(&m.key_pem).map_err(|e| Error::Tls(format!("own key: {e}")))?;
+    let (chain, key) = own_identity(m)?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Tls(format!("TLS protocol versions: {e}")))?
@@ -162,8 +161,7 @@ pub fn rustls_server_config(m: &TlsMaterial) -> Result<ServerConfig> {
 /// [`client_tls_config`], using the `ring` provider explicitly.
 pub fn rustls_client_config(m: &TlsMaterial) -> Result<ClientConfig> {
     let roots = root_store(m)?;
-    let chain = certs(&m.cert_pem).map_err(|e| Error::Tls(format!("own certificate: {e}")))?;
-    let key = private_key(&m.key_pem).map_err(|e| Error::Tls(format!("own key: {e}")))?;
+    let (chain, key) = own_identity(m)?;
     let mut config = ClientConfig::builder_with_provider(ring_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Tls(format!("TLS protocol versions: {e}")))?
@@ -335,6 +333,13 @@ fn key_err(e: rustls::Error) -> Error {
 }
 
 /// All `CERTIFICATE` blocks of a PEM string, in order; at least one.
+/// This site's certificate chain and private key, with errors that say which is wrong.
+fn own_identity(m: &TlsMaterial) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let chain = certs(&m.cert_pem).map_err(|e| Error::Tls(format!("own certificate: {e}")))?;
+    let key = private_key(&m.key_pem).map_err(|e| Error::Tls(format!("own key: {e}")))?;
+    Ok((chain, key))
+}
+
 fn certs(pem: &str) -> std::result::Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<std::result::Result<Vec<_>, _>>()
