@@ -59,13 +59,7 @@ async fn run_federation_via(
         })
         .collect();
     let admin = pki.material("ops-admin");
-    let s = localnet::wait_for_status(&coord.url, &admin, Duration::from_secs(300), |s| {
-        s.training
-            .as_ref()
-            .is_some_and(|t| t.phase == "completed" || t.phase == "failed")
-    })
-    .await
-    .expect("training finished in time");
+    let s = support::training_ended(&coord.url, &admin).await;
     let t = s.training.unwrap();
     assert_eq!(t.phase, "completed", "{}", t.error);
     for h in handles {

@@ -2853,13 +2853,7 @@ async fn csv_with_a_non_numeric_cell_is_reported_with_file_line_and_column() {
         })
         .await
         .unwrap();
-    let s = localnet::wait_for_status(&coord.url, &admin_tls, Duration::from_secs(300), |s| {
-        s.training
-            .as_ref()
-            .is_some_and(|t| t.phase == "completed" || t.phase == "failed")
-    })
-    .await
-    .expect("training ended in time");
+    let s = support::training_ended(&coord.url, &admin_tls).await;
     let t = s.training.as_ref().unwrap();
     assert_eq!(t.phase, "completed", "{}", t.error);
     let c = s

@@ -212,13 +212,7 @@ async fn release_under_the_opening_rules_end_to_end() {
         })
         .collect();
     let admin_tls = pki.material("ops-admin");
-    let s = localnet::wait_for_status(&coord.url, &admin_tls, Duration::from_secs(300), |s| {
-        s.training
-            .as_ref()
-            .is_some_and(|t| t.phase == "completed" || t.phase == "failed")
-    })
-    .await
-    .expect("training finished in time");
+    let s = support::training_ended(&coord.url, &admin_tls).await;
     let t = s.training.unwrap();
     assert_eq!(t.phase, "completed", "{}", t.error);
     for h in handles {

@@ -226,13 +226,7 @@ async fn a_site_whose_data_does_not_match_the_plan_is_reported_and_the_others_tr
         handles.push(localnet::spawn_participant(cfg, stop.clone()));
     }
     let admin = pki.material("ops-admin");
-    let s = localnet::wait_for_status(&coord.url, &admin, Duration::from_secs(300), |s| {
-        s.training
-            .as_ref()
-            .is_some_and(|t| t.phase == "completed" || t.phase == "failed")
-    })
-    .await
-    .unwrap();
+    let s = support::training_ended(&coord.url, &admin).await;
     assert_eq!(s.training.as_ref().unwrap().phase, "completed");
     let d = s
         .participants

@@ -1,15 +1,18 @@
 //! Shared helpers of the integration tests: a small Tennessee Eastman plan and
-//! per-site CSV files cut from the committed subset, a roster, and a federation
-//! launcher on loopback.
+//! per-site CSV files cut from the committed subset, a roster, a federation
+//! launcher on loopback, and waiting for a training to end.
 
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use sangsaeng::localnet::{self, Pki};
 use sangsaeng_common::data::{self, Dataset};
 use sangsaeng_common::plan::TrainingPlan;
 use sangsaeng_common::roster::Roster;
+use sangsaeng_common::tls::TlsMaterial;
+use sangsaeng_proto::v1::StatusResponse;
 
 pub const SITES: &[&str] = &["site-a", "site-b", "site-c"];
 
@@ -125,4 +128,18 @@ pub fn init_tracing() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// Waits for the training to end, completed or failed, and returns the status
+/// that showed it; panics if it has not ended within five minutes (a test's
+/// federation of three sites takes seconds; five minutes leaves room for a
+/// loaded CI machine).
+pub async fn training_ended(url: &str, admin: &TlsMaterial) -> StatusResponse {
+    localnet::wait_for_status(url, admin, Duration::from_secs(300), |s| {
+        s.training
+            .as_ref()
+            .is_some_and(|t| t.phase == "completed" || t.phase == "failed")
+    })
+    .await
+    .expect("the training ended within five minutes")
 }
