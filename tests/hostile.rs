@@ -2828,14 +2828,7 @@ async fn csv_with_a_non_numeric_cell_is_reported_with_file_line_and_column() {
     .await
     .unwrap();
     let stop = CancellationToken::new();
-    let handles: Vec<_> = support::SITES
-        .iter()
-        .zip(files)
-        .map(|(org, f)| {
-            let cfg = localnet::participant_config(&pki, &coord.url, org, vec![f], "fault", None);
-            localnet::spawn_participant(cfg, stop.clone())
-        })
-        .collect();
+    let handles = support::spawn_sites(&pki, &coord.url, files, &stop);
     let admin_tls = pki.material("ops-admin");
     localnet::wait_for_status(&coord.url, &admin_tls, WAIT, |s| {
         s.participants.iter().filter(|p| p.connected).count() == 3

@@ -203,14 +203,7 @@ async fn release_under_the_opening_rules_end_to_end() {
     .unwrap();
     let stop = CancellationToken::new();
     let files = support::site_files(dir.path(), 3);
-    let handles: Vec<_> = support::SITES
-        .iter()
-        .zip(files)
-        .map(|(org, f)| {
-            let cfg = localnet::participant_config(&pki, &coord.url, org, vec![f], "fault", None);
-            localnet::spawn_participant(cfg, stop.clone())
-        })
-        .collect();
+    let handles = support::spawn_sites(&pki, &coord.url, files, &stop);
     let admin_tls = pki.material("ops-admin");
     let s = support::training_ended(&coord.url, &admin_tls).await;
     let t = s.training.unwrap();

@@ -13,6 +13,8 @@ use sangsaeng_common::plan::TrainingPlan;
 use sangsaeng_common::roster::Roster;
 use sangsaeng_common::tls::TlsMaterial;
 use sangsaeng_proto::v1::StatusResponse;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 pub const SITES: &[&str] = &["site-a", "site-b", "site-c"];
 
@@ -142,4 +144,22 @@ pub async fn training_ended(url: &str, admin: &TlsMaterial) -> StatusResponse {
     })
     .await
     .expect("the training ended within five minutes")
+}
+
+/// A participant daemon per site of [`SITES`], site i reading `files[i]` (label
+/// column `fault`), all stopped by `stop`.
+pub fn spawn_sites(
+    pki: &Pki,
+    url: &str,
+    files: Vec<PathBuf>,
+    stop: &CancellationToken,
+) -> Vec<JoinHandle<sangsaeng_participant::Result<()>>> {
+    SITES
+        .iter()
+        .zip(files)
+        .map(|(org, f)| {
+            let cfg = localnet::participant_config(pki, url, org, vec![f], "fault", None);
+            localnet::spawn_participant(cfg, stop.clone())
+        })
+        .collect()
 }
