@@ -123,29 +123,7 @@ fn separate_processes_train_and_shut_down_cleanly() {
 
     let port = free_port();
     let url = format!("https://127.0.0.1:{port}");
-    let mut coord = Killer(
-        coordinator()
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--roster",
-            ])
-            .arg(d.join("roster.toml"))
-            .arg("--plan")
-            .arg(d.join("plan.toml"))
-            .arg("--output-dir")
-            .arg(d.join("runs"))
-            .arg("--ca")
-            .arg(d.join("pki/ca.pem"))
-            .arg("--cert")
-            .arg(d.join("pki/server.pem"))
-            .arg("--key")
-            .arg(d.join("pki/server.key"))
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut coord = Killer(serve(d, port, "runs", "plan.toml"));
     // Participants started before the coordinator listens must back off and retry.
     let mut a = Killer(start_site(d, &url, "plant-a", "a.csv"));
     let mut b = Killer(start_site(d, &url, "supplier-b", "b.csv"));
@@ -167,22 +145,7 @@ fn separate_processes_train_and_shut_down_cleanly() {
 
     // A daemon (no --once) stopped with SIGTERM leaves and exits 0.
     let mut daemon = Killer(
-        participant()
-            .args([
-                "run",
-                "--coordinator",
-                &url,
-                "--label-column",
-                "defect",
-                "--data",
-            ])
-            .arg(d.join("a.csv"))
-            .arg("--ca")
-            .arg(d.join("pki/ca.pem"))
-            .arg("--cert")
-            .arg(d.join("pki/plant-a.pem"))
-            .arg("--key")
-            .arg(d.join("pki/plant-a.key"))
+        site(d, &url, "plant-a", "a.csv")
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
@@ -372,24 +335,31 @@ fn lcg(state: &mut u64) -> u64 {
     *state >> 33
 }
 
+/// `sangsaeng-participant run` for `org`'s site, training on `csv`.
+fn site(d: &Path, url: &str, org: &str, csv: &str) -> Command {
+    let mut c = participant();
+    c.args([
+        "run",
+        "--coordinator",
+        url,
+        "--label-column",
+        "defect",
+        "--data",
+    ])
+    .arg(d.join(csv))
+    .arg("--ca")
+    .arg(d.join("pki/ca.pem"))
+    .arg("--cert")
+    .arg(d.join(format!("pki/{org}.pem")))
+    .arg("--key")
+    .arg(d.join(format!("pki/{org}.key")));
+    c
+}
+
+/// A site that takes part in one training and exits (`--once`).
 fn start_site(d: &Path, url: &str, org: &str, csv: &str) -> Child {
-    participant()
-        .args([
-            "run",
-            "--once",
-            "--coordinator",
-            url,
-            "--label-column",
-            "defect",
-            "--data",
-        ])
-        .arg(d.join(csv))
-        .arg("--ca")
-        .arg(d.join("pki/ca.pem"))
-        .arg("--cert")
-        .arg(d.join(format!("pki/{org}.pem")))
-        .arg("--key")
-        .arg(d.join(format!("pki/{org}.key")))
+    site(d, url, org, csv)
+        .arg("--once")
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
