@@ -83,8 +83,8 @@ enum Mode {
 impl Mode {
     fn name(self) -> &'static str {
         match self {
-            Mode::Memory => "from memory, one by one",
-            Mode::Received => "received, one by one",
+            Mode::Memory => "from memory",
+            Mode::Received => "received",
         }
     }
 }
@@ -93,12 +93,12 @@ impl Mode {
 /// interleaved round-robin; returns the seconds the folds took.
 fn fold_round(acc: &mut Accumulator, updates: &[Vec<f32>], k: usize, s: usize, mode: Mode) -> f64 {
     let p = acc.num_params();
+    let weight = |i: usize| 100 + 7 * i as u64;
     for i in 0..k {
-        acc.reserve(100 + 7 * i as u64).unwrap();
+        acc.reserve(weight(i)).unwrap();
     }
     let mut buffers = vec![vec![0f32; CHUNK_VALUES]; s];
     let mut secs = 0.0;
-    let weight = |i: usize| 100 + 7 * i as u64;
     for group in (0..k).step_by(s) {
         let uploads = group..(group + s).min(k);
         for start in (0..p).step_by(CHUNK_VALUES) {
