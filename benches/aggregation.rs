@@ -103,22 +103,19 @@ fn fold_round(acc: &mut Accumulator, updates: &[Vec<f32>], k: usize, s: usize, m
         let uploads = group..(group + s).min(k);
         for start in (0..p).step_by(CHUNK_VALUES) {
             let end = (start + CHUNK_VALUES).min(p);
-            if let Mode::Memory = mode {
-                let t = Instant::now();
-                for i in uploads.clone() {
-                    acc.fold(start, &updates[i % 2][start..end], weight(i))
-                        .unwrap();
+            if let Mode::Received = mode {
+                for (b, i) in buffers.iter_mut().zip(uploads.clone()) {
+                    b.truncate(0);
+                    b.extend_from_slice(&updates[i % 2][start..end]);
                 }
-                secs += t.elapsed().as_secs_f64();
-                continue;
-            }
-            for (b, i) in buffers.iter_mut().zip(uploads.clone()) {
-                b.truncate(0);
-                b.extend_from_slice(&updates[i % 2][start..end]);
             }
             let t = Instant::now();
-            for (b, i) in buffers.iter().zip(uploads.clone()) {
-                acc.fold(start, b, weight(i)).unwrap();
+            for (j, i) in uploads.clone().enumerate() {
+                let values = match mode {
+                    Mode::Memory => &updates[i % 2][start..end],
+                    Mode::Received => &buffers[j][..],
+                };
+                acc.fold(start, values, weight(i)).unwrap();
             }
             secs += t.elapsed().as_secs_f64();
         }
