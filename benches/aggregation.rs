@@ -28,7 +28,7 @@
 
 use std::time::Instant;
 
-use sangsaeng_common::fedavg::Accumulator;
+use sangsaeng_common::aggregation::fedavg::Accumulator;
 
 const CHUNK_VALUES: usize = 1 << 18;
 

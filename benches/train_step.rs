@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sangsaeng_common::backend::{self, BackendKind};
-use sangsaeng_common::data::Dataset;
-use sangsaeng_common::model::ModelSpec;
-use sangsaeng_common::plan::{Activation, Optimizer};
-use sangsaeng_common::train::{LocalTrainer, LocalTraining};
+use sangsaeng_common::config::plan::{Activation, Optimizer};
+use sangsaeng_common::learning::backend::{self, BackendKind};
+use sangsaeng_common::learning::data::Dataset;
+use sangsaeng_common::learning::model::ModelSpec;
+use sangsaeng_common::learning::train::{LocalTrainer, LocalTraining};
 
 /// The example's model: 52 sensor features, two hidden layers, 9 defect classes.
 const N_FEATURES: usize = 52;

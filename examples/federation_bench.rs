@@ -49,12 +49,12 @@ use rand_chacha::ChaCha8Rng;
 use tokio_util::sync::CancellationToken;
 
 use sangsaeng::localnet;
-use sangsaeng_common::digest::{self, DigestAlgorithm};
-use sangsaeng_common::encoding::{self, UpdateEncoding};
-use sangsaeng_common::model::ModelSpec;
-use sangsaeng_common::plan::TrainingPlan;
-use sangsaeng_common::roster::Roster;
-use sangsaeng_common::weights;
+use sangsaeng_common::config::plan::TrainingPlan;
+use sangsaeng_common::config::roster::Roster;
+use sangsaeng_common::learning::model::ModelSpec;
+use sangsaeng_common::transfer::digest::{self, DigestAlgorithm};
+use sangsaeng_common::transfer::encoding::{self, UpdateEncoding};
+use sangsaeng_common::transfer::weights;
 use sangsaeng_proto::v1 as pb;
 use sangsaeng_proto::v1::federation_client::FederationClient;
 
@@ -288,13 +288,13 @@ fn participant_process(dir: &Path, url: &str, index: usize, sha256: bool) -> any
 /// Follows tasks until the training finishes; returns the payload bytes uploaded.
 async fn participate(dir: &Path, url: &str, index: usize, sha256: bool) -> anyhow::Result<u64> {
     let pki = dir.join("pki");
-    let tls = sangsaeng_common::tls::TlsFiles {
+    let tls = sangsaeng_common::identity::tls::TlsFiles {
         ca: pki.join("ca.pem"),
         cert: pki.join(format!("{}.pem", org(index))),
         key: pki.join(format!("{}.key", org(index))),
     }
     .load()?;
-    let channel = sangsaeng_common::channel::connect(url, &tls, "localhost").await?;
+    let channel = sangsaeng_common::identity::channel::connect(url, &tls, "localhost").await?;
     let max = CHUNK_BYTES + (64 << 10);
     let mut client = FederationClient::new(channel)
         .max_decoding_message_size(max)

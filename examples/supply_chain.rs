@@ -23,13 +23,13 @@ use rand_chacha::ChaCha8Rng;
 use tokio_util::sync::CancellationToken;
 
 use sangsaeng::localnet;
-use sangsaeng_common::data::{self, Dataset, FeatureStats};
-use sangsaeng_common::metrics::Evaluation;
-use sangsaeng_common::model::ModelSpec;
-use sangsaeng_common::plan::TrainingPlan;
-use sangsaeng_common::roster::Roster;
-use sangsaeng_common::train::{self, LocalTraining};
-use sangsaeng_common::weights;
+use sangsaeng_common::config::plan::TrainingPlan;
+use sangsaeng_common::config::roster::Roster;
+use sangsaeng_common::learning::data::{self, Dataset, FeatureStats};
+use sangsaeng_common::learning::metrics::Evaluation;
+use sangsaeng_common::learning::model::ModelSpec;
+use sangsaeng_common::learning::train::{self, LocalTraining};
+use sangsaeng_common::transfer::weights;
 
 #[derive(Parser)]
 #[command(
@@ -271,7 +271,7 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut plan = plan(args.rounds, args.local_epochs, args.seed);
     plan.training.update_encoding =
-        sangsaeng_common::encoding::UpdateEncoding::from_name(&args.update_encoding)?;
+        sangsaeng_common::transfer::encoding::UpdateEncoding::from_name(&args.update_encoding)?;
     let roster = roster();
     if args.work.exists() {
         std::fs::remove_dir_all(&args.work)
@@ -445,12 +445,13 @@ async fn release(
     .await?;
     let dir = args.work.join("released");
     oci::save(&pulled, &dir)?;
-    let verifier =
-        sangsaeng_common::signing::Verifier::from_cert_pem_file(&pki.files("server").cert)?;
+    let verifier = sangsaeng_common::identity::signing::Verifier::from_cert_pem_file(
+        &pki.files("server").cert,
+    )?;
     let v = rel::verify(
         &dir,
         &verifier,
-        Some(&runs.join(sangsaeng_coordinator::audit::FILE_NAME)),
+        Some(&runs.join(sangsaeng_coordinator::durable::audit::FILE_NAME)),
     )?;
     println!(
         "pulled into {} and verified: DSSE signature by the coordinator, weights = provenance, {} rounds match the signed audit log",

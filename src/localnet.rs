@@ -8,11 +8,11 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use sangsaeng_common::data::SiteData;
-use sangsaeng_common::pki::{self, CaBundle};
-use sangsaeng_common::plan::TrainingPlan;
-use sangsaeng_common::roster::Roster;
-use sangsaeng_common::tls::{TlsFiles, TlsMaterial};
+use sangsaeng_common::config::plan::TrainingPlan;
+use sangsaeng_common::config::roster::Roster;
+use sangsaeng_common::identity::pki::{self, CaBundle};
+use sangsaeng_common::identity::tls::{TlsFiles, TlsMaterial};
+use sangsaeng_common::learning::data::SiteData;
 use sangsaeng_coordinator::config::{CoordinatorConfig, Limits};
 use sangsaeng_participant::config::{ParticipantConfig, Reconnect};
 

@@ -9,9 +9,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use sangsaeng::localnet;
-use sangsaeng_common::encoding::UpdateEncoding;
-use sangsaeng_common::model::ModelSpec;
-use sangsaeng_common::weights;
+use sangsaeng_common::learning::model::ModelSpec;
+use sangsaeng_common::transfer::encoding::UpdateEncoding;
+use sangsaeng_common::transfer::weights;
 use sangsaeng_coordinator::config::Limits;
 
 /// Runs a training to completion and returns its output folder.
@@ -21,7 +21,7 @@ async fn run_federation(dir: &Path, rounds: u32, files: Vec<PathBuf>, record: bo
 
 async fn run_federation_with(
     dir: &Path,
-    plan: sangsaeng_common::plan::TrainingPlan,
+    plan: sangsaeng_common::config::plan::TrainingPlan,
     files: Vec<PathBuf>,
     record: bool,
 ) -> PathBuf {
@@ -32,7 +32,7 @@ async fn run_federation_with(
 /// another address to dial (a relay) and its upload chunk size.
 async fn run_federation_via(
     dir: &Path,
-    plan: sangsaeng_common::plan::TrainingPlan,
+    plan: sangsaeng_common::config::plan::TrainingPlan,
     files: Vec<PathBuf>,
     record: bool,
     limits: Limits,
@@ -89,7 +89,8 @@ async fn weighted_mean_of_the_deltas_sent(encoding: UpdateEncoding) {
     plan.training.update_encoding = encoding;
     let out = run_federation_with(dir.path(), plan, files, true).await;
 
-    let plan = sangsaeng_common::plan::TrainingPlan::from_file(&out.join("plan.toml")).unwrap();
+    let plan =
+        sangsaeng_common::config::plan::TrainingPlan::from_file(&out.join("plan.toml")).unwrap();
     let layout = ModelSpec::from_plan(&plan).layout();
     let training_id = out.file_name().unwrap().to_str().unwrap().to_string();
     let mut previous =
@@ -325,7 +326,7 @@ fn cutting_relay(
 /// The example plan with a 7,300-parameter model: with 4 KiB chunks (the
 /// smallest a configuration allows) its delta is 8 chunks, so a cut falls
 /// between them.
-fn eight_chunk_plan() -> sangsaeng_common::plan::TrainingPlan {
+fn eight_chunk_plan() -> sangsaeng_common::config::plan::TrainingPlan {
     let mut p = support::plan(1, 3);
     p.model.hidden_layers = vec![128];
     p
@@ -346,7 +347,8 @@ async fn reference_and_cut_point() -> (Vec<f32>, u64, u64) {
 }
 
 fn final_model(out: &Path) -> Vec<f32> {
-    let plan = sangsaeng_common::plan::TrainingPlan::from_file(&out.join("plan.toml")).unwrap();
+    let plan =
+        sangsaeng_common::config::plan::TrainingPlan::from_file(&out.join("plan.toml")).unwrap();
     let layout = ModelSpec::from_plan(&plan).layout();
     weights::load_safetensors(&out.join("global.safetensors"), &layout).unwrap()
 }

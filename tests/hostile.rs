@@ -30,14 +30,14 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use sangsaeng::localnet::{self, Pki, RunningCoordinator};
-use sangsaeng_common::data::{Dataset, FeatureStats};
-use sangsaeng_common::digest::{self, DigestAlgorithm};
-use sangsaeng_common::fedavg::Accumulator;
-use sangsaeng_common::model::ModelSpec;
-use sangsaeng_common::pki::CaBundle;
-use sangsaeng_common::plan::TrainingPlan;
-use sangsaeng_common::tls::TlsMaterial;
-use sangsaeng_common::weights;
+use sangsaeng_common::aggregation::fedavg::Accumulator;
+use sangsaeng_common::config::plan::TrainingPlan;
+use sangsaeng_common::identity::pki::CaBundle;
+use sangsaeng_common::identity::tls::TlsMaterial;
+use sangsaeng_common::learning::data::{Dataset, FeatureStats};
+use sangsaeng_common::learning::model::ModelSpec;
+use sangsaeng_common::transfer::digest::{self, DigestAlgorithm};
+use sangsaeng_common::transfer::weights;
 use sangsaeng_coordinator::config::Limits;
 use sangsaeng_proto::v1 as pb;
 use sangsaeng_proto::v1::admin_client::AdminClient;
@@ -93,8 +93,8 @@ impl Fed {
     /// Issues certificates for everyone on `pki_roster`, but the coordinator only
     /// knows `roster`.
     async fn start_with(
-        pki_roster: &sangsaeng_common::roster::Roster,
-        roster: sangsaeng_common::roster::Roster,
+        pki_roster: &sangsaeng_common::config::roster::Roster,
+        roster: sangsaeng_common::config::roster::Roster,
         limits: Limits,
     ) -> Fed {
         support::init_tracing();
@@ -107,10 +107,13 @@ impl Fed {
         localnet::wait_for_status(&coord.url, &pki.material("ops-admin"), WAIT, |_| true)
             .await
             .expect("coordinator up");
-        let ch =
-            sangsaeng_common::channel::connect(&coord.url, &pki.material("ops-admin"), "localhost")
-                .await
-                .unwrap();
+        let ch = sangsaeng_common::identity::channel::connect(
+            &coord.url,
+            &pki.material("ops-admin"),
+            "localhost",
+        )
+        .await
+        .unwrap();
         Fed {
             dir,
             pki,
@@ -245,10 +248,13 @@ impl Round {
 
 impl Site {
     async fn join(fed: &Fed, org: &str) -> Site {
-        let channel =
-            sangsaeng_common::channel::connect(&fed.coord.url, &fed.pki.material(org), "localhost")
-                .await
-                .unwrap();
+        let channel = sangsaeng_common::identity::channel::connect(
+            &fed.coord.url,
+            &fed.pki.material(org),
+            "localhost",
+        )
+        .await
+        .unwrap();
         let mut client = FederationClient::new(channel.clone());
         let tasks = client
             .subscribe(pb::SubscribeRequest {
@@ -552,25 +558,25 @@ fn raw_parts_hashed(
     num_examples: u64,
     algorithm: DigestAlgorithm,
 ) -> Vec<Part> {
-    let chunks = sangsaeng_common::encoding::encode_chunks(
+    let chunks = sangsaeng_common::transfer::encoding::encode_chunks(
         delta,
-        sangsaeng_common::encoding::UpdateEncoding::Float32,
+        sangsaeng_common::transfer::encoding::UpdateEncoding::Float32,
         UPLOAD_CHUNK,
     )
     .unwrap();
-    let upload = sangsaeng_common::wire::UpdateUpload {
+    let upload = sangsaeng_common::transfer::wire::UpdateUpload {
         training_id: r.tid.clone(),
         round: r.round,
         base_model_sha256: r.info.sha256.clone(),
         num_params: delta.len() as u64,
-        encoding: sangsaeng_common::encoding::UpdateEncoding::Float32,
+        encoding: sangsaeng_common::transfer::encoding::UpdateEncoding::Float32,
         delta_digest: algorithm.id(&digest::digest(algorithm, &chunks.concat())),
         chunks: chunks.into_iter().map(prost::bytes::Bytes::from).collect(),
         num_examples,
         train_loss: 0.5,
         first_chunk: 0,
     };
-    sangsaeng_common::wire::upload_messages(upload)
+    sangsaeng_common::transfer::wire::upload_messages(upload)
         .unwrap()
         .map(|m| m.part.unwrap())
         .collect()
@@ -637,7 +643,7 @@ fn metrics(out: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn layout(out: &Path) -> Vec<sangsaeng_common::model::TensorSpec> {
+fn layout(out: &Path) -> Vec<sangsaeng_common::learning::model::TensorSpec> {
     let plan = TrainingPlan::from_file(&out.join("plan.toml")).unwrap();
     ModelSpec::from_plan(&plan).layout()
 }
@@ -2495,9 +2501,9 @@ fn material(pki: &Pki, (cert_pem, key_pem): (String, String)) -> TlsMaterial {
 }
 
 /// Dials with plain tonic TLS, without the client-side checks of
-/// `sangsaeng_common::channel::connect` (which refuses to present an expired certificate).
+/// `sangsaeng_common::identity::channel::connect` (which refuses to present an expired certificate).
 async fn dial_unchecked(url: &str, tls: &TlsMaterial) -> Result<Channel, String> {
-    sangsaeng_common::tls::install_crypto_provider();
+    sangsaeng_common::identity::tls::install_crypto_provider();
     let cfg = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem))
         .identity(tonic::transport::Identity::from_pem(
@@ -2512,7 +2518,7 @@ async fn dial_unchecked(url: &str, tls: &TlsMaterial) -> Result<Channel, String>
         .connect_timeout(Duration::from_secs(10))
         .connect()
         .await
-        .map_err(|e| sangsaeng_common::channel::error_chain(&e))
+        .map_err(|e| sangsaeng_common::identity::channel::error_chain(&e))
 }
 
 /// Dials and subscribes; the error, whether from the handshake or the first RPC.
@@ -2526,7 +2532,7 @@ async fn subscribe_unchecked(url: &str, tls: &TlsMaterial) -> Result<(), String>
             format!(
                 "{:?}: {}",
                 s.code(),
-                sangsaeng_common::channel::error_chain(&s)
+                sangsaeng_common::identity::channel::error_chain(&s)
             )
         })
 }
@@ -2541,7 +2547,7 @@ async fn certificate_outside_its_validity_fails_the_handshake(
         client_cert(&fed.pki.ca, &["site-a"], not_before, not_after),
     );
     // The project's own dialer does not even try with such a certificate.
-    let local = sangsaeng_common::channel::connect(&fed.coord.url, &tls, "localhost")
+    let local = sangsaeng_common::identity::channel::connect(&fed.coord.url, &tls, "localhost")
         .await
         .expect_err("the participant's dialer refuses a certificate that is not valid now");
     assert!(local.to_string().contains("not now"), "{local}");
@@ -2614,7 +2620,7 @@ async fn organisation_removed_from_the_roster_gets_permission_denied_on_every_rp
     let mut b = Site::join(&fed, "site-b").await;
     let r = open_round(&mut fed, &mut [&mut a, &mut b], raw_plan(1, 1)).await;
 
-    let ch = sangsaeng_common::channel::connect(
+    let ch = sangsaeng_common::identity::channel::connect(
         &fed.coord.url,
         &fed.pki.material("site-d"),
         "localhost",
@@ -2677,7 +2683,7 @@ async fn updates_are_attributed_to_the_certificate_not_to_anything_in_messages()
     // can, its update is still recorded under site-a; it cannot send a second update
     // for anyone; and a certificate naming two organisations is refused.
     let mut fed = Fed::start(limits()).await;
-    let ch = sangsaeng_common::channel::connect(
+    let ch = sangsaeng_common::identity::channel::connect(
         &fed.coord.url,
         &fed.pki.material("site-a"),
         "localhost",
@@ -2836,7 +2842,7 @@ async fn csv_with_a_non_numeric_cell_is_reported_with_file_line_and_column() {
     .await
     .expect("all three connected");
     let mut admin = AdminClient::new(
-        sangsaeng_common::channel::connect(&coord.url, &admin_tls, "localhost")
+        sangsaeng_common::identity::channel::connect(&coord.url, &admin_tls, "localhost")
             .await
             .unwrap(),
     );

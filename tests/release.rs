@@ -21,13 +21,14 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use sangsaeng::localnet;
-use sangsaeng_common::model::ModelSpec;
-use sangsaeng_common::plan::TrainingPlan;
-use sangsaeng_common::roster::Roster;
-use sangsaeng_common::signing::Verifier;
-use sangsaeng_common::{backend::BackendKind, train, weights};
-use sangsaeng_coordinator::audit;
+use sangsaeng_common::config::plan::TrainingPlan;
+use sangsaeng_common::config::roster::Roster;
+use sangsaeng_common::identity::signing::Verifier;
+use sangsaeng_common::learning::model::ModelSpec;
+use sangsaeng_common::learning::{backend::BackendKind, train};
+use sangsaeng_common::transfer::weights;
 use sangsaeng_coordinator::client::AdminClient;
+use sangsaeng_coordinator::durable::audit;
 use sangsaeng_coordinator::release::{self, oci};
 use sangsaeng_proto::v1 as pb;
 
@@ -407,7 +408,7 @@ async fn release_under_the_opening_rules_end_to_end() {
         let logits =
             train::predict_logits(BackendKind::NdArray, &spec, &params, &inputs, n).unwrap();
         let cases = serde_json::json!({
-            "activation": sangsaeng_common::wire::activation_name(plan.model.activation),
+            "activation": sangsaeng_common::transfer::wire::activation_name(plan.model.activation),
             "inputs": inputs.chunks(spec.n_features).collect::<Vec<_>>(),
             "logits": logits.chunks(spec.n_classes).collect::<Vec<_>>(),
         });

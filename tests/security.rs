@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use sangsaeng::localnet::{self, Pki};
-use sangsaeng_common::pki::{self, CaBundle};
-use sangsaeng_common::tls::TlsMaterial;
+use sangsaeng_common::identity::pki::{self, CaBundle};
+use sangsaeng_common::identity::tls::TlsMaterial;
 use sangsaeng_coordinator::CoordinatorError;
 use sangsaeng_coordinator::client::AdminClient;
 use sangsaeng_proto::v1 as pb;
@@ -49,7 +49,7 @@ async fn federation_client(
     url: &str,
     tls: &TlsMaterial,
 ) -> Result<FederationClient<tonic::transport::Channel>, String> {
-    sangsaeng_common::channel::connect(url, tls, "localhost")
+    sangsaeng_common::identity::channel::connect(url, tls, "localhost")
         .await
         .map(FederationClient::new)
         .map_err(|e| e.to_string())

@@ -1,7 +1,7 @@
 //! An admin client for a running coordinator, over mutual TLS with an admin
 //! certificate. Used by `sangsaeng-coordinator admin ...` and by tests.
 
-use sangsaeng_common::tls::TlsMaterial;
+use sangsaeng_common::identity::tls::TlsMaterial;
 use sangsaeng_proto::v1 as pb;
 use sangsaeng_proto::v1::admin_client::AdminClient as Raw;
 use tonic::transport::Channel;
@@ -27,7 +27,7 @@ fn status_error(s: tonic::Status) -> CoordinatorError {
 
 impl AdminClient {
     pub async fn connect(url: &str, tls: &TlsMaterial, server_name: &str) -> Result<Self> {
-        let ch = sangsaeng_common::channel::connect(url, tls, server_name).await?;
+        let ch = sangsaeng_common::identity::channel::connect(url, tls, server_name).await?;
         Ok(AdminClient {
             inner: Raw::new(ch),
         })

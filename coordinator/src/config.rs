@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use sangsaeng_common::plan::TrainingPlan;
-use sangsaeng_common::roster::Roster;
-use sangsaeng_common::tls::TlsFiles;
+use sangsaeng_common::config::plan::TrainingPlan;
+use sangsaeng_common::config::roster::Roster;
+use sangsaeng_common::identity::tls::TlsFiles;
 
 use crate::error::{CoordinatorError, Result};
 
@@ -133,11 +133,12 @@ impl Limits {
             return Err("limits.max_model_params: must be at least 1".into());
         }
         if self.max_examples_per_update == 0
-            || self.max_examples_per_update > sangsaeng_common::fedavg::MAX_TOTAL_WEIGHT
+            || self.max_examples_per_update
+                > sangsaeng_common::aggregation::fedavg::MAX_TOTAL_WEIGHT
         {
             return Err(format!(
                 "limits.max_examples_per_update: must be in 1..={}",
-                sangsaeng_common::fedavg::MAX_TOTAL_WEIGHT
+                sangsaeng_common::aggregation::fedavg::MAX_TOTAL_WEIGHT
             ));
         }
         Ok(())
@@ -202,13 +203,13 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 impl CoordinatorConfig {
     /// The audit log, beside the state store in the output folder.
     pub fn audit_path(&self) -> PathBuf {
-        self.output_dir.join(crate::audit::FILE_NAME)
+        self.output_dir.join(crate::durable::audit::FILE_NAME)
     }
 
     /// Merges file and overrides, loads roster and plan, and validates everything.
     pub fn build(file: Option<&Path>, o: Overrides) -> Result<Self> {
         let file = file
-            .map(sangsaeng_common::config_file::read::<ConfigFile>)
+            .map(sangsaeng_common::config::file::read::<ConfigFile>)
             .transpose()?;
         let rel = |p: PathBuf| match &file {
             Some(f) => f.resolve(&p),
@@ -287,7 +288,7 @@ impl CoordinatorConfig {
 
     /// Checks a plan against this coordinator's limits (on top of the plan's own validation).
     pub fn check_plan(&self, plan: &TrainingPlan) -> Result<()> {
-        let n = sangsaeng_common::model::ModelSpec::from_plan(plan).num_params();
+        let n = sangsaeng_common::learning::model::ModelSpec::from_plan(plan).num_params();
         if n > self.limits.max_model_params {
             return Err(CoordinatorError::InvalidArgument(format!(
                 "the plan's model has {n} parameters, above limits.max_model_params = {}",
@@ -296,7 +297,7 @@ impl CoordinatorConfig {
         }
         let participants = self
             .roster
-            .with_role(sangsaeng_common::roster::Role::Participant)
+            .with_role(sangsaeng_common::config::roster::Role::Participant)
             .count();
         if plan.training.min_participants > participants {
             return Err(CoordinatorError::InvalidArgument(format!(

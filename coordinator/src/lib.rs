@@ -4,37 +4,32 @@
 //! participant daemons and `Admin` for administrators, and drives trainings
 //! round by round with FedAvg over weight deltas.
 //!
-//! Map of the crate:
-//! - [`config`]: typed, validated configuration (file + CLI + env) and resource limits.
+//! Map of the crate, bottom-up (each depends only on those above it):
 //! - [`error`]: the crate's error enum and its single mapping to gRPC status codes.
-//! - [`auth`]: caller identity from the client certificate, checked against the roster per RPC.
-//! - [`state`]: shared state: presence of participants and the training in progress.
-//! - [`service`]: the `Federation` service (subscribe, statistics, transfers, evaluation).
-//! - [`admin`]: the `Admin` service (status, start a training, release) and [`admin::status`].
-//! - [`training`]: the round driver and the per-round records on disk.
-//! - [`audit`]: the signed, hash-chained audit log and its verification.
+//! - [`config`]: typed, validated configuration (file + CLI + env) and resource limits.
+//! - [`durable`]: the crash-safe store (redb) and the signed, hash-chained audit log.
+//! - [`transfer`]: the published model, the checks on uploaded deltas, spill files.
+//! - [`state`]: shared in-memory state: presence of participants and the training
+//!   in progress.
+//! - [`round`]: the round driver and its steps (statistics, open, collect, close,
+//!   aggregate, commit, evaluate, record).
 //! - [`release`]: opening rules, the release artifact (safetensors, model card,
 //!   in-toto provenance, DSSE signature) and OCI layout/registry storage.
-//! - [`store`]: the durable record (redb) that lets a restarted coordinator resume.
-//! - [`incoming`]: accepting connections under `limits.max_connections`.
-//! - [`transfer`]: chunked model downloads and checked delta uploads.
+//! - [`rpc`]: the `Federation` and `Admin` gRPC services, authorisation, and
+//!   connection admission.
 //! - [`client`]: an admin client used by the CLI and tests.
 //!
 //! [`run`] is what `sangsaeng-coordinator serve` calls; tests call it too with a
 //! listener on `127.0.0.1:0`.
 
-pub mod admin;
-pub mod audit;
-pub mod auth;
 pub mod client;
 pub mod config;
+pub mod durable;
 pub mod error;
-pub mod incoming;
 pub mod release;
-pub mod service;
+pub mod round;
+pub mod rpc;
 pub mod state;
-pub mod store;
-pub mod training;
 pub mod transfer;
 
 use tokio::net::TcpListener;
@@ -64,7 +59,7 @@ pub async fn run(
 ) -> Result<()> {
     // Several crates may link rustls; tonic needs one process-wide provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let tls = sangsaeng_common::tls::server_tls_config(&config.tls.load()?)?;
+    let tls = sangsaeng_common::identity::tls::server_tls_config(&config.tls.load()?)?;
     let limits = config.limits.clone();
     let addr = listener
         .local_addr()
@@ -73,9 +68,9 @@ pub async fn run(
         CoordinatorError::io(format!("creating {}", config.output_dir.display()), e)
     })?;
     let initial_plan = config.initial_plan.clone();
-    let store = store::Store::open(&config.state_path())?;
-    let signer = sangsaeng_common::signing::Signer::from_pem_file(&config.tls.key)?;
-    let audit = audit::AuditLog::open(&config.audit_path(), signer)?;
+    let store = durable::store::Store::open(&config.state_path())?;
+    let signer = sangsaeng_common::identity::signing::Signer::from_pem_file(&config.tls.key)?;
+    let audit = durable::audit::AuditLog::open(&config.audit_path(), signer)?;
     record_start(&audit, &config)?;
     let shared = Shared::new(config, store, audit, shutdown.clone());
     tracing::info!(
@@ -92,14 +87,14 @@ pub async fn run(
     if let Some(rec) = pending.pop() {
         for stale in pending {
             tracing::warn!(training = %stale.id, "an older unfinished training is abandoned; one training runs at a time");
-            training::abandon(&shared, stale)?;
+            round::abandon(&shared, stale)?;
         }
         if initial_plan.is_some() {
             tracing::warn!(training = %rec.id, "resuming the unfinished training; the --plan given is not started");
         }
-        training::resume(&shared, rec)?;
+        round::resume(&shared, rec)?;
     } else if let Some(plan) = initial_plan {
-        training::start(&shared, plan)?;
+        round::start(&shared, plan)?;
     }
     // Subscriptions are long-lived streams; graceful shutdown waits for open RPCs, so
     // end them when shutdown starts. Participants see the stream close and reconnect
@@ -111,10 +106,10 @@ pub async fn run(
             p.tasks = None;
         }
     });
-    let federation = FederationServer::new(service::FederationService::new(shared.clone()))
+    let federation = FederationServer::new(rpc::federation::FederationService::new(shared.clone()))
         .max_decoding_message_size(limits.max_message_bytes())
         .max_encoding_message_size(limits.max_message_bytes());
-    let admin = AdminServer::new(admin::AdminService::new(shared.clone()))
+    let admin = AdminServer::new(rpc::admin::AdminService::new(shared.clone()))
         .max_decoding_message_size(limits.max_message_bytes());
     Server::builder()
         .tls_config(tls)?
@@ -130,7 +125,7 @@ pub async fn run(
         .add_service(federation)
         .add_service(admin)
         .serve_with_incoming_shutdown(
-            incoming::limited(listener, limits.max_connections),
+            rpc::incoming::limited(listener, limits.max_connections),
             shutdown.cancelled(),
         )
         .await?;
@@ -140,7 +135,7 @@ pub async fn run(
 
 /// Records the configuration this run uses, and what changed in the roster since
 /// the last run, as the first audit entries of the run.
-fn record_start(audit: &audit::AuditLog, config: &CoordinatorConfig) -> Result<()> {
+fn record_start(audit: &durable::audit::AuditLog, config: &CoordinatorConfig) -> Result<()> {
     let roster_toml = config.roster.to_toml();
     let orgs: Vec<serde_json::Value> = config
         .roster
@@ -152,7 +147,7 @@ fn record_start(audit: &audit::AuditLog, config: &CoordinatorConfig) -> Result<(
             })
         })
         .collect();
-    let previous = audit::read_unverified(audit.path())?
+    let previous = durable::audit::read_unverified(audit.path())?
         .into_iter()
         .rev()
         .find(|e| e.kind == "coordinator_started");
@@ -163,12 +158,13 @@ fn record_start(audit: &audit::AuditLog, config: &CoordinatorConfig) -> Result<(
             "listen": config.listen.to_string(),
             "output_dir": config.output_dir.display().to_string(),
             "limits": format!("{:?}", config.limits),
-            "roster_sha256": audit::text_digest(&roster_toml),
+            "roster_sha256": durable::audit::text_digest(&roster_toml),
             "organisations": orgs,
         }),
     )?;
     if let Some(prev) = previous
-        && prev.data["roster_sha256"] != serde_json::json!(audit::text_digest(&roster_toml))
+        && prev.data["roster_sha256"]
+            != serde_json::json!(durable::audit::text_digest(&roster_toml))
     {
         let before: std::collections::BTreeMap<String, serde_json::Value> =
             prev.data["organisations"]

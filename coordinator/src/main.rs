@@ -9,9 +9,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use sangsaeng_common::pki;
-use sangsaeng_common::roster::Roster;
-use sangsaeng_common::tls::TlsFiles;
+use sangsaeng_common::config::roster::Roster;
+use sangsaeng_common::identity::pki;
+use sangsaeng_common::identity::tls::TlsFiles;
 use sangsaeng_coordinator::config::{CoordinatorConfig, Overrides};
 
 /// Sangsaeng coordinator: orchestrates federated training across a supply chain
@@ -243,7 +243,7 @@ fn main() -> anyhow::Result<()> {
 async fn async_main() -> anyhow::Result<()> {
     sangsaeng_common::process::init_logging("info");
     // One rustls provider (ring) for tonic and for the registry client.
-    sangsaeng_common::tls::install_crypto_provider();
+    sangsaeng_common::identity::tls::install_crypto_provider();
     match Cli::parse().command {
         Command::Serve(a) => serve(a).await,
         Command::Pki(p) => pki_command(p),
@@ -256,8 +256,9 @@ async fn async_main() -> anyhow::Result<()> {
 fn audit_command(a: AuditCommand) -> anyhow::Result<()> {
     match a {
         AuditCommand::Verify { log, cert } => {
-            let verifier = sangsaeng_common::signing::Verifier::from_cert_pem_file(&cert)?;
-            match sangsaeng_coordinator::audit::verify_file(&log, &verifier) {
+            let verifier =
+                sangsaeng_common::identity::signing::Verifier::from_cert_pem_file(&cert)?;
+            match sangsaeng_coordinator::durable::audit::verify_file(&log, &verifier) {
                 Ok(r) => {
                     println!(
                         "{}: {} entries, chain and signatures intact; head {}",
@@ -291,7 +292,8 @@ async fn release_command(r: ReleaseCommand) -> anyhow::Result<()> {
             println!("  signature manifest {}", pulled.signature_digest);
         }
         ReleaseCommand::Verify { dir, cert, audit } => {
-            let verifier = sangsaeng_common::signing::Verifier::from_cert_pem_file(&cert)?;
+            let verifier =
+                sangsaeng_common::identity::signing::Verifier::from_cert_pem_file(&cert)?;
             let v = release::verify(&dir, &verifier, audit.as_deref())?;
             println!(
                 "verified: training {}, {} rounds, final parameters sha256 {}{}",

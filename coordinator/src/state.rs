@@ -14,15 +14,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use sangsaeng_common::data::FeatureStats;
-use sangsaeng_common::fedavg::Accumulator;
-use sangsaeng_common::plan::TrainingPlan;
-use sangsaeng_common::roster::Roster;
+use sangsaeng_common::aggregation::fedavg::Accumulator;
+use sangsaeng_common::config::plan::TrainingPlan;
+use sangsaeng_common::config::roster::Roster;
+use sangsaeng_common::learning::data::FeatureStats;
 use sangsaeng_proto::v1 as pb;
 
-use crate::audit::AuditLog;
 use crate::config::CoordinatorConfig;
-use crate::store::Store;
+use crate::durable::audit::AuditLog;
+use crate::durable::store::{AcceptedUpdate, Store};
 use crate::transfer::PublishedModel;
 
 /// Tasks waiting to be read by one participant. Small: a participant has at most
@@ -75,15 +75,6 @@ impl Phase {
     }
 }
 
-/// An update that passed every check and was folded into the round's accumulator.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct AcceptedUpdate {
-    pub org_id: String,
-    pub sha256: String,
-    pub num_examples: u64,
-    pub train_loss: f64,
-}
-
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EvalRecord {
     pub org_id: String,
@@ -113,7 +104,7 @@ pub struct PartialUpload {
 pub struct Folding {
     pub upload_id: u64,
     pub spill: PathBuf,
-    pub encoding: sangsaeng_common::encoding::UpdateEncoding,
+    pub encoding: sangsaeng_common::transfer::encoding::UpdateEncoding,
     pub weight: u64,
     /// Chunks folded so far (the spill file may hold one more, not folded).
     pub folded: u32,
@@ -264,6 +255,35 @@ impl Shared {
         })
     }
 
+    /// One of the `limits.max_concurrent_uploads` upload slots.
+    pub async fn upload_slot(&self) -> crate::error::Result<OwnedSemaphorePermit> {
+        let limit = self.config.limits.max_concurrent_uploads;
+        self.transfer_slot(&self.upload_permits, limit, "uploads")
+            .await
+    }
+
+    /// One of the `limit` slots of a kind of transfer, waiting at most the transfer
+    /// idle time for it (the tokio semaphore serves waiters in order).
+    pub async fn transfer_slot(
+        &self,
+        permits: &Arc<Semaphore>,
+        limit: usize,
+        kind: &str,
+    ) -> crate::error::Result<OwnedSemaphorePermit> {
+        use crate::error::CoordinatorError;
+        tokio::time::timeout(
+            self.config.limits.transfer_idle(),
+            permits.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| {
+            CoordinatorError::ResourceExhausted(format!(
+                "{limit} {kind} are already in progress; retry shortly"
+            ))
+        })?
+        .map_err(|_| CoordinatorError::Aborted("the coordinator is shutting down".into()))
+    }
+
     pub fn participants(&self) -> MutexGuard<'_, BTreeMap<String, Presence>> {
         // A panic while holding the lock cannot leave this map half-updated in a
         // way later readers would misread, so a poisoned lock is still usable.
@@ -378,5 +398,22 @@ impl Shared {
             },
             None => false,
         }
+    }
+}
+
+/// The training a request names, if it is the current one.
+pub fn current_training<'a>(
+    guard: &'a mut Option<Training>,
+    training_id: &str,
+) -> crate::error::Result<&'a mut Training> {
+    match guard.as_mut() {
+        Some(t) if t.id == training_id => Ok(t),
+        Some(t) => Err(crate::error::CoordinatorError::NotFound(format!(
+            "unknown training '{training_id}' (the current training is '{}')",
+            t.id
+        ))),
+        None => Err(crate::error::CoordinatorError::NotFound(format!(
+            "unknown training '{training_id}': no training is running"
+        ))),
     }
 }

@@ -112,8 +112,8 @@ fn csr_enrolment_signs_only_the_named_organisation() {
             .success()
     );
     // What `sangsaeng-participant enrol` does on the supplier's machine.
-    let (key, csr) = sangsaeng_common::pki::generate_csr("hanbit-motors").unwrap();
-    sangsaeng_common::pki::write_private_key(d.join("site.key"), &key).unwrap();
+    let (key, csr) = sangsaeng_common::identity::pki::generate_csr("hanbit-motors").unwrap();
+    sangsaeng_common::identity::pki::write_private_key(d.join("site.key"), &key).unwrap();
     std::fs::write(d.join("site.csr"), csr).unwrap();
     let sign = |org: &str| {
         bin()
@@ -137,7 +137,7 @@ fn csr_enrolment_signs_only_the_named_organisation() {
     let pem = std::fs::read_to_string(d.join("hanbit-motors.pem")).unwrap();
     let der = rustls_pemfile_der(&pem);
     assert_eq!(
-        sangsaeng_common::tls::identity_from_der(&der).unwrap(),
+        sangsaeng_common::identity::tls::identity_from_der(&der).unwrap(),
         "hanbit-motors"
     );
     // A request for one organisation cannot be signed as another.
@@ -194,7 +194,7 @@ fn serve_refuses_bad_configuration_with_the_reason() {
 
 #[test]
 fn audit_verify_reports_an_intact_log_and_names_the_broken_line() {
-    use sangsaeng_coordinator::audit::AuditLog;
+    use sangsaeng_coordinator::durable::audit::AuditLog;
     let dir = tempfile::tempdir().unwrap();
     let out = bin()
         .args(["pki", "init", "--out"])
@@ -207,7 +207,7 @@ fn audit_verify_reports_an_intact_log_and_names_the_broken_line() {
     let log_path = dir.path().join("audit.jsonl");
     let log = AuditLog::open(
         &log_path,
-        sangsaeng_common::signing::Signer::from_pem_file(&key).unwrap(),
+        sangsaeng_common::identity::signing::Signer::from_pem_file(&key).unwrap(),
     )
     .unwrap();
     for org in ["a", "b", "c"] {

@@ -9,8 +9,8 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use sangsaeng_common::pki::{CaBundle, issue_server_cert};
-use sangsaeng_common::signing::Verifier;
+use sangsaeng_common::identity::pki::{CaBundle, issue_server_cert};
+use sangsaeng_common::identity::signing::Verifier;
 use sangsaeng_coordinator::audit;
 use sangsaeng_coordinator::release;
 

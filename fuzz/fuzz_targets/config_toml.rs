@@ -7,8 +7,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sangsaeng_common::plan::TrainingPlan;
-use sangsaeng_common::roster::Roster;
+use sangsaeng_common::config::plan::TrainingPlan;
+use sangsaeng_common::config::roster::Roster;
 use sangsaeng_coordinator::release::policy::Policy;
 
 fuzz_target!(|data: &[u8]| {

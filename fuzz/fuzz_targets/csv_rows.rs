@@ -9,8 +9,8 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use sangsaeng_common::data::load_csv_reader;
-use sangsaeng_common::plan::DataSchema;
+use sangsaeng_common::learning::data::load_csv_reader;
+use sangsaeng_common::config::plan::DataSchema;
 
 fuzz_target!(|data: &[u8]| {
     let schema = DataSchema {

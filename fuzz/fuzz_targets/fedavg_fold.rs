@@ -17,7 +17,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sangsaeng_common::fedavg::{Accumulator, MAX_ABS_DELTA, MAX_TOTAL_WEIGHT};
+use sangsaeng_common::aggregation::fedavg::{Accumulator, MAX_ABS_DELTA, MAX_TOTAL_WEIGHT};
 
 /// Three fold blocks of 4,096 values and a bit: chunks cross block edges.
 const NUM_PARAMS: usize = 3 * 4096 + 100;

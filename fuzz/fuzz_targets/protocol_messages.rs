@@ -10,8 +10,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use sangsaeng_common::data::FeatureStats;
-use sangsaeng_common::wire;
+use sangsaeng_common::learning::data::FeatureStats;
+use sangsaeng_common::transfer::wire;
 use sangsaeng_proto::v1 as pb;
 
 fuzz_target!(|data: &[u8]| {

@@ -14,8 +14,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use sangsaeng_common::encoding::UpdateEncoding;
-use sangsaeng_common::fedavg::Accumulator;
+use sangsaeng_common::transfer::encoding::UpdateEncoding;
+use sangsaeng_common::aggregation::fedavg::Accumulator;
 use sangsaeng_coordinator::transfer::{self, DeltaReceiver};
 use sangsaeng_proto::v1 as pb;
 

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use sangsaeng_common::backend::BackendKind;
-use sangsaeng_common::data::SiteData;
-use sangsaeng_common::tls::TlsFiles;
+use sangsaeng_common::identity::tls::TlsFiles;
+use sangsaeng_common::learning::backend::BackendKind;
+use sangsaeng_common::learning::data::SiteData;
 
 use crate::error::{ParticipantError, Result};
 
@@ -117,7 +117,7 @@ pub const DEFAULT_UPLOAD_CHUNK: usize = 1 << 20;
 impl ParticipantConfig {
     pub fn build(file: Option<&Path>, o: Overrides) -> Result<Self> {
         let file = file
-            .map(sangsaeng_common::config_file::read::<FileConfig>)
+            .map(sangsaeng_common::config::file::read::<FileConfig>)
             .transpose()?;
         let rel = |p: PathBuf| match &file {
             Some(f) => f.resolve(&p),

@@ -7,8 +7,8 @@
 //! [`ModelAssembler::next_chunk`]: a chunk is only kept once it passed its check,
 //! so a resumed download never starts from a bad one.
 
-use sangsaeng_common::digest::{self, DigestAlgorithm};
-use sangsaeng_common::weights;
+use sangsaeng_common::transfer::digest::{self, DigestAlgorithm};
+use sangsaeng_common::transfer::weights;
 use sangsaeng_proto::v1 as pb;
 
 use crate::error::{ParticipantError, Result};

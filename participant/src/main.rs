@@ -8,7 +8,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use sangsaeng_common::{data, pki, plan::TrainingPlan};
+use sangsaeng_common::config::plan::TrainingPlan;
+use sangsaeng_common::identity::pki;
+use sangsaeng_common::learning::data;
 use sangsaeng_participant::config::{Overrides, ParticipantConfig};
 
 /// Sangsaeng participant: trains the federation's model on this site's private

@@ -13,13 +13,13 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use sangsaeng_common::digest::{self, DigestAlgorithm};
-use sangsaeng_common::encoding::{self, UpdateEncoding};
-use sangsaeng_common::model::ModelSpec;
-use sangsaeng_common::plan::TrainingPlan;
-use sangsaeng_common::train::{self, LocalTraining};
-use sangsaeng_common::weights;
-use sangsaeng_common::wire::{self, plan_from_proto};
+use sangsaeng_common::config::plan::TrainingPlan;
+use sangsaeng_common::learning::model::ModelSpec;
+use sangsaeng_common::learning::train::{self, LocalTraining};
+use sangsaeng_common::transfer::digest::{self, DigestAlgorithm};
+use sangsaeng_common::transfer::encoding::{self, UpdateEncoding};
+use sangsaeng_common::transfer::weights;
+use sangsaeng_common::transfer::wire::{self, plan_from_proto};
 use sangsaeng_proto::v1 as pb;
 use sangsaeng_proto::v1::federation_client::FederationClient;
 
@@ -42,7 +42,7 @@ enum Ended {
 pub struct Session {
     cfg: ParticipantConfig,
     site: Site,
-    tls: sangsaeng_common::tls::TlsMaterial,
+    tls: sangsaeng_common::identity::tls::TlsMaterial,
     /// Trainings this site declined (e.g. schema mismatch): their tasks are ignored.
     declined: HashMap<String, String>,
     client: Option<FederationClient<Channel>>,
@@ -64,7 +64,7 @@ struct PendingUpload {
     num_params: u64,
     encoding: UpdateEncoding,
     chunks: Arc<[bytes::Bytes]>,
-    /// Digest id of all chunks' bytes (`sangsaeng_common::digest`).
+    /// Digest id of all chunks' bytes (`sangsaeng_common::transfer::digest`).
     delta_digest: String,
     num_examples: u64,
     train_loss: f64,
@@ -120,7 +120,7 @@ impl Session {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
-        let ch = sangsaeng_common::channel::connect(
+        let ch = sangsaeng_common::identity::channel::connect(
             &self.cfg.coordinator,
             &self.tls,
             &self.cfg.server_name,

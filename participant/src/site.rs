@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
-use sangsaeng_common::data::{self, Dataset, FeatureStats, SiteData};
-use sangsaeng_common::plan::TrainingPlan;
+use sangsaeng_common::config::plan::TrainingPlan;
+use sangsaeng_common::learning::data::{self, Dataset, FeatureStats, SiteData};
 
 use crate::error::Result;
 

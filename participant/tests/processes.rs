@@ -281,14 +281,18 @@ fn setup(d: &Path, plan_file: &str, plan: &str) {
 /// Asserts two trainings ended with the same model, bit for bit, and that every
 /// round 1..=rounds of `resumed` is recorded (one round may be evaluated twice around a kill).
 fn assert_same_outcome(reference: &Path, resumed: &Path, rounds: u64, context: &str) {
-    let plan = sangsaeng_common::plan::TrainingPlan::from_file(&resumed.join("plan.toml")).unwrap();
-    let layout = sangsaeng_common::model::ModelSpec::from_plan(&plan).layout();
+    let plan = sangsaeng_common::config::plan::TrainingPlan::from_file(&resumed.join("plan.toml"))
+        .unwrap();
+    let layout = sangsaeng_common::learning::model::ModelSpec::from_plan(&plan).layout();
     let bits = |p: &Path| {
-        sangsaeng_common::weights::load_safetensors(&p.join("global.safetensors"), &layout)
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect::<Vec<_>>()
+        sangsaeng_common::transfer::weights::load_safetensors(
+            &p.join("global.safetensors"),
+            &layout,
+        )
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect::<Vec<_>>()
     };
     assert_eq!(
         bits(reference),

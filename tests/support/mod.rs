@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sangsaeng::localnet::{self, Pki};
-use sangsaeng_common::data::{self, Dataset};
-use sangsaeng_common::plan::TrainingPlan;
-use sangsaeng_common::roster::Roster;
-use sangsaeng_common::tls::TlsMaterial;
+use sangsaeng_common::config::plan::TrainingPlan;
+use sangsaeng_common::config::roster::Roster;
+use sangsaeng_common::identity::tls::TlsMaterial;
+use sangsaeng_common::learning::data::{self, Dataset};
 use sangsaeng_proto::v1::StatusResponse;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

@@ -10,11 +10,11 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use sangsaeng_common::model::ModelSpec;
-use sangsaeng_common::plan::TrainingPlan;
-use sangsaeng_common::roster::Roster;
-use sangsaeng_common::signing::{Envelope, Signer};
-use sangsaeng_common::weights;
+use sangsaeng_common::config::plan::TrainingPlan;
+use sangsaeng_common::config::roster::Roster;
+use sangsaeng_common::identity::signing::{Envelope, Signer};
+use sangsaeng_common::learning::model::ModelSpec;
+use sangsaeng_common::transfer::weights;
 
 use super::policy::{ContributorDisclosure, Facts, Policy, RuleResult};
 use crate::error::Result;
@@ -160,7 +160,7 @@ pub fn build(i: Inputs<'_>) -> Result<Artifact> {
     let spec = ModelSpec::from_plan(i.plan);
     let layout = spec.layout();
     let how = i.policy.disclosure.contributors;
-    let released_at = crate::audit::now_utc();
+    let released_at = crate::durable::audit::now_utc();
     let weights_bytes = weights::safetensors_bytes(
         &layout,
         i.params,
@@ -174,7 +174,7 @@ pub fn build(i: Inputs<'_>) -> Result<Artifact> {
     let provenance = Provenance {
         training: i.facts.training.clone(),
         plan_toml: i.plan.to_toml(),
-        plan_sha256: crate::audit::text_digest(&i.plan.to_toml()),
+        plan_sha256: crate::durable::audit::text_digest(&i.plan.to_toml()),
         initial_model_sha256: weights::digest(&spec.init_params(i.plan.training.seed)),
         rounds: i
             .facts

@@ -21,12 +21,12 @@ use std::path::Path;
 
 use serde_json::json;
 
-use sangsaeng_common::model::ModelSpec;
-use sangsaeng_common::plan::TrainingPlan;
-use sangsaeng_common::signing::{Envelope, Signer, Verifier};
-use sangsaeng_common::weights;
+use sangsaeng_common::config::plan::TrainingPlan;
+use sangsaeng_common::identity::signing::{Envelope, Signer, Verifier};
+use sangsaeng_common::learning::model::ModelSpec;
+use sangsaeng_common::transfer::weights;
 
-use crate::audit::{self, Entry};
+use crate::durable::audit::{self, Entry};
 use crate::error::{CoordinatorError, Result};
 use crate::state::Shared;
 use artifact::{PROVENANCE_FILE, SIGNATURE_FILE, Statement, WEIGHTS_FILE};

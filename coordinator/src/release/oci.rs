@@ -22,7 +22,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde_json::{Value, json};
 
-use sangsaeng_common::weights::sha256_hex;
+use sangsaeng_common::transfer::weights::sha256_hex;
 
 use super::artifact::{Artifact, CARD_FILE, PROVENANCE_FILE, SIGNATURE_FILE, WEIGHTS_FILE};
 use crate::error::{CoordinatorError, Result};

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use sangsaeng_common::roster::Roster;
+use sangsaeng_common::config::roster::Roster;
 
 use crate::error::{CoordinatorError, Result};
 

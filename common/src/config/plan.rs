@@ -1,0 +1,419 @@
+//! The training plan: what the supply chain agreed to train, in what shape and how.
+//!
+//! The plan is a TOML file given to the coordinator. Unknown keys are refused
+//! (a typo must not silently fall back to a default) and every value is range
+//! checked once, in [`TrainingPlan::validate`], so the rest of the code can trust it.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+use crate::{Error, Result};
+
+/// The whole plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingPlan {
+    pub schema: DataSchema,
+    pub model: ModelConfig,
+    pub training: TrainingConfig,
+    /// Global standardisation, computed federatedly by the coordinator before
+    /// round 1. Never written by hand; absent in a plan file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<Scaling>,
+}
+
+/// Columns of the line data the model uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSchema {
+    /// Feature columns, in the order the model consumes them.
+    pub feature_columns: Vec<String>,
+    /// Column holding the class label.
+    pub label_column: String,
+    /// Class labels as written in the label column; model output `i` is `classes[i]`.
+    pub classes: Vec<String>,
+}
+
+/// The model: a multi-layer perceptron classifier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Hidden layer widths, input to output. May be empty (a linear model).
+    pub hidden_layers: Vec<usize>,
+    #[serde(default)]
+    pub activation: Activation,
+    /// Dropout probability after each hidden activation, in `[0, 1)`.
+    #[serde(default)]
+    pub dropout: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    #[default]
+    Relu,
+    Tanh,
+    Gelu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Optimizer {
+    Sgd,
+    #[default]
+    Adam,
+}
+
+/// How rounds run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    /// Number of federated rounds.
+    pub rounds: u32,
+    /// Local epochs per round.
+    #[serde(default = "default_local_epochs")]
+    pub local_epochs: u32,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    #[serde(default)]
+    pub optimizer: Optimizer,
+    pub learning_rate: f64,
+    /// A round starts only when at least this many participants are connected,
+    /// and closes at the deadline only if at least this many updates arrived.
+    pub min_participants: usize,
+    /// Seconds a round waits for updates before closing with what it has.
+    #[serde(default = "default_round_deadline")]
+    pub round_deadline_secs: u64,
+    /// Fraction of each site's rows kept aside for local validation.
+    #[serde(default = "default_validation_fraction")]
+    pub validation_fraction: f64,
+    /// Seed of model initialisation, shuffling and the validation split.
+    #[serde(default)]
+    pub seed: u64,
+    /// How participants encode their deltas: "float32" (exact), "float16", or
+    /// "int8" (one scale per chunk, about 4x fewer bytes). See `crate::transfer::encoding`.
+    #[serde(default)]
+    pub update_encoding: UpdateEncoding,
+    /// Whether each round's global model is scored by the sites on their validation
+    /// splits (an evaluation phase per round). Off for workloads with nothing to
+    /// score, such as the transport benchmark.
+    #[serde(default = "default_evaluate")]
+    pub evaluate: bool,
+}
+
+/// Per-feature standardisation `x' = (x - mean) / std`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scaling {
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
+}
+
+fn default_local_epochs() -> u32 {
+    1
+}
+fn default_batch_size() -> usize {
+    64
+}
+fn default_round_deadline() -> u64 {
+    600
+}
+fn default_evaluate() -> bool {
+    true
+}
+fn default_validation_fraction() -> f64 {
+    0.2
+}
+
+/// Upper bounds that keep a plan from asking a small supplier's machine for the impossible.
+const MAX_ROUNDS: u32 = 100_000;
+const MAX_LAYER_WIDTH: usize = 1 << 16;
+const MAX_LAYERS: usize = 64;
+const MAX_FEATURES: usize = 1 << 16;
+const MAX_CLASSES: usize = 1 << 16;
+
+impl TrainingPlan {
+    /// Reads and validates a plan file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates plan TOML; `origin` names the source in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        let plan: TrainingPlan =
+            toml::from_str(text).map_err(|e| Error::config(origin, toml_message(&e)))?;
+        plan.validate().map_err(|m| Error::config(origin, m))?;
+        Ok(plan)
+    }
+
+    /// Checks every value; the message names the offending key.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let s = &self.schema;
+        if s.feature_columns.is_empty() {
+            return Err("schema.feature_columns: at least one feature column is required".into());
+        }
+        if s.feature_columns.len() > MAX_FEATURES {
+            return Err(format!(
+                "schema.feature_columns: more than {MAX_FEATURES} columns"
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for c in &s.feature_columns {
+            if c.trim().is_empty() {
+                return Err("schema.feature_columns: empty column name".into());
+            }
+            if !seen.insert(c) {
+                return Err(format!("schema.feature_columns: '{c}' is listed twice"));
+            }
+        }
+        if s.label_column.trim().is_empty() {
+            return Err("schema.label_column: must not be empty".into());
+        }
+        if seen.contains(&s.label_column) {
+            return Err(format!(
+                "schema.label_column: '{}' is also a feature column",
+                s.label_column
+            ));
+        }
+        if s.classes.len() < 2 {
+            return Err("schema.classes: at least two classes are required".into());
+        }
+        if s.classes.len() > MAX_CLASSES {
+            return Err(format!("schema.classes: more than {MAX_CLASSES} classes"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for c in &s.classes {
+            if !seen.insert(c) {
+                return Err(format!("schema.classes: '{c}' is listed twice"));
+            }
+        }
+        let m = &self.model;
+        if m.hidden_layers.len() > MAX_LAYERS {
+            return Err(format!(
+                "model.hidden_layers: more than {MAX_LAYERS} layers"
+            ));
+        }
+        if let Some(w) = m
+            .hidden_layers
+            .iter()
+            .find(|&&w| w == 0 || w > MAX_LAYER_WIDTH)
+        {
+            return Err(format!(
+                "model.hidden_layers: width {w} is out of range 1..={MAX_LAYER_WIDTH}"
+            ));
+        }
+        if !(0.0..1.0).contains(&m.dropout) {
+            return Err(format!("model.dropout: {} is outside [0, 1)", m.dropout));
+        }
+        let t = &self.training;
+        if t.rounds == 0 || t.rounds > MAX_ROUNDS {
+            return Err(format!(
+                "training.rounds: {} is out of range 1..={MAX_ROUNDS}",
+                t.rounds
+            ));
+        }
+        if t.local_epochs == 0 || t.local_epochs > 10_000 {
+            return Err(format!(
+                "training.local_epochs: {} is out of range 1..=10000",
+                t.local_epochs
+            ));
+        }
+        if t.batch_size == 0 || t.batch_size > 1 << 20 {
+            return Err(format!(
+                "training.batch_size: {} is out of range 1..=1048576",
+                t.batch_size
+            ));
+        }
+        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0 && t.learning_rate <= 10.0) {
+            return Err(format!(
+                "training.learning_rate: {} must be a number in (0, 10]",
+                t.learning_rate
+            ));
+        }
+        if t.min_participants == 0 {
+            return Err("training.min_participants: must be at least 1".into());
+        }
+        if t.round_deadline_secs == 0 || t.round_deadline_secs > 7 * 24 * 3600 {
+            return Err(format!(
+                "training.round_deadline_secs: {} is out of range 1..=604800",
+                t.round_deadline_secs
+            ));
+        }
+        if !(t.validation_fraction > 0.0 && t.validation_fraction < 1.0) {
+            return Err(format!(
+                "training.validation_fraction: {} must be strictly between 0 and 1",
+                t.validation_fraction
+            ));
+        }
+        if let Some(sc) = &self.scaling {
+            let d = s.feature_columns.len();
+            if sc.mean.len() != d || sc.std.len() != d {
+                return Err(format!(
+                    "scaling: expected {d} means and stds, got {} and {}",
+                    sc.mean.len(),
+                    sc.std.len()
+                ));
+            }
+            if sc.mean.iter().any(|v| !v.is_finite())
+                || sc.std.iter().any(|v| !(v.is_finite() && *v > 0.0))
+            {
+                return Err("scaling: means must be finite and stds finite and positive".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of input features.
+    pub fn n_features(&self) -> usize {
+        self.schema.feature_columns.len()
+    }
+
+    /// Number of output classes.
+    pub fn n_classes(&self) -> usize {
+        self.schema.classes.len()
+    }
+
+    /// Serialises the plan back to TOML (used to archive the plan beside a training's outputs).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a validated plan always serialises")
+    }
+}
+
+/// Makes a toml error one line that still names the key and position.
+pub(crate) fn toml_message(e: &toml::de::Error) -> String {
+    e.to_string()
+        .replace('\n', " ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Encoding of update deltas (`[training] update_encoding`). The wire layout of
+/// each encoding lives in [`crate::transfer::encoding`]; the plan only names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpdateEncoding {
+    #[default]
+    Float32,
+    Float16,
+    Int8,
+}
+
+impl UpdateEncoding {
+    pub fn name(self) -> &'static str {
+        match self {
+            UpdateEncoding::Float32 => "float32",
+            UpdateEncoding::Float16 => "float16",
+            UpdateEncoding::Int8 => "int8",
+        }
+    }
+
+    /// Parses a name as written in plans and headers; empty means float32 (older peers).
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "" | "float32" => Ok(UpdateEncoding::Float32),
+            "float16" => Ok(UpdateEncoding::Float16),
+            "int8" => Ok(UpdateEncoding::Int8),
+            other => Err(Error::Protocol(format!(
+                "unknown update encoding '{other}' (expected float32, float16 or int8)"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const PLAN: &str = r#"
+[schema]
+feature_columns = ["a", "b"]
+label_column = "y"
+classes = ["0", "1"]
+
+[model]
+hidden_layers = [8]
+activation = "relu"
+dropout = 0.0
+
+[training]
+rounds = 3
+learning_rate = 0.01
+min_participants = 2
+"#;
+
+    #[test]
+    fn parses_a_minimal_plan_with_defaults() {
+        let p = TrainingPlan::from_toml(PLAN, "plan.toml").unwrap();
+        assert_eq!(p.n_features(), 2);
+        assert_eq!(p.training.batch_size, 64);
+        assert_eq!(p.training.optimizer, Optimizer::Adam);
+        assert!(p.scaling.is_none());
+        // Round-trips through TOML.
+        assert_eq!(TrainingPlan::from_toml(&p.to_toml(), "x").unwrap(), p);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_and_named() {
+        let text = PLAN.replace("rounds = 3", "rounds = 3\nroundz = 4");
+        let err = TrainingPlan::from_toml(&text, "plan.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("plan.toml"), "{err}");
+        assert!(err.contains("roundz"), "{err}");
+    }
+
+    #[test]
+    fn impossible_values_are_refused_with_the_key() {
+        for (from, to, key) in [
+            ("rounds = 3", "rounds = 0", "training.rounds"),
+            (
+                "learning_rate = 0.01",
+                "learning_rate = -1.0",
+                "training.learning_rate",
+            ),
+            (
+                "min_participants = 2",
+                "min_participants = 0",
+                "training.min_participants",
+            ),
+            ("dropout = 0.0", "dropout = 1.5", "model.dropout"),
+            (
+                "hidden_layers = [8]",
+                "hidden_layers = [0]",
+                "model.hidden_layers",
+            ),
+            (
+                "classes = [\"0\", \"1\"]",
+                "classes = [\"0\"]",
+                "schema.classes",
+            ),
+            (
+                "feature_columns = [\"a\", \"b\"]",
+                "feature_columns = [\"a\", \"a\"]",
+                "schema.feature_columns",
+            ),
+            (
+                "label_column = \"y\"",
+                "label_column = \"a\"",
+                "schema.label_column",
+            ),
+        ] {
+            let text = PLAN.replace(from, to);
+            let err = TrainingPlan::from_toml(&text, "plan.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn wrong_type_is_refused() {
+        let text = PLAN.replace("rounds = 3", "rounds = \"three\"");
+        let err = TrainingPlan::from_toml(&text, "plan.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rounds"), "{err}");
+    }
+}

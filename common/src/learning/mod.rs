@@ -1,0 +1,25 @@
+//! What a site learns from: its line data, the model's shape, and (with the
+//! `train` feature) local training and evaluation with burn.
+//!
+//! Layering inside: [`model`] (shape, parameter layout, seeded initialisation,
+//! plain Rust) and [`data`] (CSV line data, schema checks, federated feature
+//! statistics) depend only on [`crate::config`]; [`metrics`] is pure arithmetic;
+//! [`backend`], [`mlp`] and [`train`] sit on top and are the only modules that
+//! name burn, so the coordinator and the fuzz targets build without it.
+//!
+//! - [`model`]: the MLP's shape, canonical parameter layout, flat vectors.
+//! - [`data`]: reading, checking, splitting and scaling a site's CSV exports.
+//! - [`metrics`]: accuracy, macro-F1 and the evaluation record.
+//! - [`backend`] (`train`): the single place that chooses the burn backend.
+//! - [`mlp`] (`train`): the burn module of a model spec.
+//! - [`train`] (`train`): local training, evaluation and prediction.
+
+#[cfg(feature = "train")]
+pub mod backend;
+pub mod data;
+pub mod metrics;
+#[cfg(feature = "train")]
+pub mod mlp;
+pub mod model;
+#[cfg(feature = "train")]
+pub mod train;

@@ -1,0 +1,630 @@
+//! Local training, evaluation and prediction on a site's data.
+//!
+//! Every entry point takes and returns flat parameter vectors in
+//! [`ModelSpec::layout`] order and a [`BackendKind`], so callers (participant
+//! daemon, example, tests) never touch burn types. Inputs from the network or a
+//! CSV file are checked here and refused with [`Error::Model`] rather than
+//! reaching a burn shape assertion, which would panic.
+//!
+//! Determinism: shuffling and dropout draw from ChaCha8 streams seeded by
+//! [`LocalTraining::seed`], and nothing uses burn's process-wide backend RNG, so
+//! on the ndarray backend the same start, data and configuration give the same
+//! parameters bit for bit, even with other trainings running in the process.
+
+use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::prelude::*;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::plan::{Optimizer, TrainingPlan};
+use crate::learning::backend::BackendKind;
+use crate::learning::data::Dataset;
+use crate::learning::metrics::{self, Evaluation};
+use crate::learning::mlp::{Mlp, read_vec};
+use crate::learning::model::{ModelSpec, check_params};
+use crate::{Error, Result};
+
+/// Rows per forward pass in evaluation and prediction: bounds memory on large
+/// validation sets while keeping matrix products large enough to be efficient.
+const INFERENCE_BATCH: usize = 4096;
+
+/// How one round of local training runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalTraining {
+    pub epochs: u32,
+    pub batch_size: usize,
+    pub optimizer: Optimizer,
+    pub learning_rate: f64,
+    /// Dropout probability used while training; overrides [`ModelSpec::dropout`].
+    pub dropout: f64,
+    /// Seed of shuffling and dropout for this round.
+    pub seed: u64,
+}
+
+impl LocalTraining {
+    /// The plan's training settings for `round`.
+    ///
+    /// The plan seed is mixed with the round number so each round visits the
+    /// rows in a different order (otherwise every round would repeat the same
+    /// batches) while a rerun of the whole training stays reproducible.
+    pub fn from_plan(plan: &TrainingPlan, round: u32) -> LocalTraining {
+        let t = &plan.training;
+        LocalTraining {
+            epochs: t.local_epochs,
+            batch_size: t.batch_size,
+            optimizer: t.optimizer,
+            learning_rate: t.learning_rate,
+            dropout: plan.model.dropout,
+            seed: round_seed(t.seed, round),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.epochs == 0 {
+            return Err(Error::Model(
+                "local training needs at least one epoch".into(),
+            ));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::Model("batch size must be at least 1".into()));
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return Err(Error::Model(format!(
+                "learning rate {} must be finite and positive",
+                self.learning_rate
+            )));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::Model(format!(
+                "dropout {} is outside [0, 1)",
+                self.dropout
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// SplitMix64 of the seed and round: a cheap bijective mix, so neighbouring
+/// rounds (or plans whose seeds differ by one) get unrelated streams.
+fn round_seed(seed: u64, round: u32) -> u64 {
+    let mut z = seed ^ u64::from(round).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// What a round of local training produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOutcome {
+    /// The trained parameters, in [`ModelSpec::layout`] order.
+    pub params: Vec<f32>,
+    /// Mean training cross-entropy of each epoch, weighted by batch size.
+    pub epoch_losses: Vec<f64>,
+}
+
+/// Trains from `start` on `data` for `cfg.epochs` epochs of shuffled mini-batches.
+pub fn train_local(
+    kind: BackendKind,
+    spec: &ModelSpec,
+    start: &[f32],
+    data: &Dataset,
+    cfg: &LocalTraining,
+) -> Result<TrainOutcome> {
+    check_dataset(spec, data)?;
+    let mut trainer = LocalTrainer::new(kind, spec, start, cfg)?;
+    let epoch_losses = (0..cfg.epochs)
+        .map(|_| trainer.epoch_checked(data))
+        .collect::<Result<Vec<f64>>>()?;
+    let params = trainer.params();
+    check_params(spec, &params)
+        .map_err(|e| Error::Model(format!("training produced unusable parameters: {e}")))?;
+    Ok(TrainOutcome {
+        params,
+        epoch_losses,
+    })
+}
+
+/// A model being trained, one mini-batch or epoch at a time.
+///
+/// [`train_local`] is the usual entry point; this exists for callers that need
+/// the steps themselves, such as the training-step benchmark.
+pub struct LocalTrainer {
+    spec: ModelSpec,
+    model: Mlp,
+    optimizer: ModuleOptimizer,
+    loss: CrossEntropyLoss,
+    device: Device,
+    learning_rate: f64,
+    batch_size: usize,
+    shuffle_rng: ChaCha8Rng,
+    dropout_rng: ChaCha8Rng,
+}
+
+impl LocalTrainer {
+    /// Loads `start` onto `kind`'s autodiff device with a fresh optimizer state.
+    pub fn new(
+        kind: BackendKind,
+        spec: &ModelSpec,
+        start: &[f32],
+        cfg: &LocalTraining,
+    ) -> Result<LocalTrainer> {
+        cfg.validate()?;
+        let spec = ModelSpec {
+            dropout: cfg.dropout,
+            ..spec.clone()
+        };
+        let device = kind.autodiff_device()?;
+        let model = Mlp::from_flat(&spec, start, &device)?;
+        let optimizer = match cfg.optimizer {
+            Optimizer::Adam => AdamConfig::new().init(),
+            Optimizer::Sgd => SgdConfig::new().init(),
+        };
+        let loss = CrossEntropyLossConfig::new().init(&device);
+        let shuffle_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        // Same seed, separate stream: changing the dropout rate must not change the batch order.
+        let mut dropout_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        dropout_rng.set_stream(1);
+        Ok(LocalTrainer {
+            spec,
+            model,
+            optimizer,
+            loss,
+            device,
+            learning_rate: cfg.learning_rate,
+            batch_size: cfg.batch_size,
+            shuffle_rng,
+            dropout_rng,
+        })
+    }
+
+    /// One forward, backward and optimizer step on the given rows; returns their mean loss.
+    pub fn step(&mut self, features: &[f32], labels: &[u32]) -> Result<f64> {
+        check_rows(&self.spec, features, labels)?;
+        if labels.is_empty() {
+            return Err(Error::Model(
+                "a training step needs at least one row".into(),
+            ));
+        }
+        self.step_unchecked(features, labels)
+    }
+
+    /// One pass over `data` in a freshly shuffled order; returns the mean loss.
+    pub fn epoch(&mut self, data: &Dataset) -> Result<f64> {
+        check_dataset(&self.spec, data)?;
+        self.epoch_checked(data)
+    }
+
+    /// The current parameters, in [`ModelSpec::layout`] order.
+    pub fn params(&self) -> Vec<f32> {
+        self.model.to_flat()
+    }
+
+    fn epoch_checked(&mut self, data: &Dataset) -> Result<f64> {
+        let nf = data.n_features;
+        let mut order: Vec<usize> = (0..data.len()).collect();
+        order.shuffle(&mut self.shuffle_rng);
+        let mut features = Vec::with_capacity(self.batch_size * nf);
+        let mut labels = Vec::with_capacity(self.batch_size);
+        let mut total = 0.0;
+        for batch in order.chunks(self.batch_size) {
+            features.clear();
+            labels.clear();
+            for &row in batch {
+                features.extend_from_slice(&data.features[row * nf..(row + 1) * nf]);
+                labels.push(data.labels[row]);
+            }
+            total += self.step_unchecked(&features, &labels)? * batch.len() as f64;
+        }
+        Ok(total / data.len() as f64)
+    }
+
+    fn step_unchecked(&mut self, features: &[f32], labels: &[u32]) -> Result<f64> {
+        let rows = labels.len();
+        let x = Tensor::<2>::from_data(
+            TensorData::new(features.to_vec(), [rows, self.spec.n_features]),
+            &self.device,
+        );
+        let y = labels_tensor(labels, &self.device);
+        let logits = self.model.forward_train(x, &mut self.dropout_rng);
+        let loss = self.loss.forward(logits, y);
+        let value: f64 = loss
+            .clone()
+            .try_into_scalar::<f32>()
+            .map_err(|e| Error::Model(format!("reading the training loss failed: {e}")))?
+            .into();
+        // A diverged model would be sent to the coordinator as garbage; stop here instead.
+        if !value.is_finite() {
+            return Err(Error::Model(format!(
+                "training diverged (loss {value}); lower the learning rate"
+            )));
+        }
+        let grads = GradientsParams::from_grads(loss.backward(), &self.model);
+        self.model = self
+            .optimizer
+            .step(self.learning_rate, self.model.clone(), grads);
+        Ok(value)
+    }
+}
+
+/// Loss, accuracy and macro-F1 of `params` on `data`, without dropout.
+pub fn evaluate(
+    kind: BackendKind,
+    spec: &ModelSpec,
+    params: &[f32],
+    data: &Dataset,
+) -> Result<Evaluation> {
+    check_dataset(spec, data)?;
+    let device = kind.device()?;
+    let model = Mlp::from_flat(spec, params, &device)?;
+    // Summed (not averaged) per batch so the last, shorter batch is weighted correctly.
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let nf = spec.n_features;
+    let mut loss_sum = 0.0;
+    let mut pred = Vec::with_capacity(data.len());
+    for (x, y) in data
+        .features
+        .chunks(INFERENCE_BATCH * nf)
+        .zip(data.labels.chunks(INFERENCE_BATCH))
+    {
+        let rows = y.len();
+        let x = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [rows, nf]), &device);
+        let logits = model.forward(x);
+        let loss: f32 = loss_fn
+            .forward(logits.clone(), labels_tensor(y, &device))
+            .try_into_scalar()
+            .map_err(|e| Error::Model(format!("reading the evaluation loss failed: {e}")))?;
+        loss_sum += f64::from(loss) * rows as f64;
+        let classes = read_vec::<i64, 2, Int>(logits.argmax(1))?;
+        pred.extend(classes.into_iter().map(|c| c as u32));
+    }
+    let n = data.len();
+    Ok(Evaluation {
+        n,
+        loss: loss_sum / n as f64,
+        accuracy: metrics::accuracy(&data.labels, &pred),
+        macro_f1: metrics::macro_f1(spec.n_classes, &data.labels, &pred),
+    })
+}
+
+/// Logits of `n_rows` rows (row-major `features`), `n_rows * n_classes` values row-major.
+pub fn predict_logits(
+    kind: BackendKind,
+    spec: &ModelSpec,
+    params: &[f32],
+    features: &[f32],
+    n_rows: usize,
+) -> Result<Vec<f32>> {
+    let nf = spec.n_features;
+    if n_rows.checked_mul(nf) != Some(features.len()) {
+        return Err(Error::Model(format!(
+            "{} feature values do not make {n_rows} rows of {nf} features",
+            features.len()
+        )));
+    }
+    check_finite(features)?;
+    let device = kind.device()?;
+    let model = Mlp::from_flat(spec, params, &device)?;
+    let mut out = Vec::with_capacity(n_rows * spec.n_classes);
+    for x in features.chunks(INFERENCE_BATCH * nf) {
+        let rows = x.len() / nf;
+        let x = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [rows, nf]), &device);
+        out.extend(read_vec::<f32, 2, Float>(model.forward(x))?);
+    }
+    Ok(out)
+}
+
+fn labels_tensor(labels: &[u32], device: &Device) -> Tensor<1, Int> {
+    let labels: Vec<i64> = labels.iter().map(|&l| i64::from(l)).collect();
+    let n = labels.len();
+    Tensor::from_data(TensorData::new(labels, [n]), device)
+}
+
+fn check_dataset(spec: &ModelSpec, data: &Dataset) -> Result<()> {
+    if data.is_empty() {
+        return Err(Error::Model("the dataset has no rows".into()));
+    }
+    if data.n_features != spec.n_features {
+        return Err(Error::Model(format!(
+            "the dataset has {} features but the model expects {}",
+            data.n_features, spec.n_features
+        )));
+    }
+    check_rows(spec, &data.features, &data.labels)
+}
+
+fn check_rows(spec: &ModelSpec, features: &[f32], labels: &[u32]) -> Result<()> {
+    let nf = spec.n_features;
+    if labels.len().checked_mul(nf) != Some(features.len()) {
+        return Err(Error::Model(format!(
+            "{} feature values do not make {} rows of {nf} features",
+            features.len(),
+            labels.len()
+        )));
+    }
+    if let Some((row, &label)) = labels
+        .iter()
+        .enumerate()
+        .find(|&(_, &l)| l as usize >= spec.n_classes)
+    {
+        return Err(Error::Model(format!(
+            "row {row} has label {label} but the model has {} classes",
+            spec.n_classes
+        )));
+    }
+    check_finite(features)
+}
+
+fn check_finite(features: &[f32]) -> Result<()> {
+    match features.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(Error::Model(format!(
+            "feature value {i} is not finite ({}); clean or impute the data first",
+            features[i]
+        ))),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::plan::Activation;
+    use rand::Rng;
+
+    fn spec() -> ModelSpec {
+        ModelSpec {
+            n_features: 4,
+            hidden: vec![16],
+            n_classes: 3,
+            activation: Activation::Relu,
+            dropout: 0.0,
+        }
+    }
+
+    /// Three well-separated Gaussian-ish blobs, one per class.
+    fn blobs(n: usize, seed: u64) -> Dataset {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let centres = [
+            [2.0, 0.0, 0.0, 1.0],
+            [-2.0, 2.0, 0.0, 0.0],
+            [0.0, -2.0, 2.0, -1.0],
+        ];
+        let mut features = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..n {
+            let class = i % 3;
+            for c in centres[class] {
+                features.push(c + rng.random_range(-0.5f32..0.5));
+            }
+            labels.push(class as u32);
+        }
+        Dataset {
+            features,
+            labels,
+            n_features: 4,
+        }
+    }
+
+    fn cfg(optimizer: Optimizer, dropout: f64) -> LocalTraining {
+        LocalTraining {
+            epochs: 5,
+            batch_size: 16,
+            optimizer,
+            learning_rate: if optimizer == Optimizer::Adam {
+                0.01
+            } else {
+                0.1
+            },
+            dropout,
+            seed: 42,
+        }
+    }
+
+    #[test]
+    fn training_decreases_the_loss_with_adam_and_sgd() {
+        let s = spec();
+        let data = blobs(300, 1);
+        let start = s.init_params(0);
+        for optimizer in [Optimizer::Adam, Optimizer::Sgd] {
+            let out = train_local(
+                BackendKind::NdArray,
+                &s,
+                &start,
+                &data,
+                &cfg(optimizer, 0.0),
+            )
+            .unwrap();
+            assert_eq!(out.epoch_losses.len(), 5);
+            assert_eq!(out.params.len(), s.num_params());
+            let (first, last) = (out.epoch_losses[0], out.epoch_losses[4]);
+            assert!(last < first * 0.5, "{optimizer:?}: {:?}", out.epoch_losses);
+            let before = evaluate(BackendKind::NdArray, &s, &start, &data).unwrap();
+            let after = evaluate(BackendKind::NdArray, &s, &out.params, &data).unwrap();
+            assert!(
+                after.loss < before.loss,
+                "{optimizer:?}: {before:?} -> {after:?}"
+            );
+            assert!(after.accuracy > 0.95, "{optimizer:?}: {after:?}");
+        }
+    }
+
+    #[test]
+    fn training_is_deterministic_given_the_seed_even_with_dropout() {
+        let s = spec();
+        let data = blobs(120, 2);
+        let start = s.init_params(5);
+        let c = LocalTraining {
+            epochs: 2,
+            ..cfg(Optimizer::Adam, 0.3)
+        };
+        let a = train_local(BackendKind::NdArray, &s, &start, &data, &c).unwrap();
+        let b = train_local(BackendKind::NdArray, &s, &start, &data, &c).unwrap();
+        assert_eq!(a, b);
+        let other = LocalTraining { seed: 43, ..c };
+        let d = train_local(BackendKind::NdArray, &s, &start, &data, &other).unwrap();
+        assert_ne!(a.params, d.params);
+    }
+
+    #[test]
+    fn rounds_get_different_seeds() {
+        let plan = TrainingPlan::from_toml(
+            r#"
+[schema]
+feature_columns = ["a", "b"]
+label_column = "y"
+classes = ["0", "1"]
+[model]
+hidden_layers = [8]
+dropout = 0.2
+[training]
+rounds = 3
+local_epochs = 2
+batch_size = 32
+optimizer = "sgd"
+learning_rate = 0.05
+min_participants = 1
+seed = 9
+"#,
+            "plan.toml",
+        )
+        .unwrap();
+        let r1 = LocalTraining::from_plan(&plan, 1);
+        let r2 = LocalTraining::from_plan(&plan, 2);
+        assert_eq!(
+            (
+                r1.epochs,
+                r1.batch_size,
+                r1.optimizer,
+                r1.learning_rate,
+                r1.dropout
+            ),
+            (2, 32, Optimizer::Sgd, 0.05, 0.2)
+        );
+        assert_ne!(r1.seed, r2.seed);
+        assert_eq!(r1, LocalTraining::from_plan(&plan, 1));
+    }
+
+    #[test]
+    fn evaluate_scores_a_perfect_model() {
+        // A linear model whose weights copy the one-hot inputs to the logits.
+        let s = ModelSpec {
+            n_features: 3,
+            hidden: vec![],
+            n_classes: 3,
+            activation: Activation::Relu,
+            dropout: 0.0,
+        };
+        let mut params = vec![0.0f32; s.num_params()];
+        for c in 0..3 {
+            params[c * 3 + c] = 10.0;
+        }
+        let data = Dataset {
+            features: vec![1., 0., 0., 0., 1., 0., 0., 0., 1., 0., 1., 0.],
+            labels: vec![0, 1, 2, 1],
+            n_features: 3,
+        };
+        let e = evaluate(BackendKind::NdArray, &s, &params, &data).unwrap();
+        assert_eq!(e.n, 4);
+        assert_eq!(e.accuracy, 1.0);
+        assert_eq!(e.macro_f1, 1.0);
+        // Cross-entropy of logits (10, 0, 0): ln(1 + 2 e^-10).
+        let expected = (1.0 + 2.0 * (-10.0f64).exp()).ln();
+        assert!((e.loss - expected).abs() < 1e-6, "{}", e.loss);
+
+        let logits = predict_logits(BackendKind::NdArray, &s, &params, &data.features, 4).unwrap();
+        assert_eq!(&logits[..6], &[10., 0., 0., 0., 10., 0.]);
+        assert_eq!(logits.len(), 12);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors_not_panics() {
+        let s = spec();
+        let start = s.init_params(0);
+        let c = cfg(Optimizer::Adam, 0.0);
+        let nd = BackendKind::NdArray;
+        let msg = |r: Result<TrainOutcome>| r.unwrap_err().to_string();
+
+        let empty = Dataset {
+            n_features: 4,
+            ..Dataset::default()
+        };
+        assert!(msg(train_local(nd, &s, &start, &empty, &c)).contains("no rows"));
+
+        let mut wrong_width = blobs(6, 0);
+        wrong_width.n_features = 2;
+        assert!(msg(train_local(nd, &s, &start, &wrong_width, &c)).contains("has 2 features"));
+
+        let mut short = blobs(6, 0);
+        short.features.pop();
+        assert!(msg(train_local(nd, &s, &start, &short, &c)).contains("do not make 6 rows"));
+
+        let mut bad_label = blobs(6, 0);
+        bad_label.labels[4] = 3;
+        assert!(msg(train_local(nd, &s, &start, &bad_label, &c)).contains("row 4 has label 3"));
+
+        let mut nan = blobs(6, 0);
+        nan.features[7] = f32::NAN;
+        assert!(msg(train_local(nd, &s, &start, &nan, &c)).contains("feature value 7"));
+
+        let data = blobs(6, 0);
+        assert!(msg(train_local(nd, &s, &start[1..], &data, &c)).contains("parameters"));
+        let zero_batch = LocalTraining {
+            batch_size: 0,
+            ..c.clone()
+        };
+        assert!(msg(train_local(nd, &s, &start, &data, &zero_batch)).contains("batch size"));
+
+        assert!(evaluate(nd, &s, &start, &bad_label).is_err());
+        assert!(predict_logits(nd, &s, &start, &data.features, 5).is_err());
+        assert_eq!(
+            predict_logits(nd, &s, &start, &[], 0).unwrap(),
+            Vec::<f32>::new()
+        );
+    }
+
+    #[test]
+    fn flex_trains_when_compiled_in_and_is_refused_otherwise() {
+        let s = spec();
+        let data = blobs(60, 4);
+        let result = train_local(
+            BackendKind::Flex,
+            &s,
+            &s.init_params(0),
+            &data,
+            &cfg(Optimizer::Adam, 0.0),
+        );
+        if cfg!(feature = "flex") {
+            let out = result.unwrap();
+            assert!(
+                out.epoch_losses[4] < out.epoch_losses[0],
+                "{:?}",
+                out.epoch_losses
+            );
+            let e = evaluate(BackendKind::Flex, &s, &out.params, &data).unwrap();
+            assert!(e.accuracy > 0.9, "{e:?}");
+        } else {
+            let err = result.unwrap_err().to_string();
+            assert!(err.contains("rebuild with --features flex"), "{err}");
+        }
+    }
+
+    #[test]
+    fn trainer_steps_match_train_local() {
+        let s = spec();
+        let data = blobs(50, 3);
+        let start = s.init_params(1);
+        let c = LocalTraining {
+            epochs: 2,
+            ..cfg(Optimizer::Sgd, 0.1)
+        };
+        let mut t = LocalTrainer::new(BackendKind::NdArray, &s, &start, &c).unwrap();
+        let losses = vec![t.epoch(&data).unwrap(), t.epoch(&data).unwrap()];
+        let out = train_local(BackendKind::NdArray, &s, &start, &data, &c).unwrap();
+        assert_eq!(out.epoch_losses, losses);
+        assert_eq!(out.params, t.params());
+        assert!(t.step(&data.features[..4], &data.labels[..1]).is_ok());
+        assert!(t.step(&[], &[]).is_err());
+    }
+}

@@ -1,0 +1,398 @@
+//! The round driver: one task per training that moves it through its phases,
+//! written as the protocol's steps in the order they happen.
+//!
+//! waiting for participants → collecting statistics (federated scaling) →
+//! for each round: open it → collect updates (folded as they arrive, see
+//! [`super::upload`]) → close it → aggregate → commit → evaluate → record →
+//! completed.
+//!
+//! A round with fewer than `min_participants` updates is re-run up to
+//! `limits.round_attempts` times; after that the training fails with a status that
+//! says why, never a silent hang.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sangsaeng_common::aggregation::fedavg::Accumulator;
+use sangsaeng_common::config::plan::TrainingPlan;
+use sangsaeng_common::learning::model::{ModelSpec, TensorSpec};
+use sangsaeng_common::transfer::weights;
+use sangsaeng_common::transfer::wire::plan_to_proto;
+use sangsaeng_proto::v1 as pb;
+
+use super::commit::{
+    commit_model_off_runtime, model_metadata, publish, remove_spills, remove_spills_later,
+    remove_stale_spills,
+};
+use super::evaluate::evaluate;
+use super::phase::{all_answered, open_phase, task, wait_for_participants, wait_until};
+use super::record::{RoundRecord, Timings, append_jsonl, audit_round, fmt_opt, round_record};
+use super::statistics::collect_scaling;
+use crate::durable::store::{AcceptedUpdate, TrainingRecord};
+use crate::error::{CoordinatorError, Result};
+use crate::state::{Phase, Shared};
+use crate::transfer::PublishedModel;
+
+/// What every step of one training's rounds needs, fixed once the plan is final.
+struct Run {
+    id: String,
+    plan: TrainingPlan,
+    wire_plan: pb::TrainingPlan,
+    layout: Vec<TensorSpec>,
+    out_dir: PathBuf,
+    metrics_path: PathBuf,
+    deadline: Duration,
+}
+
+/// The updates of a round that closed with enough of them.
+struct Collected {
+    accepted: Vec<AcceptedUpdate>,
+    accumulator: Accumulator,
+    attempts: u32,
+    train_phase_secs: f64,
+    fold_secs: f64,
+}
+
+/// Drives one training from its statistics phase (or the round it stopped at,
+/// after a restart) to its end.
+pub(super) async fn drive(
+    shared: &Arc<Shared>,
+    mut rec: TrainingRecord,
+    stored_global: Option<Vec<f32>>,
+) -> Result<()> {
+    let (plan, mut published) = prepare_global_model(shared, &mut rec, stored_global).await?;
+    let run = Run::new(shared, plan);
+    let first_round = rec.completed_round + 1;
+    tracing::info!(
+        training = %run.id,
+        params = published.params.len(),
+        rounds = run.plan.training.rounds,
+        from_round = first_round,
+        "global model published"
+    );
+    remove_stale_spills(&run.out_dir, first_round);
+    evaluate_committed_round(shared, &run, &mut rec, &published).await?;
+    for round in first_round..=run.plan.training.rounds {
+        published = run_round(shared, &run, &mut rec, published, round).await?;
+    }
+    finish_training(shared, &run, &published)
+}
+
+impl Run {
+    fn new(shared: &Shared, plan: TrainingPlan) -> Self {
+        let (id, out_dir) = {
+            let guard = shared.training();
+            let t = guard.as_ref().expect("a driver runs only with a training");
+            (t.id.clone(), t.output_dir.clone())
+        };
+        Run {
+            wire_plan: plan_to_proto(&plan),
+            layout: ModelSpec::from_plan(&plan).layout(),
+            metrics_path: out_dir.join("metrics.jsonl"),
+            deadline: Duration::from_secs(plan.training.round_deadline_secs),
+            id,
+            plan,
+            out_dir,
+        }
+    }
+}
+
+/// The model round 1 starts from: the stored one after a restart, or (first
+/// run) the statistics phase's scaling written into the plan and a freshly
+/// initialised model committed as round 0.
+async fn prepare_global_model(
+    shared: &Arc<Shared>,
+    rec: &mut TrainingRecord,
+    stored_global: Option<Vec<f32>>,
+) -> Result<(TrainingPlan, Arc<PublishedModel>)> {
+    let (plan, out_dir) = {
+        let guard = shared.training();
+        let t = guard.as_ref().expect("a driver runs only with a training");
+        (t.plan.clone(), t.output_dir.clone())
+    };
+    if let Some(global) = stored_global {
+        let chunk_bytes = shared.config.limits.max_chunk_bytes;
+        let model = PublishedModel::new(rec.completed_round, global, chunk_bytes);
+        return Ok((plan, publish(shared, model)));
+    }
+    let plan = collect_scaling(shared, plan, &shared.config.limits).await?;
+    std::fs::write(out_dir.join("plan.toml"), plan.to_toml())
+        .map_err(|e| CoordinatorError::io("writing plan.toml", e))?;
+    shared.training().as_mut().expect("training").plan = plan.clone();
+    let spec = ModelSpec::from_plan(&plan);
+    let global = spec.init_params(plan.training.seed);
+    rec.plan_toml = plan.to_toml();
+    rec.completed_round = 0;
+    rec.evaluated_round = 0;
+    let published = commit_model_off_runtime(shared, &plan, &spec.layout(), rec, global).await?;
+    Ok((plan, published))
+}
+
+/// A restart between committing a round and writing its metrics: evaluate and
+/// record that round now, so every committed round has its line and audit entry.
+async fn evaluate_committed_round(
+    shared: &Shared,
+    run: &Run,
+    rec: &mut TrainingRecord,
+    published: &PublishedModel,
+) -> Result<()> {
+    if rec.completed_round <= rec.evaluated_round {
+        return Ok(());
+    }
+    let round = rec.completed_round;
+    let evaluations = evaluate(shared, &run.wire_plan, published, run.deadline).await?;
+    let timings = Timings {
+        train_phase_secs: 0.0,
+        fold_secs: 0.0,
+        aggregate_secs: 0.0,
+        eval_phase_secs: 0.0,
+        round_secs: 0.0,
+    };
+    let updates = rec.last_updates.clone();
+    let record = round_record(
+        &run.id,
+        round,
+        &published.sha256,
+        updates,
+        evaluations,
+        timings,
+        1,
+    );
+    record_round(shared, run, rec, &record)
+}
+
+/// One round, from opening it to its recorded evaluation; returns the new global model.
+async fn run_round(
+    shared: &Arc<Shared>,
+    run: &Run,
+    rec: &mut TrainingRecord,
+    published: Arc<PublishedModel>,
+    round: u32,
+) -> Result<Arc<PublishedModel>> {
+    let round_start = Instant::now();
+    let collected = collect_updates(shared, run, round, &published).await?;
+    let agg_start = Instant::now();
+    let global = aggregate(shared, published, collected.accumulator)?;
+    let aggregate_secs = agg_start.elapsed().as_secs_f64();
+    rec.completed_round = round;
+    rec.last_updates = collected.accepted.clone();
+    let published = commit_model_off_runtime(shared, &run.plan, &run.layout, rec, global).await?;
+    remove_spills_later(&run.out_dir, round);
+
+    let eval_start = Instant::now();
+    let evaluations = evaluate(shared, &run.wire_plan, &published, run.deadline).await?;
+    let timings = Timings {
+        train_phase_secs: collected.train_phase_secs,
+        fold_secs: collected.fold_secs,
+        aggregate_secs,
+        eval_phase_secs: eval_start.elapsed().as_secs_f64(),
+        round_secs: round_start.elapsed().as_secs_f64(),
+    };
+    let record = round_record(
+        &run.id,
+        round,
+        &published.sha256,
+        collected.accepted,
+        evaluations,
+        timings,
+        collected.attempts,
+    );
+    record_round(shared, run, rec, &record)?;
+    log_round(&run.plan, &record);
+    Ok(published)
+}
+
+/// Opens the round, waits for its updates and closes it, re-running it while
+/// fewer than `min_participants` updates were accepted (up to `limits.round_attempts`).
+async fn collect_updates(
+    shared: &Arc<Shared>,
+    run: &Run,
+    round: u32,
+    published: &PublishedModel,
+) -> Result<Collected> {
+    let min = run.plan.training.min_participants;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        wait_for_participants(shared, min).await?;
+        let phase_start = Instant::now();
+        open_round(shared, run, round, published)?;
+        let deadline = tokio::time::Instant::now() + run.deadline;
+        let all = wait_until(shared, Some(deadline), all_answered).await?;
+        let (accepted, accumulator, fold_secs) = close_round(shared, round, all).await?;
+        if accepted.len() >= min {
+            return Ok(Collected {
+                accepted,
+                accumulator: accumulator.expect("a training round has an accumulator"),
+                attempts: attempt,
+                train_phase_secs: phase_start.elapsed().as_secs_f64(),
+                fold_secs,
+            });
+        }
+        rerun_or_fail(shared, run, round, attempt, accepted.len())?;
+    }
+}
+
+/// Sends the training task to every eligible participant; updates accepted in
+/// this round before a restart are folded in first and not asked for again.
+fn open_round(shared: &Shared, run: &Run, round: u32, published: &PublishedModel) -> Result<()> {
+    let model_info = published.info();
+    let preload = shared.store.contributions(&run.id, round)?;
+    if !preload.is_empty() {
+        tracing::info!(
+            round,
+            updates = preload.len(),
+            "restoring updates accepted before the restart"
+        );
+    }
+    let selected = open_phase(shared, Phase::Training, round, preload, |t| {
+        task(
+            &t.id,
+            round,
+            pb::task::Kind::Train(pb::TrainTask {
+                plan: Some(run.wire_plan.clone()),
+                model: Some(model_info.clone()),
+            }),
+        )
+    })?;
+    tracing::info!(round, participants = selected.len(), "round opened");
+    Ok(())
+}
+
+/// Closes the round to further uploads, undoes the unfinished ones and hands
+/// back what was accepted: the updates, the accumulator and the fold's CPU time.
+async fn close_round(
+    shared: &Arc<Shared>,
+    round: u32,
+    all_answered: bool,
+) -> Result<(Vec<AcceptedUpdate>, Option<Accumulator>, f64)> {
+    let waiting: Vec<String> = {
+        let mut guard = shared.training();
+        let t = guard.as_mut().expect("training");
+        // Closing the round: later uploads for it get FAILED_PRECONDITION.
+        t.phase = Phase::WaitingForParticipants;
+        t.selected
+            .iter()
+            .filter(|o| !t.has_answered(o))
+            .cloned()
+            .collect()
+    };
+    // Uploads still folding in (or kept for resumption) are undone before the
+    // round is applied, so the model holds accepted updates only.
+    super::upload::undo_unfinished_uploads(shared).await?;
+    let released = shared.release_reserved_uploads();
+    if released > 0 {
+        tracing::info!(
+            round,
+            released,
+            "upload slots reserved for the closed round freed"
+        );
+    }
+    if !all_answered {
+        tracing::warn!(round, missing = ?waiting, "round deadline passed; closing with the updates received");
+        for org in &waiting {
+            shared.record_error(
+                org,
+                format!("no update for round {round} before the deadline"),
+            );
+        }
+    }
+    let mut guard = shared.training();
+    let t = guard.as_mut().expect("training");
+    Ok((
+        t.accepted.values().cloned().collect(),
+        t.accumulator.take(),
+        t.fold_time.as_secs_f64(),
+    ))
+}
+
+/// A round short of `min_participants`: forgets its updates so it can run
+/// again, or fails the training once `limits.round_attempts` are spent.
+fn rerun_or_fail(shared: &Shared, run: &Run, round: u32, attempt: u32, got: usize) -> Result<()> {
+    let min = run.plan.training.min_participants;
+    let attempts = shared.config.limits.round_attempts;
+    let msg = format!("round {round}: only {got} of the required {min} updates were accepted");
+    if attempt >= attempts {
+        return Err(CoordinatorError::FailedPrecondition(format!(
+            "{msg} after {attempt} attempts"
+        )));
+    }
+    shared.store.clear_contributions(&run.id, round)?;
+    remove_spills(&run.out_dir, round);
+    tracing::warn!("{msg}; re-running the round (attempt {attempt} of {attempts})");
+    Ok(())
+}
+
+/// Applies the round's exact mean delta to the global model, and keeps the
+/// accumulator's memory for the next round.
+fn aggregate(
+    shared: &Shared,
+    published: Arc<PublishedModel>,
+    acc: Accumulator,
+) -> Result<Vec<f32>> {
+    // In place when no download still holds the old model: at 1e9 parameters a
+    // second copy would be another 4 GB of coordinator memory.
+    shared.training().as_mut().expect("training").models.clear();
+    let mut global = match Arc::try_unwrap(published) {
+        Ok(m) => m.into_params(),
+        Err(shared_model) => shared_model.params.clone(),
+    };
+    acc.apply_in_place(&mut global)?;
+    shared
+        .training()
+        .as_mut()
+        .expect("training")
+        .spare_accumulator = Some(acc);
+    Ok(global)
+}
+
+/// Writes the round's metrics line and audit entry, then marks it evaluated in
+/// the store (so a restart does not evaluate it again).
+fn record_round(
+    shared: &Shared,
+    run: &Run,
+    rec: &mut TrainingRecord,
+    record: &RoundRecord,
+) -> Result<()> {
+    append_jsonl(&run.metrics_path, record)?;
+    audit_round(shared, record)?;
+    rec.evaluated_round = record.round;
+    shared.store.put_training(rec)
+}
+
+fn log_round(plan: &TrainingPlan, record: &RoundRecord) {
+    tracing::info!(
+        "round {}/{}: {} updates, {} examples, train loss {:.4}, val loss {}, accuracy {}, macro-F1 {}, {:.2}s",
+        record.round,
+        plan.training.rounds,
+        record.participants.len(),
+        record.total_examples,
+        record.train_loss,
+        fmt_opt(record.eval_loss),
+        fmt_opt(record.eval_accuracy),
+        fmt_opt(record.eval_macro_f1),
+        record.timings.round_secs
+    );
+}
+
+/// The final model as `global.safetensors` and the training's last audit entry.
+fn finish_training(shared: &Shared, run: &Run, published: &PublishedModel) -> Result<()> {
+    let rounds = run.plan.training.rounds;
+    weights::save_safetensors(
+        &run.out_dir.join("global.safetensors"),
+        &run.layout,
+        &published.params,
+        model_metadata(&run.plan, rounds),
+    )?;
+    shared.audit.append(
+        "training_finished",
+        serde_json::json!({
+            "training": run.id,
+            "rounds": rounds,
+            "plan_sha256": crate::durable::audit::text_digest(&run.plan.to_toml()),
+            "global_model_sha256": published.sha256,
+        }),
+    )?;
+    Ok(())
+}

@@ -1,0 +1,31 @@
+//! A training's rounds, step by step. The driver ([`driver`]) runs the steps in
+//! this order; each lives in its own module:
+//!
+//! 1. [`lifecycle`]: start, resume after a restart, or abandon a training, and
+//!    spawn its driver task.
+//! 2. [`statistics`]: collect each site's feature statistics once and merge them
+//!    into one global scaling.
+//! 3. per round, in [`driver`]: open the round ([`phase`] sends the task to the
+//!    selected participants), collect their updates ([`upload`]: checked, spilled
+//!    and folded into the exact accumulator as they arrive), close it (undo what
+//!    is unfinished), re-run it if too few updates came;
+//! 4. aggregate (the accumulator's mean applied to the model) and [`commit`] it
+//!    (model file fsynced, store commit point, published for download);
+//! 5. [`evaluate`] it on every site's validation split;
+//! 6. [`record`] it: `metrics.jsonl`, the audit entry, the log line.
+//!
+//! New round steps plug in here: masking and unmasking (secure aggregation)
+//! between collect and aggregate, noise and robust rules in aggregate, metering
+//! after evaluate.
+
+pub mod commit;
+pub mod driver;
+pub mod evaluate;
+pub mod lifecycle;
+pub mod phase;
+pub mod record;
+pub mod statistics;
+pub mod upload;
+
+pub use lifecycle::{abandon, resume, start};
+pub use record::{RoundRecord, Timings};
