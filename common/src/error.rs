@@ -56,6 +56,11 @@ pub enum Error {
     /// A protocol message is missing a field or holds an impossible value.
     #[error("protocol: {0}")]
     Protocol(String),
+
+    /// A privacy parameter (noise, clip, budget) is impossible, or a privacy
+    /// mechanism's input is malformed.
+    #[error("privacy: {0}")]
+    Privacy(String),
 }
 
 impl Error {

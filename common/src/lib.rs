@@ -9,6 +9,8 @@
 //! - [`identity`]: PKI, mutual TLS, signatures with an endpoint's TLS key, and
 //!   the dial to the coordinator.
 //! - [`aggregation`]: the exact fixed-point FedAvg accumulator.
+//! - [`privacy`]: differential privacy (accountant, calibration, discrete
+//!   Gaussian noise).
 //! - [`learning`]: line data, the model's shape, metrics, and (with the `train`
 //!   feature, the default) local training with burn.
 //! - [`transfer`]: model files, update encodings, digests, protocol conversions.
@@ -19,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod identity;
 pub mod learning;
+pub mod privacy;
 pub mod process;
 pub mod transfer;
 
