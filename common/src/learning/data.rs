@@ -240,69 +240,13 @@ fn load_reader(
         // Ragged rows are checked by hand below so the error names the line in our words.
         .flexible(true)
         .from_reader(reader);
-    let header = rdr.headers().map_err(|e| csv_err(file, e))?.clone();
-    if header.is_empty() || (header.len() == 1 && header[0].trim().is_empty()) {
-        return Err(data_err(
-            file,
-            None,
-            None,
-            "the file is empty: expected a header row and data rows".into(),
-        ));
-    }
-
-    let find = |name: &str| -> Result<usize> {
-        let hits: Vec<usize> = header
-            .iter()
-            .enumerate()
-            .filter(|(_, h)| h.trim() == name)
-            .map(|(i, _)| i)
-            .collect();
-        match hits.as_slice() {
-            [i] => Ok(*i),
-            [] => {
-                let wanted = schema
-                    .feature_columns
-                    .iter()
-                    .chain(std::iter::once(&schema.label_column));
-                let missing: Vec<&String> = wanted
-                    .filter(|w| !header.iter().any(|h| h.trim() == w.as_str()))
-                    .collect();
-                Err(data_err(
-                    file,
-                    Some(1),
-                    Some(name),
-                    format!(
-                        "the header lacks column(s) {}; available columns: {}",
-                        quote_list(missing),
-                        header
-                            .iter()
-                            .map(|h| format!("'{}'", h.trim()))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                ))
-            }
-            many => Err(data_err(
-                file,
-                Some(1),
-                Some(name),
-                format!(
-                    "the column appears {} times in the header (positions {}), so it is ambiguous",
-                    many.len(),
-                    many.iter()
-                        .map(|i| (i + 1).to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )),
-        }
-    };
+    let header = read_header(file, &mut rdr)?;
     let feature_idx = schema
         .feature_columns
         .iter()
-        .map(|c| find(c))
+        .map(|c| column_index(file, &header, schema, c))
         .collect::<Result<Vec<_>>>()?;
-    let label_idx = find(&schema.label_column)?;
+    let label_idx = column_index(file, &header, schema, &schema.label_column)?;
 
     let mut record = csv::StringRecord::new();
     let mut rows: u64 = 0;
@@ -316,35 +260,13 @@ fn load_reader(
         // csv knows the physical line (quoted fields may span lines); the row count
         // plus the header is the fallback.
         let line = record.position().map_or(rows + 1, |p| p.line());
-        if record.len() != header.len() {
-            return Err(data_err(
-                file,
-                Some(line),
-                None,
-                format!(
-                    "the row has {} field(s) but the header has {}",
-                    record.len(),
-                    header.len()
-                ),
-            ));
-        }
+        check_row_width(file, line, &record, &header)?;
         for (j, &col) in feature_idx.iter().enumerate() {
             let cell = &record[col];
             let name = schema.feature_columns[j].as_str();
             out.features.push(parse_feature(file, line, name, cell)?);
         }
-        let cell = &record[label_idx];
-        let label = labels.get(cell).ok_or_else(|| {
-            data_err(
-                file,
-                Some(line),
-                Some(&schema.label_column),
-                format!(
-                    "unknown label \"{cell}\"; the plan's classes are: {}",
-                    quote_list(&schema.classes)
-                ),
-            )
-        })?;
+        let label = parse_label(file, line, schema, labels, &record[label_idx])?;
         out.labels.push(label);
     }
     if rows == 0 {
@@ -356,6 +278,125 @@ fn load_reader(
         ));
     }
     Ok(())
+}
+
+/// A row must have as many fields as the header: the reader is `flexible` so
+/// that this error, not csv's, names the line.
+fn check_row_width(
+    file: &Path,
+    line: u64,
+    record: &csv::StringRecord,
+    header: &csv::StringRecord,
+) -> Result<()> {
+    if record.len() != header.len() {
+        return Err(data_err(
+            file,
+            Some(line),
+            None,
+            format!(
+                "the row has {} field(s) but the header has {}",
+                record.len(),
+                header.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The header row; a file without one is refused here, before any column is
+/// looked up, so the error says the file is empty rather than a column missing.
+fn read_header<R: std::io::Read>(
+    file: &Path,
+    rdr: &mut csv::Reader<R>,
+) -> Result<csv::StringRecord> {
+    let header = rdr.headers().map_err(|e| csv_err(file, e))?.clone();
+    if header.is_empty() || (header.len() == 1 && header[0].trim().is_empty()) {
+        return Err(data_err(
+            file,
+            None,
+            None,
+            "the file is empty: expected a header row and data rows".into(),
+        ));
+    }
+    Ok(header)
+}
+
+/// The position of column `name` in the header. Columns are found by name, so
+/// extra columns and any order are fine; a missing column's error lists every
+/// missing one and what is available, a duplicated one's its positions.
+fn column_index(
+    file: &Path,
+    header: &csv::StringRecord,
+    schema: &DataSchema,
+    name: &str,
+) -> Result<usize> {
+    let hits: Vec<usize> = header
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| h.trim() == name)
+        .map(|(i, _)| i)
+        .collect();
+    match hits.as_slice() {
+        [i] => Ok(*i),
+        [] => {
+            let wanted = schema
+                .feature_columns
+                .iter()
+                .chain(std::iter::once(&schema.label_column));
+            let missing: Vec<&String> = wanted
+                .filter(|w| !header.iter().any(|h| h.trim() == w.as_str()))
+                .collect();
+            Err(data_err(
+                file,
+                Some(1),
+                Some(name),
+                format!(
+                    "the header lacks column(s) {}; available columns: {}",
+                    quote_list(missing),
+                    header
+                        .iter()
+                        .map(|h| format!("'{}'", h.trim()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ))
+        }
+        many => Err(data_err(
+            file,
+            Some(1),
+            Some(name),
+            format!(
+                "the column appears {} times in the header (positions {}), so it is ambiguous",
+                many.len(),
+                many.iter()
+                    .map(|i| (i + 1).to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
+/// A label cell as its class index; a label the plan does not know is refused
+/// with the plan's classes, so a site sees what it should have written.
+fn parse_label(
+    file: &Path,
+    line: u64,
+    schema: &DataSchema,
+    labels: &LabelMap,
+    cell: &str,
+) -> Result<u32> {
+    labels.get(cell).ok_or_else(|| {
+        data_err(
+            file,
+            Some(line),
+            Some(&schema.label_column),
+            format!(
+                "unknown label \"{cell}\"; the plan's classes are: {}",
+                quote_list(&schema.classes)
+            ),
+        )
+    })
 }
 
 fn parse_feature(file: &Path, line: u64, column: &str, cell: &str) -> Result<f32> {

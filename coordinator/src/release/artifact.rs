@@ -7,6 +7,7 @@
 //! names contributors only as far as the policy's disclosure rule allows.
 
 use std::collections::HashMap;
+use std::fmt::Write;
 
 use serde::{Deserialize, Serialize};
 
@@ -171,40 +172,7 @@ pub fn build(i: Inputs<'_>) -> Result<Artifact> {
             ("licence".to_string(), i.policy.licence.id.clone()),
         ]),
     )?;
-    let provenance = Provenance {
-        training: i.facts.training.clone(),
-        plan_toml: i.plan.to_toml(),
-        plan_sha256: crate::durable::audit::text_digest(&i.plan.to_toml()),
-        initial_model_sha256: weights::digest(&spec.init_params(i.plan.training.seed)),
-        rounds: i
-            .facts
-            .rounds
-            .iter()
-            .map(|r| ProvenanceRound {
-                round: r.round,
-                updates: r
-                    .contributions
-                    .iter()
-                    .map(|c| ProvenanceUpdate {
-                        sha256: c.sha256.clone(),
-                        weight: c.weight,
-                        contributor: disclosed(i.roster, &c.org, how),
-                    })
-                    .collect(),
-                global_model_sha256: r.global_model_sha256.clone(),
-            })
-            .collect(),
-        final_params_sha256: weights::digest(i.params),
-        contributors: i.facts.contributors().len(),
-        disclosure: how,
-        policy_sha256: i.policy_sha256.to_string(),
-        rules: public_rules(&i, how),
-        licence: i.policy.licence.id.clone(),
-        usage_terms: i.policy.licence.terms.clone(),
-        audit_entries: i.audit_entries,
-        audit_head: i.audit_head.to_string(),
-        released_at: released_at.clone(),
-    };
+    let provenance = provenance(&i, &spec, how, &released_at);
     let statement = Statement {
         type_: STATEMENT_TYPE.into(),
         subject: vec![Subject {
@@ -217,7 +185,69 @@ pub fn build(i: Inputs<'_>) -> Result<Artifact> {
     let statement_bytes = serde_json::to_vec_pretty(&statement).expect("a statement serialises");
     let envelope = Envelope::sign(i.signer, INTOTO_PAYLOAD_TYPE, &statement_bytes)?;
     let card = model_card(&i, &statement, &released_at);
-    let config = serde_json::to_vec_pretty(&serde_json::json!({
+    let config = modelpack_config(&i, &weights_bytes, &released_at);
+    Ok(Artifact {
+        tag: i.tag.to_string(),
+        weights: weights_bytes,
+        card: card.into_bytes(),
+        statement: statement_bytes,
+        envelope: serde_json::to_vec_pretty(&envelope).expect("an envelope serialises"),
+        config,
+    })
+}
+
+/// The provenance predicate: what a verifier replays against the audit log,
+/// with contributors named only as far as the disclosure rule allows.
+fn provenance(
+    i: &Inputs<'_>,
+    spec: &ModelSpec,
+    how: ContributorDisclosure,
+    released_at: &str,
+) -> Provenance {
+    Provenance {
+        training: i.facts.training.clone(),
+        plan_toml: i.plan.to_toml(),
+        plan_sha256: crate::durable::audit::text_digest(&i.plan.to_toml()),
+        initial_model_sha256: weights::digest(&spec.init_params(i.plan.training.seed)),
+        rounds: provenance_rounds(i, how),
+        final_params_sha256: weights::digest(i.params),
+        contributors: i.facts.contributors().len(),
+        disclosure: how,
+        policy_sha256: i.policy_sha256.to_string(),
+        rules: public_rules(i, how),
+        licence: i.policy.licence.id.clone(),
+        usage_terms: i.policy.licence.terms.clone(),
+        audit_entries: i.audit_entries,
+        audit_head: i.audit_head.to_string(),
+        released_at: released_at.to_string(),
+    }
+}
+
+/// Each round's update digests and weights, so the chain of global models can
+/// be recomputed without any update's values.
+fn provenance_rounds(i: &Inputs<'_>, how: ContributorDisclosure) -> Vec<ProvenanceRound> {
+    i.facts
+        .rounds
+        .iter()
+        .map(|r| ProvenanceRound {
+            round: r.round,
+            updates: r
+                .contributions
+                .iter()
+                .map(|c| ProvenanceUpdate {
+                    sha256: c.sha256.clone(),
+                    weight: c.weight,
+                    contributor: disclosed(i.roster, &c.org, how),
+                })
+                .collect(),
+            global_model_sha256: r.global_model_sha256.clone(),
+        })
+        .collect()
+}
+
+/// The ModelPack model config (JSON) that OCI registries and model tooling read.
+fn modelpack_config(i: &Inputs<'_>, weights_bytes: &[u8], released_at: &str) -> Vec<u8> {
+    serde_json::to_vec_pretty(&serde_json::json!({
         "descriptor": {
             "name": format!("sangsaeng/{}", i.facts.training),
             "version": i.tag,
@@ -232,18 +262,10 @@ pub fn build(i: Inputs<'_>) -> Result<Artifact> {
         },
         "modelfs": {
             "type": "layers",
-            "diffIds": [format!("sha256:{}", weights::sha256_hex(&weights_bytes))],
+            "diffIds": [format!("sha256:{}", weights::sha256_hex(weights_bytes))],
         },
     }))
-    .expect("a config serialises");
-    Ok(Artifact {
-        tag: i.tag.to_string(),
-        weights: weights_bytes,
-        card: card.into_bytes(),
-        statement: statement_bytes,
-        envelope: serde_json::to_vec_pretty(&envelope).expect("an envelope serialises"),
-        config,
-    })
+    .expect("a config serialises")
 }
 
 /// A YAML scalar: JSON strings are valid YAML double-quoted scalars.
@@ -251,11 +273,29 @@ fn y(s: &str) -> String {
     serde_json::to_string(s).expect("a string serialises")
 }
 
+/// The model card: YAML front matter for tools, then Markdown for people.
 fn model_card(i: &Inputs<'_>, st: &Statement, released_at: &str) -> String {
-    use std::fmt::Write;
     let p = &st.predicate;
-    let plan = i.plan;
     let mut s = String::from("---\n");
+    card_front_identity(&mut s, i, st, released_at);
+    card_front_schema(&mut s, i.plan);
+    card_front_contributors(&mut s, i, p);
+    card_front_metrics_and_rules(&mut s, i, p);
+    let _ = writeln!(s, "provenance: {}", y(PROVENANCE_FILE));
+    let _ = writeln!(s, "---\n");
+    let _ = writeln!(s, "# Model card: sangsaeng/{} ({})\n", p.training, i.tag);
+    card_intended_use(&mut s, i.plan, p);
+    card_input_schema(&mut s, i.plan);
+    card_metrics_table(&mut s, i);
+    card_contributors(&mut s, p);
+    card_rules_table(&mut s, p);
+    card_plan_and_provenance(&mut s, i.plan);
+    s
+}
+
+/// Front matter: what the model is, its licence, and which weights it means.
+fn card_front_identity(s: &mut String, i: &Inputs<'_>, st: &Statement, released_at: &str) {
+    let p = &st.predicate;
     let _ = writeln!(s, "model_name: {}", y(&format!("sangsaeng/{}", p.training)));
     let _ = writeln!(s, "version: {}", y(i.tag));
     let _ = writeln!(s, "released_at: {}", y(released_at));
@@ -268,6 +308,10 @@ fn model_card(i: &Inputs<'_>, st: &Statement, released_at: &str) -> String {
     let _ = writeln!(s, "weights: {}", y(WEIGHTS_FILE));
     let _ = writeln!(s, "weights_sha256: {}", y(&st.subject[0].digest["sha256"]));
     let _ = writeln!(s, "final_params_sha256: {}", y(&p.final_params_sha256));
+}
+
+/// Front matter: the input a user must feed the model, in column order.
+fn card_front_schema(s: &mut String, plan: &TrainingPlan) {
     let _ = writeln!(s, "input_schema:");
     let _ = writeln!(
         s,
@@ -296,6 +340,11 @@ fn model_card(i: &Inputs<'_>, st: &Statement, released_at: &str) -> String {
             "  standardisation: \"x' = (x - mean) / std, federated statistics (see plan)\""
         );
     }
+}
+
+/// Front matter: the contributors, listed only as far as the disclosure rule
+/// allows (tiers deduplicated, so a tier's size is not given away).
+fn card_front_contributors(s: &mut String, i: &Inputs<'_>, p: &Provenance) {
     let _ = writeln!(s, "contributors:");
     let _ = writeln!(
         s,
@@ -320,6 +369,11 @@ fn model_card(i: &Inputs<'_>, st: &Statement, released_at: &str) -> String {
             listed.iter().map(|c| y(c)).collect::<Vec<_>>().join(", ")
         );
     }
+}
+
+/// Front matter: the per-round validation metrics and the release rules'
+/// results, machine-readable.
+fn card_front_metrics_and_rules(s: &mut String, i: &Inputs<'_>, p: &Provenance) {
     let _ = writeln!(s, "metrics:");
     for r in &i.facts.rounds {
         let _ = writeln!(
@@ -341,9 +395,10 @@ fn model_card(i: &Inputs<'_>, st: &Statement, released_at: &str) -> String {
             y(&r.actual)
         );
     }
-    let _ = writeln!(s, "provenance: {}", y(PROVENANCE_FILE));
-    let _ = writeln!(s, "---\n");
-    let _ = writeln!(s, "# Model card: sangsaeng/{} ({})\n", p.training, i.tag);
+}
+
+/// "Intended use": what the model is for and, as much, what it is not for.
+fn card_intended_use(s: &mut String, plan: &TrainingPlan, p: &Provenance) {
     let _ = writeln!(s, "## Intended use\n");
     let _ = writeln!(
         s,
@@ -360,6 +415,10 @@ fn model_card(i: &Inputs<'_>, st: &Statement, released_at: &str) -> String {
         "Licence: **{}**. Usage terms: {}\n",
         p.licence, p.usage_terms
     );
+}
+
+/// "Input schema": the columns in order, for people.
+fn card_input_schema(s: &mut String, plan: &TrainingPlan) {
     let _ = writeln!(s, "## Input schema\n");
     let _ = writeln!(
         s,
@@ -367,6 +426,10 @@ fn model_card(i: &Inputs<'_>, st: &Statement, released_at: &str) -> String {
         plan.schema.feature_columns.join(", "),
         plan.schema.label_column
     );
+}
+
+/// "Metrics per round": a Markdown table of the federated validation.
+fn card_metrics_table(s: &mut String, i: &Inputs<'_>) {
     let _ = writeln!(
         s,
         "## Metrics per round (federated validation at the participants)\n"
@@ -385,12 +448,20 @@ fn model_card(i: &Inputs<'_>, st: &Statement, released_at: &str) -> String {
             r.contributions.len()
         );
     }
+}
+
+/// "Contributors": how many, and under which disclosure rule.
+fn card_contributors(s: &mut String, p: &Provenance) {
     let _ = writeln!(s, "\n## Contributors\n");
     let _ = writeln!(
         s,
         "{} organisations contributed (disclosure rule: {:?}).\n",
         p.contributors, p.disclosure
     );
+}
+
+/// "Release rules": a Markdown table of each opening rule and its result.
+fn card_rules_table(s: &mut String, p: &Provenance) {
     let _ = writeln!(s, "## Release rules\n");
     let _ = writeln!(
         s,
@@ -406,6 +477,11 @@ fn model_card(i: &Inputs<'_>, st: &Statement, released_at: &str) -> String {
             if r.passed { "pass" } else { "FAIL" }
         );
     }
+}
+
+/// "Training plan" and "Provenance": the plan verbatim, and how to check the
+/// release against the coordinator's audit log.
+fn card_plan_and_provenance(s: &mut String, plan: &TrainingPlan) {
     let _ = writeln!(s, "\n## Training plan\n\n```toml\n{}```\n", plan.to_toml());
     let _ = writeln!(
         s,
@@ -413,5 +489,4 @@ fn model_card(i: &Inputs<'_>, st: &Statement, released_at: &str) -> String {
          each round's global model; `{SIGNATURE_FILE}` is its DSSE signature by the coordinator. With the \
          coordinator's audit log, `sangsaeng-coordinator release verify` checks both against the weights."
     );
-    s
 }

@@ -29,7 +29,9 @@ use sangsaeng_common::transfer::weights;
 use crate::durable::audit::{self, Entry};
 use crate::error::{CoordinatorError, Result};
 use crate::state::Shared;
-use artifact::{PROVENANCE_FILE, SIGNATURE_FILE, Statement, WEIGHTS_FILE};
+use artifact::{
+    PROVENANCE_FILE, Provenance, ProvenanceRound, SIGNATURE_FILE, Statement, WEIGHTS_FILE,
+};
 use policy::{Contribution, Facts, Policy, RoundFact, RuleResult};
 
 /// Folder (under the coordinator's output folder) of the default OCI layout target.
@@ -129,26 +131,12 @@ fn failed_names(rules: &[RuleResult]) -> Vec<String> {
 
 /// Runs a release for `admin` (already authorised as an admin by the caller).
 pub async fn release(shared: &Shared, admin: &str, req: ReleaseRequest) -> Result<ReleaseOutcome> {
-    let attempt = json!({
-        "by": admin,
-        "training": req.training_id,
-        "policy_sha256": audit::text_digest(&req.policy_toml),
-        "target": req.registry.clone().unwrap_or_else(|| "oci-layout".into()),
-        "tag": req.tag,
-    });
-    let record = |outcome: &str, extra: serde_json::Value| -> Result<u64> {
-        let mut data = attempt.clone();
-        data["outcome"] = json!(outcome);
-        if let (Some(d), Some(x)) = (data.as_object_mut(), extra.as_object()) {
-            d.extend(x.clone());
-        }
-        shared.audit.append("release_attempted", data)
-    };
+    let attempt = Attempt::new(shared, admin, &req);
     let prepared = prepare(shared, &req);
     let (policy, rules, inputs) = match prepared {
         Ok(p) => p,
         Err(e) => {
-            record("invalid", json!({"error": e.to_string()}))?;
+            attempt.record("invalid", json!({"error": e.to_string()}))?;
             return Err(e);
         }
     };
@@ -157,64 +145,26 @@ pub async fn release(shared: &Shared, admin: &str, req: ReleaseRequest) -> Resul
         tracing::info!(rule = %r.rule, passed = r.passed, "release rule: {} — {}", r.requirement, r.actual);
     }
     if !failed.is_empty() {
-        let seq = record("refused", json!({"failed_rules": failed, "rules": rules}))?;
-        tracing::warn!(training = %req.training_id, ?failed, "release refused");
-        return Ok(ReleaseOutcome {
-            released: false,
-            rules,
-            manifest_digest: String::new(),
-            signature_digest: String::new(),
-            location: String::new(),
-            audit_seq: seq,
-        });
+        return refused(&attempt, &req.training_id, failed, rules);
     }
-    let Prepared {
-        plan,
-        params,
-        facts,
-        audit_entries,
-        audit_head,
-        signer,
-        tag,
-        registry,
-    } = inputs;
-    let a = artifact::build(artifact::Inputs {
-        tag: &tag,
-        facts: &facts,
-        plan: &plan,
-        params: &params,
-        roster: &shared.roster,
-        policy: &policy,
-        policy_sha256: &audit::text_digest(&req.policy_toml),
-        rules: &rules,
-        audit_entries,
-        audit_head: &audit_head,
-        signer: &signer,
-    })?;
+    let a = build_artifact(shared, &req, &policy, &rules, &inputs)?;
     let assembled = oci::assemble(&a);
-    let stored = match &registry {
-        None => {
-            let dir = shared.config.output_dir.join(LAYOUT_DIR);
-            oci::write_layout(&dir, &assembled).map(|_| format!("{}:{tag}", dir.display()))
-        }
-        Some(r) => oci::push(r, &assembled).await.map(|_| r.location(&tag)),
-    };
-    let location = match stored {
+    let location = match store(shared, &assembled, &inputs).await {
         Ok(l) => l,
         Err(e) => {
-            record("failed", json!({"error": e.to_string(), "rules": rules}))?;
+            attempt.record("failed", json!({"error": e.to_string(), "rules": rules}))?;
             tracing::error!(training = %req.training_id, "release failed: {e}");
             return Err(e);
         }
     };
-    let seq = record(
+    let seq = attempt.record(
         "released",
         json!({
             "location": location,
             "manifest_digest": assembled.model_manifest.digest,
             "signature_digest": assembled.signature_manifest.digest,
             "weights_sha256": weights::sha256_hex(&a.weights),
-            "final_params_sha256": weights::digest(&params),
+            "final_params_sha256": weights::digest(&inputs.params),
             "rules": rules,
         }),
     )?;
@@ -227,6 +177,94 @@ pub async fn release(shared: &Shared, admin: &str, req: ReleaseRequest) -> Resul
         location,
         audit_seq: seq,
     })
+}
+
+/// One release attempt's audit entries: every outcome repeats who asked for
+/// what, so each entry stands on its own in the log.
+struct Attempt<'a> {
+    shared: &'a Shared,
+    data: serde_json::Value,
+}
+
+impl<'a> Attempt<'a> {
+    /// The request's fields as the audit log records them.
+    fn new(shared: &'a Shared, admin: &str, req: &ReleaseRequest) -> Self {
+        let data = json!({
+            "by": admin,
+            "training": req.training_id,
+            "policy_sha256": audit::text_digest(&req.policy_toml),
+            "target": req.registry.clone().unwrap_or_else(|| "oci-layout".into()),
+            "tag": req.tag,
+        });
+        Attempt { shared, data }
+    }
+
+    /// Appends the attempt with its outcome and the outcome's own fields.
+    fn record(&self, outcome: &str, extra: serde_json::Value) -> Result<u64> {
+        let mut data = self.data.clone();
+        data["outcome"] = json!(outcome);
+        if let (Some(d), Some(x)) = (data.as_object_mut(), extra.as_object()) {
+            d.extend(x.clone());
+        }
+        self.shared.audit.append("release_attempted", data)
+    }
+}
+
+/// A refusal is an answer, not an error: it is logged with the failed rules and
+/// returned so the administrator sees every rule's result.
+fn refused(
+    attempt: &Attempt<'_>,
+    training: &str,
+    failed: Vec<String>,
+    rules: Vec<RuleResult>,
+) -> Result<ReleaseOutcome> {
+    let seq = attempt.record("refused", json!({"failed_rules": failed, "rules": rules}))?;
+    tracing::warn!(training = %training, ?failed, "release refused");
+    Ok(ReleaseOutcome {
+        released: false,
+        rules,
+        manifest_digest: String::new(),
+        signature_digest: String::new(),
+        location: String::new(),
+        audit_seq: seq,
+    })
+}
+
+/// Builds and signs the artifact from the prepared inputs, all of which come
+/// from the coordinator's own log and store.
+fn build_artifact(
+    shared: &Shared,
+    req: &ReleaseRequest,
+    policy: &Policy,
+    rules: &[RuleResult],
+    inputs: &Prepared,
+) -> Result<artifact::Artifact> {
+    artifact::build(artifact::Inputs {
+        tag: &inputs.tag,
+        facts: &inputs.facts,
+        plan: &inputs.plan,
+        params: &inputs.params,
+        roster: &shared.roster,
+        policy,
+        policy_sha256: &audit::text_digest(&req.policy_toml),
+        rules,
+        audit_entries: inputs.audit_entries,
+        audit_head: &inputs.audit_head,
+        signer: &inputs.signer,
+    })
+}
+
+/// Stores the assembled artifact in the coordinator's OCI layout folder or
+/// pushes it to the requested registry; returns where it now is.
+async fn store(shared: &Shared, assembled: &oci::Assembled, inputs: &Prepared) -> Result<String> {
+    let tag = &inputs.tag;
+    match &inputs.registry {
+        None => {
+            let dir = shared.config.output_dir.join(LAYOUT_DIR);
+            oci::write_layout(&dir, assembled).map(|_| format!("{}:{tag}", dir.display()))
+        }
+        Some(r) => oci::push(r, assembled).await.map(|_| r.location(tag)),
+    }
 }
 
 struct Prepared {
@@ -245,17 +283,7 @@ struct Prepared {
 /// refusal says exactly what is wrong.
 fn prepare(shared: &Shared, req: &ReleaseRequest) -> Result<(Policy, Vec<RuleResult>, Prepared)> {
     let policy = Policy::from_toml(&req.policy_toml, "submitted with the release")?;
-    let tag = if req.tag.is_empty() {
-        req.training_id.clone()
-    } else {
-        req.tag.clone()
-    };
-    check_tag(&tag)?;
-    let registry = req
-        .registry
-        .as_deref()
-        .map(|r| oci::Registry::parse(r, req.plain_http))
-        .transpose()?;
+    let (tag, registry) = release_target(req)?;
     let rec = shared.store.training(&req.training_id)?.ok_or_else(|| {
         CoordinatorError::NotFound(format!(
             "no training '{}' at this coordinator",
@@ -267,51 +295,19 @@ fn prepare(shared: &Shared, req: &ReleaseRequest) -> Result<(Policy, Vec<RuleRes
     let verifier = signer.verifier();
 
     let mut rules = Vec::new();
-    let (entries, hashes) = match audit::verified_hashes(shared.audit.path(), &verifier) {
-        Ok(h) => {
-            rules.push(policy_rule(
-                "audit_log_intact",
-                "the audit log's chain and signatures verify",
-                format!("{} entries verify", h.len()),
-                true,
-            ));
-            (audit::read_unverified(shared.audit.path())?, h)
-        }
-        Err(e) => {
-            rules.push(policy_rule(
-                "audit_log_intact",
-                "the audit log's chain and signatures verify",
-                e.to_string(),
-                false,
-            ));
-            (vec![], vec![])
-        }
-    };
+    let (audit_rule, entries, hashes) = audit_log_rule(shared, &verifier)?;
+    rules.push(audit_rule);
     let rounds = rounds_from_audit(&entries, &rec.id);
     let finished_entry = entries
         .iter()
         .rev()
         .find(|e| e.kind == "training_finished" && e.data["training"] == json!(rec.id));
     let params = shared.store.model(&rec.id)?.unwrap_or_default();
-    let stored_digest = weights::digest(&params);
-    let logged = rounds.last().map(|r| r.global_model_sha256.clone());
-    let matches = !params.is_empty()
-        && params.len() == ModelSpec::from_plan(&plan).num_params()
-        && logged.as_deref() == Some(stored_digest.as_str())
-        && finished_entry.is_some_and(|e| e.data["global_model_sha256"] == json!(stored_digest));
-    rules.push(policy_rule(
-        "model_matches_audit",
-        "the model to release is the last global model the audit log records",
-        if matches {
-            format!("sha256 {}…", &stored_digest[..16])
-        } else {
-            format!(
-                "stored model {}…, audit log's last round model {}",
-                &stored_digest[..16],
-                logged.map_or("none".into(), |l| format!("{}…", &l[..l.len().min(16)]))
-            )
-        },
-        matches,
+    rules.push(model_matches_audit_rule(
+        &plan,
+        &params,
+        &rounds,
+        finished_entry,
     ));
     let facts = Facts {
         training: rec.id.clone(),
@@ -342,6 +338,85 @@ fn prepare(shared: &Shared, req: &ReleaseRequest) -> Result<(Policy, Vec<RuleRes
     ))
 }
 
+/// The tag (the training id when none is given) and the registry to release
+/// to, checked before anything is read, so a typo costs nothing.
+fn release_target(req: &ReleaseRequest) -> Result<(String, Option<oci::Registry>)> {
+    let tag = if req.tag.is_empty() {
+        req.training_id.clone()
+    } else {
+        req.tag.clone()
+    };
+    check_tag(&tag)?;
+    let registry = req
+        .registry
+        .as_deref()
+        .map(|r| oci::Registry::parse(r, req.plain_http))
+        .transpose()?;
+    Ok((tag, registry))
+}
+
+/// The `audit_log_intact` rule, with the log's entries and entry hashes; a log
+/// that does not verify yields no entries, so no other rule can pass on it.
+fn audit_log_rule(
+    shared: &Shared,
+    verifier: &Verifier,
+) -> Result<(RuleResult, Vec<Entry>, Vec<String>)> {
+    Ok(
+        match audit::verified_hashes(shared.audit.path(), verifier) {
+            Ok(h) => (
+                policy_rule(
+                    "audit_log_intact",
+                    "the audit log's chain and signatures verify",
+                    format!("{} entries verify", h.len()),
+                    true,
+                ),
+                audit::read_unverified(shared.audit.path())?,
+                h,
+            ),
+            Err(e) => (
+                policy_rule(
+                    "audit_log_intact",
+                    "the audit log's chain and signatures verify",
+                    e.to_string(),
+                    false,
+                ),
+                vec![],
+                vec![],
+            ),
+        },
+    )
+}
+
+/// The `model_matches_audit` rule: the stored model has the plan's shape and is
+/// the global model of both the last logged round and the finished entry.
+fn model_matches_audit_rule(
+    plan: &TrainingPlan,
+    params: &[f32],
+    rounds: &[RoundFact],
+    finished_entry: Option<&Entry>,
+) -> RuleResult {
+    let stored_digest = weights::digest(params);
+    let logged = rounds.last().map(|r| r.global_model_sha256.clone());
+    let matches = !params.is_empty()
+        && params.len() == ModelSpec::from_plan(plan).num_params()
+        && logged.as_deref() == Some(stored_digest.as_str())
+        && finished_entry.is_some_and(|e| e.data["global_model_sha256"] == json!(stored_digest));
+    policy_rule(
+        "model_matches_audit",
+        "the model to release is the last global model the audit log records",
+        if matches {
+            format!("sha256 {}…", &stored_digest[..16])
+        } else {
+            format!(
+                "stored model {}…, audit log's last round model {}",
+                &stored_digest[..16],
+                logged.map_or("none".into(), |l| format!("{}…", &l[..l.len().min(16)]))
+            )
+        },
+        matches,
+    )
+}
+
 fn policy_rule(rule: &str, requirement: &str, actual: String, passed: bool) -> RuleResult {
     RuleResult {
         rule: rule.into(),
@@ -370,11 +445,39 @@ fn bad(msg: impl Into<String>) -> CoordinatorError {
 /// against the provenance; with `audit`, the signed audit log against the
 /// provenance round by round, and that the log records this release.
 pub fn verify(dir: &Path, coordinator: &Verifier, audit_log: Option<&Path>) -> Result<Verified> {
-    let read = |name: &str| {
-        std::fs::read(dir.join(name))
-            .map_err(|e| CoordinatorError::io(format!("reading {}", dir.join(name).display()), e))
-    };
-    let envelope: Envelope = serde_json::from_slice(&read(SIGNATURE_FILE)?)
+    let st = signed_statement(dir, coordinator)?;
+    let weights_bytes = read_artifact_file(dir, WEIGHTS_FILE)?;
+    let wsha = weights::sha256_hex(&weights_bytes);
+    if st.subject.first().and_then(|s| s.digest.get("sha256")) != Some(&wsha) {
+        return Err(bad(format!(
+            "{WEIGHTS_FILE} (sha256 {wsha}) is not the file the provenance names"
+        )));
+    }
+    let p = &st.predicate;
+    let final_sha = final_params_digest(p, &weights_bytes)?;
+    let mut audit_checked = false;
+    if let Some(path) = audit_log {
+        check_against_audit_log(path, coordinator, p, &wsha)?;
+        audit_checked = true;
+    }
+    Ok(Verified {
+        training: p.training.clone(),
+        rounds: p.rounds.len(),
+        final_params_sha256: final_sha,
+        audit_checked,
+    })
+}
+
+/// One file of a pulled artifact folder.
+fn read_artifact_file(dir: &Path, name: &str) -> Result<Vec<u8>> {
+    std::fs::read(dir.join(name))
+        .map_err(|e| CoordinatorError::io(format!("reading {}", dir.join(name).display()), e))
+}
+
+/// The provenance statement, accepted only as the exact document the
+/// coordinator's DSSE signature covers.
+fn signed_statement(dir: &Path, coordinator: &Verifier) -> Result<Statement> {
+    let envelope: Envelope = serde_json::from_slice(&read_artifact_file(dir, SIGNATURE_FILE)?)
         .map_err(|e| bad(format!("{SIGNATURE_FILE} is not a DSSE envelope: {e}")))?;
     if envelope.payload_type != artifact::INTOTO_PAYLOAD_TYPE {
         return Err(bad(format!(
@@ -385,25 +488,21 @@ pub fn verify(dir: &Path, coordinator: &Verifier, audit_log: Option<&Path>) -> R
     let payload = envelope
         .verify(coordinator)
         .map_err(|e| bad(format!("{SIGNATURE_FILE}: {e}")))?;
-    if payload != read(PROVENANCE_FILE)? {
+    if payload != read_artifact_file(dir, PROVENANCE_FILE)? {
         return Err(bad(format!(
             "{PROVENANCE_FILE} is not the document the signature covers"
         )));
     }
-    let st: Statement =
-        serde_json::from_slice(&payload).map_err(|e| bad(format!("provenance: {e}")))?;
-    let weights_bytes = read(WEIGHTS_FILE)?;
-    let wsha = weights::sha256_hex(&weights_bytes);
-    if st.subject.first().and_then(|s| s.digest.get("sha256")) != Some(&wsha) {
-        return Err(bad(format!(
-            "{WEIGHTS_FILE} (sha256 {wsha}) is not the file the provenance names"
-        )));
-    }
-    let p = &st.predicate;
+    serde_json::from_slice(&payload).map_err(|e| bad(format!("provenance: {e}")))
+}
+
+/// The digest of the released parameters, read with the provenance plan's
+/// layout; they must be the final model and the last round's global model.
+fn final_params_digest(p: &Provenance, weights_bytes: &[u8]) -> Result<String> {
     let plan =
         TrainingPlan::from_toml(&p.plan_toml, "provenance plan").map_err(|e| bad(e.to_string()))?;
     let params = weights::parse_safetensors(
-        &weights_bytes,
+        weights_bytes,
         &ModelSpec::from_plan(&plan).layout(),
         WEIGHTS_FILE,
     )
@@ -416,59 +515,68 @@ pub fn verify(dir: &Path, coordinator: &Verifier, audit_log: Option<&Path>) -> R
             "the weights are not the last round's global model in the provenance",
         ));
     }
-    let mut audit_checked = false;
-    if let Some(path) = audit_log {
-        let hashes = audit::verified_hashes(path, coordinator)
-            .map_err(|e| bad(format!("audit log: {e}")))?;
-        let entries = audit::read_unverified(path)?;
-        let idx = p.audit_entries as usize;
-        if idx == 0 || hashes.get(idx - 1) != Some(&p.audit_head) {
-            return Err(bad(
-                "the audit log does not contain the entries the release was evaluated on",
-            ));
-        }
-        let logged = rounds_from_audit(&entries[..idx], &p.training);
-        if logged.len() != p.rounds.len() {
+    Ok(final_sha)
+}
+
+/// Checks the signed audit log against the provenance: it holds the entries the
+/// release was evaluated on, the same rounds, and a record of this release.
+fn check_against_audit_log(
+    path: &Path,
+    coordinator: &Verifier,
+    p: &Provenance,
+    wsha: &str,
+) -> Result<()> {
+    let hashes =
+        audit::verified_hashes(path, coordinator).map_err(|e| bad(format!("audit log: {e}")))?;
+    let entries = audit::read_unverified(path)?;
+    let idx = p.audit_entries as usize;
+    if idx == 0 || hashes.get(idx - 1) != Some(&p.audit_head) {
+        return Err(bad(
+            "the audit log does not contain the entries the release was evaluated on",
+        ));
+    }
+    let logged = rounds_from_audit(&entries[..idx], &p.training);
+    check_rounds_match(&logged, &p.rounds)?;
+    let recorded = entries[idx..].iter().any(|e| {
+        e.kind == "release_attempted"
+            && e.data["outcome"] == json!("released")
+            && e.data["weights_sha256"] == json!(wsha)
+    });
+    if !recorded {
+        return Err(bad("the audit log does not record this release"));
+    }
+    Ok(())
+}
+
+/// Round by round, the provenance names the same updates (by digest and weight,
+/// in any order) and the same global model as the audit log.
+fn check_rounds_match(logged: &[RoundFact], rounds: &[ProvenanceRound]) -> Result<()> {
+    if logged.len() != rounds.len() {
+        return Err(bad(format!(
+            "the audit log has {} rounds, the provenance {}",
+            logged.len(),
+            rounds.len()
+        )));
+    }
+    for (l, r) in logged.iter().zip(rounds) {
+        let mut a: Vec<(String, u64)> = l
+            .contributions
+            .iter()
+            .map(|c| (c.sha256.clone(), c.weight))
+            .collect();
+        let mut b: Vec<(String, u64)> = r
+            .updates
+            .iter()
+            .map(|u| (u.sha256.clone(), u.weight))
+            .collect();
+        a.sort();
+        b.sort();
+        if l.round != r.round || l.global_model_sha256 != r.global_model_sha256 || a != b {
             return Err(bad(format!(
-                "the audit log has {} rounds, the provenance {}",
-                logged.len(),
-                p.rounds.len()
+                "round {}: the provenance differs from the audit log",
+                r.round
             )));
         }
-        for (l, r) in logged.iter().zip(&p.rounds) {
-            let mut a: Vec<(String, u64)> = l
-                .contributions
-                .iter()
-                .map(|c| (c.sha256.clone(), c.weight))
-                .collect();
-            let mut b: Vec<(String, u64)> = r
-                .updates
-                .iter()
-                .map(|u| (u.sha256.clone(), u.weight))
-                .collect();
-            a.sort();
-            b.sort();
-            if l.round != r.round || l.global_model_sha256 != r.global_model_sha256 || a != b {
-                return Err(bad(format!(
-                    "round {}: the provenance differs from the audit log",
-                    r.round
-                )));
-            }
-        }
-        let recorded = entries[idx..].iter().any(|e| {
-            e.kind == "release_attempted"
-                && e.data["outcome"] == json!("released")
-                && e.data["weights_sha256"] == json!(wsha)
-        });
-        if !recorded {
-            return Err(bad("the audit log does not record this release"));
-        }
-        audit_checked = true;
     }
-    Ok(Verified {
-        training: p.training.clone(),
-        rounds: p.rounds.len(),
-        final_params_sha256: final_sha,
-        audit_checked,
-    })
+    Ok(())
 }

@@ -499,19 +499,6 @@ async fn pull_registry(r: &Registry, tag: &str) -> Result<Pulled> {
     check_digest("model manifest", &model_digest, &bytes)?;
     let manifest: Value = serde_json::from_slice(&bytes)
         .map_err(|e| CoordinatorError::Registry(format!("model manifest: {e}")))?;
-    let blob = |digest: String| {
-        let client = &client;
-        let reference = r.by_digest(&digest);
-        async move {
-            let mut out = Vec::new();
-            client
-                .pull_blob(&reference, digest.as_str(), &mut out)
-                .await
-                .map_err(|e| reg_err(&format!("fetching blob {digest}"), r, e))?;
-            check_digest(&digest, &digest, &out)?;
-            Ok::<_, CoordinatorError>(out)
-        }
-    };
     let layers = layers_by_path(&manifest);
     let mut files = Vec::new();
     for name in FILES {
@@ -519,11 +506,60 @@ async fn pull_registry(r: &Registry, tag: &str) -> Result<Pulled> {
             .iter()
             .find(|(p, _)| p == name)
             .ok_or_else(|| CoordinatorError::Registry(format!("the release has no {name}")))?;
-        files.push((name, blob(d.clone()).await?));
+        files.push((name, pull_blob(&client, r, d.clone()).await?));
     }
+    let referrers = signature_referrers(&client, r, &model_digest).await?;
+    for d in referrers {
+        let (bytes, digest) = client
+            .pull_manifest_raw(&r.by_digest(&d), &RegistryAuth::Anonymous, &[MANIFEST_TYPE])
+            .await
+            .map_err(|e| reg_err("fetching the signature manifest", r, e))?;
+        check_digest("signature manifest", &d, &bytes)?;
+        let sig: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| CoordinatorError::Registry(format!("signature manifest: {e}")))?;
+        if sig["subject"]["digest"] != json!(model_digest) {
+            continue;
+        }
+        if let Some((_, env)) = layers_by_path(&sig)
+            .into_iter()
+            .find(|(p, _)| p == SIGNATURE_FILE)
+        {
+            files.push((SIGNATURE_FILE, pull_blob(&client, r, env).await?));
+            return Ok(Pulled {
+                model_digest,
+                signature_digest: digest,
+                files,
+            });
+        }
+    }
+    Err(CoordinatorError::Registry(format!(
+        "no signature refers to release '{tag}' at {}",
+        r.location(tag)
+    )))
+}
+
+/// One blob, checked against its digest: a registry is not trusted to serve
+/// what it was asked for.
+async fn pull_blob(client: &Client, r: &Registry, digest: String) -> Result<Vec<u8>> {
+    let reference = r.by_digest(&digest);
+    let mut out = Vec::new();
+    client
+        .pull_blob(&reference, digest.as_str(), &mut out)
+        .await
+        .map_err(|e| reg_err(&format!("fetching blob {digest}"), r, e))?;
+    check_digest(&digest, &digest, &out)?;
+    Ok(out)
+}
+
+/// Digests of the manifests that may sign the model manifest.
+async fn signature_referrers(
+    client: &Client,
+    r: &Registry,
+    model_digest: &str,
+) -> Result<Vec<String>> {
     // Referrers API first; the tag schema for registries without it.
     let referrers = match client
-        .pull_referrers(&r.by_digest(&model_digest), Some(DSSE_TYPE))
+        .pull_referrers(&r.by_digest(model_digest), Some(DSSE_TYPE))
         .await
     {
         Ok(index) if !index.manifests.is_empty() => {
@@ -545,33 +581,7 @@ async fn pull_registry(r: &Registry, tag: &str) -> Result<Pulled> {
                 .collect::<Vec<_>>()
         }
     };
-    for d in referrers {
-        let (bytes, digest) = client
-            .pull_manifest_raw(&r.by_digest(&d), &RegistryAuth::Anonymous, &[MANIFEST_TYPE])
-            .await
-            .map_err(|e| reg_err("fetching the signature manifest", r, e))?;
-        check_digest("signature manifest", &d, &bytes)?;
-        let sig: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| CoordinatorError::Registry(format!("signature manifest: {e}")))?;
-        if sig["subject"]["digest"] != json!(model_digest) {
-            continue;
-        }
-        if let Some((_, env)) = layers_by_path(&sig)
-            .into_iter()
-            .find(|(p, _)| p == SIGNATURE_FILE)
-        {
-            files.push((SIGNATURE_FILE, blob(env).await?));
-            return Ok(Pulled {
-                model_digest,
-                signature_digest: digest,
-                files,
-            });
-        }
-    }
-    Err(CoordinatorError::Registry(format!(
-        "no signature refers to release '{tag}' at {}",
-        r.location(tag)
-    )))
+    Ok(referrers)
 }
 
 /// Writes pulled files into `dir`.

@@ -19,8 +19,11 @@ use crate::error::{CoordinatorError, Result};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
+    /// The opening rules; all must pass for a release.
     pub rules: Rules,
+    /// What the model card and provenance say about contributors.
     pub disclosure: Disclosure,
+    /// The licence and usage terms that travel with the model.
     pub licence: Licence,
 }
 
@@ -61,6 +64,7 @@ pub enum ContributorDisclosure {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Disclosure {
+    /// How contributors appear: by name, by tier, or only their count.
     pub contributors: ContributorDisclosure,
 }
 
@@ -200,14 +204,25 @@ fn rule(rule: &str, requirement: String, actual: String, passed: bool) -> RuleRe
 pub fn evaluate(policy: &Policy, facts: &Facts, roster: &Roster) -> Vec<RuleResult> {
     let r = &policy.rules;
     let contributors = facts.contributors();
-    let mut out = Vec::new();
+    vec![
+        consent_rule(r, &contributors, roster),
+        min_contributors_rule(r, &contributors),
+        max_weight_share_rule(r, facts),
+        min_rounds_rule(r, facts),
+        min_macro_f1_rule(r, facts),
+        differential_privacy_rule(r, facts),
+    ]
+}
 
+/// `require_consent`: judged against the roster now, so a consent withdrawn
+/// after training still blocks the release; an empty training never passes.
+fn consent_rule(r: &Rules, contributors: &BTreeSet<String>, roster: &Roster) -> RuleResult {
     let unconsented: Vec<String> = contributors
         .iter()
         .filter(|id| !roster.get(id).is_some_and(|o| o.agreement.signed))
         .cloned()
         .collect();
-    out.push(if r.require_consent {
+    if r.require_consent {
         rule(
             "require_consent",
             "every contributing organisation signed the data submission agreement".into(),
@@ -232,9 +247,13 @@ pub fn evaluate(policy: &Policy, facts: &Facts, roster: &Roster) -> Vec<RuleResu
             ),
             true,
         )
-    });
+    }
+}
 
-    out.push(rule(
+/// `min_contributors`: distinct organisations, not updates, so one firm's many
+/// sites count once.
+fn min_contributors_rule(r: &Rules, contributors: &BTreeSet<String>) -> RuleResult {
+    rule(
         "min_contributors",
         format!(
             "at least {} distinct contributing organisations",
@@ -242,10 +261,14 @@ pub fn evaluate(policy: &Policy, facts: &Facts, roster: &Roster) -> Vec<RuleResu
         ),
         format!("{} contributed", contributors.len()),
         contributors.len() >= r.min_contributors,
-    ));
+    )
+}
 
+/// `max_weight_share`: the worst round decides, so no firm dominates the model
+/// even in one round; no accepted update at all fails.
+fn max_weight_share_rule(r: &Rules, facts: &Facts) -> RuleResult {
     let share = facts.largest_share();
-    out.push(rule(
+    rule(
         "max_weight_share",
         format!(
             "no organisation above {:.1}% of a round's aggregation weight",
@@ -260,10 +283,14 @@ pub fn evaluate(policy: &Policy, facts: &Facts, roster: &Roster) -> Vec<RuleResu
         share
             .as_ref()
             .is_some_and(|(_, _, s)| *s <= r.max_weight_share),
-    ));
+    )
+}
 
+/// `min_rounds`: an unfinished training fails however many rounds it has, so
+/// a stopped run is never released as if complete.
+fn min_rounds_rule(r: &Rules, facts: &Facts) -> RuleResult {
     let completed = facts.rounds.len() as u32;
-    out.push(rule(
+    rule(
         "min_rounds",
         format!(
             "at least {} completed rounds, training finished",
@@ -279,10 +306,14 @@ pub fn evaluate(policy: &Policy, facts: &Facts, roster: &Roster) -> Vec<RuleResu
             }
         ),
         facts.finished && completed >= r.min_rounds,
-    ));
+    )
+}
 
+/// `min_macro_f1`: the final model's federated score is the one released, so
+/// only the last round counts; a missing evaluation fails.
+fn min_macro_f1_rule(r: &Rules, facts: &Facts) -> RuleResult {
     let f1 = facts.rounds.last().and_then(|r| r.eval_macro_f1);
-    out.push(rule(
+    rule(
         "min_macro_f1",
         format!(
             "federated macro-F1 of the final model at least {:.4}",
@@ -293,9 +324,13 @@ pub fn evaluate(policy: &Policy, facts: &Facts, roster: &Roster) -> Vec<RuleResu
             None => "no federated evaluation of the final model".into(),
         },
         f1.is_some_and(|v| v >= r.min_macro_f1),
-    ));
+    )
+}
 
-    out.push(if r.require_differential_privacy {
+/// `require_differential_privacy`: fails closed, a model trained without it
+/// never passes when the policy requires it.
+fn differential_privacy_rule(r: &Rules, facts: &Facts) -> RuleResult {
+    if r.require_differential_privacy {
         rule(
             "require_differential_privacy",
             format!("trained with differential privacy, ε ≤ {}", r.max_epsilon),
@@ -315,8 +350,7 @@ pub fn evaluate(policy: &Policy, facts: &Facts, roster: &Roster) -> Vec<RuleResu
             },
             true,
         )
-    });
-    out
+    }
 }
 
 #[cfg(test)]
