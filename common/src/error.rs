@@ -61,6 +61,11 @@ pub enum Error {
     /// mechanism's input is malformed.
     #[error("privacy: {0}")]
     Privacy(String),
+
+    /// A secure-aggregation step was refused or could not complete; the message
+    /// names the round, the participant and the share concerned.
+    #[error("{0}")]
+    SecureAggregation(String),
 }
 
 impl Error {
