@@ -160,6 +160,19 @@ async fn bad_plans_are_refused_with_the_key_and_the_coordinator_keeps_serving() 
             "min_participants",
         ),
         ("not toml at all [".to_string(), "submitted plan"),
+        (
+            format!(
+                "{good}\n[privacy.dp]\nlevel = \"client\"\ntarget_epsilon = 4.0\ndelta = 1e-5\nclip_norm = 0.0\n"
+            ),
+            "privacy.dp.clip_norm",
+        ),
+        // A sound budget, but no round applies DP yet: refused, not run without it.
+        (
+            format!(
+                "{good}\n[privacy.dp]\nlevel = \"client\"\ntarget_epsilon = 4.0\ndelta = 1e-5\nclip_norm = 1.0\n"
+            ),
+            "cannot train with differential privacy yet",
+        ),
     ] {
         match admin.start_training(bad).await {
             Err(CoordinatorError::InvalidArgument(m)) => {

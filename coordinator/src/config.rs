@@ -149,10 +149,17 @@ impl Limits {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
+    /// Address the mutual-TLS gRPC endpoint listens on (default `127.0.0.1:7443`;
+    /// `--listen`, `SANGSAENG_LISTEN`).
     pub listen: Option<SocketAddr>,
+    /// The roster of organisations (required here or as `--roster`).
     pub roster: Option<PathBuf>,
+    /// A training plan to start at once (it waits for enough participants); not
+    /// started while an unfinished training is pending.
     pub plan: Option<PathBuf>,
+    /// Where the state store, the audit log and each training's folder live (default `runs`).
     pub output_dir: Option<PathBuf>,
+    /// The coordinator's TLS files (or `--ca`, `--cert`, `--key`).
     pub tls: Option<TlsSection>,
     /// Whether an accepted update is fsynced before it is acknowledged (default
     /// true). With false, a coordinator crash loses the round in progress (its
@@ -165,8 +172,11 @@ pub struct ConfigFile {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
+    /// The federation CA's certificate (PEM); clients must present a certificate it issued.
     pub ca: PathBuf,
+    /// The coordinator's server certificate (PEM), issued by the CA.
     pub cert: PathBuf,
+    /// The server certificate's private key (PEM, mode 0600); it also signs the audit log.
     pub key: PathBuf,
 }
 
@@ -304,6 +314,17 @@ impl CoordinatorConfig {
                 "training.min_participants = {} but the roster lists only {participants} participant organisations",
                 plan.training.min_participants
             )));
+        }
+        // The budget can be accounted (`sangsaeng-coordinator privacy`), but no
+        // round applies clipping or noise yet: training such a plan would record a
+        // guarantee nobody gave, so it is refused rather than run without it.
+        if plan.privacy.as_ref().is_some_and(|p| p.dp.is_some()) {
+            return Err(CoordinatorError::InvalidArgument(
+                "privacy.dp: this coordinator cannot train with differential privacy yet \
+                 (DP-SGD and noised aggregation are not built); `sangsaeng-coordinator privacy \
+                 --plan` accounts the plan's budget"
+                    .into(),
+            ));
         }
         Ok(())
     }

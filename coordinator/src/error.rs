@@ -112,6 +112,7 @@ impl From<CoordinatorError> for Status {
                 | C::Model(_)
                 | C::Config { .. }
                 | C::Schema(_)
+                | C::Privacy(_)
                 | C::Data { .. },
             ) => Code::InvalidArgument,
             CoordinatorError::Config(_) => Code::InvalidArgument,

@@ -38,6 +38,20 @@ enum Command {
     /// Pull a released model and verify it, offline (no coordinator needed).
     #[command(subcommand)]
     Release(ReleaseCommand),
+    /// Print the privacy loss ε a plan's `[privacy.dp]` will spend, round by round,
+    /// before anyone trains (and the noise multiplier derived from its target).
+    Privacy(PrivacyArgs),
+}
+
+#[derive(Args)]
+struct PrivacyArgs {
+    /// The training plan, with a `[privacy.dp]` section.
+    #[arg(long)]
+    plan: PathBuf,
+    /// Training rows at the site (record level: q = batch_size / rows, and each
+    /// site spends its own ε). Not needed at client level.
+    #[arg(long)]
+    rows: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -250,7 +264,48 @@ async fn async_main() -> anyhow::Result<()> {
         Command::Admin(a) => admin(a).await,
         Command::Audit(a) => audit_command(a),
         Command::Release(r) => release_command(r).await,
+        Command::Privacy(p) => privacy_command(p),
     }
+}
+
+fn privacy_command(a: PrivacyArgs) -> anyhow::Result<()> {
+    use sangsaeng_common::privacy::dp::budget::plan_budget;
+    let plan = sangsaeng_common::config::plan::TrainingPlan::from_file(&a.plan)?;
+    let b = plan_budget(&plan, a.rows)
+        .with_context(|| format!("accounting the privacy budget of {}", a.plan.display()))?;
+    let how = if b.derived {
+        "derived from the target"
+    } else {
+        "from the plan"
+    };
+    println!(
+        "level {}, delta {:e}, target epsilon {}",
+        b.level.name(),
+        b.delta,
+        b.target_epsilon
+    );
+    println!(
+        "sampling rate q = {:.6}, {} steps per round, noise multiplier {:.4} ({how})",
+        b.q, b.steps_per_round, b.noise_multiplier
+    );
+    println!("round  epsilon");
+    for (i, e) in b.epsilon_by_round.iter().enumerate() {
+        println!("{:>5}  {e:.4}", i + 1);
+    }
+    if !b.within_target() {
+        anyhow::bail!(
+            "the plan spends epsilon {:.4} in {} rounds, above its target {}: raise noise_multiplier or lower the rounds",
+            b.total_epsilon(),
+            plan.training.rounds,
+            b.target_epsilon
+        );
+    }
+    println!(
+        "total epsilon {:.4} <= target {} (RDP accountant, Poisson sampling)",
+        b.total_epsilon(),
+        b.target_epsilon
+    );
+    Ok(())
 }
 
 fn audit_command(a: AuditCommand) -> anyhow::Result<()> {

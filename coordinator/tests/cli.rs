@@ -268,3 +268,86 @@ fn release_commands_explain_themselves_and_refuse_a_missing_source() {
         "{text}"
     );
 }
+
+const DP_PLAN: &str = r#"
+[schema]
+feature_columns = ["a", "b"]
+label_column = "y"
+classes = ["0", "1"]
+[model]
+hidden_layers = [8]
+[training]
+rounds = 5
+local_epochs = 2
+batch_size = 64
+learning_rate = 0.01
+min_participants = 1
+[privacy.dp]
+level = "record"
+target_epsilon = 4.0
+delta = 1e-5
+max_grad_norm = 1.0
+"#;
+
+#[test]
+fn privacy_prints_the_epsilon_a_plan_spends_and_refuses_impossible_budgets() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, DP_PLAN).unwrap();
+    let run = |args: &[&str]| {
+        let out = bin()
+            .arg("privacy")
+            .arg("--plan")
+            .arg(&plan)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = run(&["--rows", "20000"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("derived from the target"), "{text}");
+    assert!(
+        text.contains("626 steps per round"),
+        "2 epochs x ceil(20000/64): {text}"
+    );
+    let last = text
+        .lines()
+        .find_map(|l| l.strip_prefix("total epsilon "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no total epsilon line: {text}"));
+    assert!(
+        last <= 4.0 && last > 3.9,
+        "calibrated to the target: {last}"
+    );
+
+    // Record level needs the site's rows; delta must be below 1/rows.
+    let (ok, text) = run(&[]);
+    assert!(!ok && text.contains("training rows"), "{text}");
+    let (ok, text) = run(&["--rows", "100000"]);
+    assert!(!ok && text.contains("privacy.dp.delta"), "{text}");
+
+    // A fixed noise multiplier too small for the target: refused with the figures.
+    std::fs::write(
+        &plan,
+        DP_PLAN.replace("max_grad_norm", "noise_multiplier = 0.3\nmax_grad_norm"),
+    )
+    .unwrap();
+    let (ok, text) = run(&["--rows", "20000"]);
+    assert!(!ok && text.contains("above its target 4"), "{text}");
+
+    // Bad values are refused at plan load, naming the key.
+    std::fs::write(
+        &plan,
+        DP_PLAN.replace("max_grad_norm = 1.0", "max_grad_norm = 0.0"),
+    )
+    .unwrap();
+    let (ok, text) = run(&["--rows", "20000"]);
+    assert!(!ok && text.contains("privacy.dp.max_grad_norm"), "{text}");
+}

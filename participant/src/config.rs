@@ -15,13 +15,25 @@ use crate::error::{ParticipantError, Result};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
+    /// The coordinator's `https://` address (default `https://127.0.0.1:7443`); the
+    /// daemon only ever dials out to it.
     coordinator: Option<String>,
+    /// The name the coordinator's certificate is checked against (default `localhost`).
     server_name: Option<String>,
+    /// The burn backend local training runs on: `"ndarray"` (default), or `"flex"`
+    /// in a build with `--features flex`.
     backend: Option<String>,
+    /// A folder that keeps a copy of every delta that left the site, for the
+    /// site's own audit (default: none kept).
     record_dir: Option<PathBuf>,
+    /// Largest upload chunk in bytes, a multiple of 4 in 4096..=67108864 (default
+    /// 1 MiB); the coordinator's `limits.max_chunk_bytes` must allow it.
     upload_chunk_bytes: Option<usize>,
+    /// The site's TLS files (or `--ca`, `--cert`, `--key`).
     tls: Option<TlsSection>,
+    /// The site's line data (or `--data`, `--label-column`).
     data: Option<DataSection>,
+    /// Reconnect backoff after the coordinator could not be reached.
     #[serde(default)]
     reconnect: Reconnect,
 }
@@ -29,15 +41,20 @@ struct FileConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TlsSection {
+    /// The federation CA's certificate (PEM), received with its fingerprint out of band.
     ca: PathBuf,
+    /// The site's certificate (PEM), signed by the anchor company from the site's CSR.
     cert: PathBuf,
+    /// The site's private key (PEM, mode 0600); it never leaves the site.
     key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DataSection {
+    /// CSV exports from the MES/historian, all with the same header.
     files: Vec<PathBuf>,
+    /// The column holding the class label.
     label_column: String,
     /// Optional: when absent the plan's feature columns are looked up by name.
     feature_columns: Option<Vec<String>>,
@@ -47,7 +64,9 @@ struct DataSection {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Reconnect {
+    /// The first retry's delay in milliseconds; it doubles per attempt (±20 % jitter).
     pub initial_ms: u64,
+    /// The longest delay between two attempts, in milliseconds.
     pub max_ms: u64,
 }
 

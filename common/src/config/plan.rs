@@ -7,15 +7,22 @@
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+use crate::config::privacy::PrivacyConfig;
 use crate::{Error, Result};
 
 /// The whole plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainingPlan {
+    /// The columns of the line data the model reads.
     pub schema: DataSchema,
+    /// The model's shape.
     pub model: ModelConfig,
+    /// How rounds and local training run.
     pub training: TrainingConfig,
+    /// Privacy guarantees beyond "only deltas leave a site" (`[privacy]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyConfig>,
     /// Global standardisation, computed federatedly by the coordinator before
     /// round 1. Never written by hand; absent in a plan file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -40,6 +47,7 @@ pub struct DataSchema {
 pub struct ModelConfig {
     /// Hidden layer widths, input to output. May be empty (a linear model).
     pub hidden_layers: Vec<usize>,
+    /// The activation after each hidden layer.
     #[serde(default)]
     pub activation: Activation,
     /// Dropout probability after each hidden activation, in `[0, 1)`.
@@ -73,10 +81,13 @@ pub struct TrainingConfig {
     /// Local epochs per round.
     #[serde(default = "default_local_epochs")]
     pub local_epochs: u32,
+    /// Rows per local optimiser step.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// The local optimiser each site trains with.
     #[serde(default)]
     pub optimizer: Optimizer,
+    /// The local optimiser's learning rate, in (0, 10].
     pub learning_rate: f64,
     /// A round starts only when at least this many participants are connected,
     /// and closes at the deadline only if at least this many updates arrived.
@@ -149,6 +160,18 @@ impl TrainingPlan {
 
     /// Checks every value; the message names the offending key.
     pub fn validate(&self) -> std::result::Result<(), String> {
+        self.validate_schema()?;
+        self.validate_model()?;
+        self.validate_training()?;
+        if let Some(p) = &self.privacy {
+            p.validate()?;
+        }
+        self.validate_scaling()
+    }
+
+    /// The columns: named, distinct, the label not also a feature, and within
+    /// the bounds a site's memory and the wire can hold.
+    fn validate_schema(&self) -> std::result::Result<(), String> {
         let s = &self.schema;
         if s.feature_columns.is_empty() {
             return Err("schema.feature_columns: at least one feature column is required".into());
@@ -188,6 +211,12 @@ impl TrainingPlan {
                 return Err(format!("schema.classes: '{c}' is listed twice"));
             }
         }
+        Ok(())
+    }
+
+    /// The model's shape, bounded so a plan cannot ask sites for more memory
+    /// than a model of this kind needs.
+    fn validate_model(&self) -> std::result::Result<(), String> {
         let m = &self.model;
         if m.hidden_layers.len() > MAX_LAYERS {
             return Err(format!(
@@ -206,6 +235,12 @@ impl TrainingPlan {
         if !(0.0..1.0).contains(&m.dropout) {
             return Err(format!("model.dropout: {} is outside [0, 1)", m.dropout));
         }
+        Ok(())
+    }
+
+    /// The round and local-training settings, each bounded so a typo cannot
+    /// stall or run away with a training.
+    fn validate_training(&self) -> std::result::Result<(), String> {
         let t = &self.training;
         if t.rounds == 0 || t.rounds > MAX_ROUNDS {
             return Err(format!(
@@ -246,8 +281,14 @@ impl TrainingPlan {
                 t.validation_fraction
             ));
         }
+        Ok(())
+    }
+
+    /// The federated standardisation, when present: one finite mean and one
+    /// positive std per feature, so standardising can never divide by zero.
+    fn validate_scaling(&self) -> std::result::Result<(), String> {
         if let Some(sc) = &self.scaling {
-            let d = s.feature_columns.len();
+            let d = self.schema.feature_columns.len();
             if sc.mean.len() != d || sc.std.len() != d {
                 return Err(format!(
                     "scaling: expected {d} means and stds, got {} and {}",

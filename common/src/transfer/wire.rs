@@ -105,6 +105,9 @@ pub fn plan_from_proto(p: &pb::TrainingPlan) -> Result<TrainingPlan> {
             .map_err(|e| bad(e.to_string()))?,
             evaluate: !p.skip_evaluation,
         },
+        // Not on the wire yet: a coordinator refuses to train a plan with
+        // `[privacy.dp]` until DP training is built (CoordinatorConfig::check_plan).
+        privacy: None,
         scaling,
     };
     plan.validate().map_err(bad)?;

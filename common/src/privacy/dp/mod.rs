@@ -8,11 +8,14 @@
 //!   `tests/dp_accounting.rs` checks it on every CI run.
 //! - [`calibrate`]: the smallest noise multiplier that meets a target ε, and the
 //!   checks on (σ, q, steps, δ) that name the parameter at fault.
+//! - [`budget`]: what a plan's `[privacy.dp]` spends, round by round, at a site
+//!   (record level) or for the model (client level).
 //! - [`discrete_gaussian`]: an exact sampler of the discrete Gaussian (Canonne,
 //!   Kamath, Steinke 2020) in integer arithmetic only, so it is not open to the
 //!   floating-point attacks on naive samplers (Mironov 2012); it draws from a
 //!   caller's cryptographically secure generator, never from the plan's seed.
 
 pub mod accountant;
+pub mod budget;
 pub mod calibrate;
 pub mod discrete_gaussian;
