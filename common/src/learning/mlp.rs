@@ -104,31 +104,46 @@ impl Mlp {
             if i == last {
                 break;
             }
-            x = match self.activation {
-                Activation::Relu => activation::relu(x),
-                Activation::Tanh => activation::tanh(x),
-                Activation::Gelu => activation::gelu(x),
-            };
+            x = activate(self.activation, x);
             if let Some(rng) = rng.as_deref_mut()
                 && self.dropout > 0.0
             {
-                x = apply_dropout(x, self.dropout, rng);
+                let [rows, cols] = x.dims();
+                let device = x.device();
+                x = x * dropout_mask(rows, cols, self.dropout, rng, &device);
             }
         }
         x
     }
 }
 
-fn apply_dropout(x: Tensor<2>, p: f64, rng: &mut dyn RngCore) -> Tensor<2> {
+/// The hidden-layer activation, shared with the hand-written DP-SGD pass
+/// ([`crate::learning::dp_sgd`]) so both compute the same forward.
+pub(crate) fn activate(activation: Activation, x: Tensor<2>) -> Tensor<2> {
+    match activation {
+        Activation::Relu => activation::relu(x),
+        Activation::Tanh => activation::tanh(x),
+        Activation::Gelu => activation::gelu(x),
+    }
+}
+
+/// An inverted-dropout mask `[rows, cols]`: `1/(1-p)` where a unit is kept, `0`
+/// where it is dropped, drawn row-major from `rng`. DP-SGD keeps the mask for
+/// its backward pass; the draws are the same as the training forward's.
+pub(crate) fn dropout_mask(
+    rows: usize,
+    cols: usize,
+    p: f64,
+    rng: &mut dyn RngCore,
+    device: &Device,
+) -> Tensor<2> {
     let keep = 1.0 - p;
     let scale = (1.0 / keep) as f32;
     let bernoulli = Bernoulli::new(keep).expect("dropout validated to lie in [0, 1)");
-    let [rows, cols] = x.dims();
     let mask: Vec<f32> = (0..rows * cols)
         .map(|_| if bernoulli.sample(rng) { scale } else { 0.0 })
         .collect();
-    let mask = Tensor::<2>::from_data(TensorData::new(mask, [rows, cols]), &x.device());
-    x * mask
+    Tensor::<2>::from_data(TensorData::new(mask, [rows, cols]), device)
 }
 
 /// Reads a tensor back as row-major `f32`s.

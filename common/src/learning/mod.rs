@@ -4,7 +4,7 @@
 //! Layering inside: [`model`] (shape, parameter layout, seeded initialisation,
 //! plain Rust) and [`data`] (CSV line data, schema checks, federated feature
 //! statistics) depend only on [`crate::config`]; [`metrics`] is pure arithmetic;
-//! [`backend`], [`mlp`] and [`train`] sit on top and are the only modules that
+//! [`backend`], [`mlp`], [`train`] and [`dp_sgd`] sit on top and are the only modules that
 //! name burn, so the coordinator and the fuzz targets build without it.
 //!
 //! - [`model`]: the MLP's shape, canonical parameter layout, flat vectors.
@@ -13,10 +13,13 @@
 //! - [`backend`] (`train`): the single place that chooses the burn backend.
 //! - [`mlp`] (`train`): the burn module of a model spec.
 //! - [`train`] (`train`): local training, evaluation and prediction.
+//! - [`dp_sgd`] (`train`): record-level differential privacy in local training (DP-SGD).
 
 #[cfg(feature = "train")]
 pub mod backend;
 pub mod data;
+#[cfg(feature = "train")]
+pub mod dp_sgd;
 pub mod metrics;
 #[cfg(feature = "train")]
 pub mod mlp;

@@ -10,6 +10,11 @@
 //! [`LocalTraining::seed`], and nothing uses burn's process-wide backend RNG, so
 //! on the ndarray backend the same start, data and configuration give the same
 //! parameters bit for bit, even with other trainings running in the process.
+//!
+//! With [`LocalTraining::dp`] set, every step is a DP-SGD step
+//! ([`crate::learning::dp_sgd`]): Poisson-sampled rows, per-example clipping and
+//! noise drawn from an OS-seeded generator, so that training is deliberately
+//! *not* reproducible; the determinism above is that of the non-private path.
 
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig};
@@ -21,6 +26,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::config::plan::{Optimizer, TrainingPlan};
 use crate::learning::backend::BackendKind;
 use crate::learning::data::Dataset;
+use crate::learning::dp_sgd::{DpEngine, DpNoise, DpReport, DpSgd};
 use crate::learning::metrics::{self, Evaluation};
 use crate::learning::mlp::{Mlp, read_vec};
 use crate::learning::model::{ModelSpec, check_params};
@@ -41,6 +47,10 @@ pub struct LocalTraining {
     pub dropout: f64,
     /// Seed of shuffling and dropout for this round.
     pub seed: u64,
+    /// Record-level differential privacy: DP-SGD instead of shuffled mini-batches.
+    pub dp: Option<DpSgd>,
+    /// The sampler of DP-SGD's noise (ignored without [`LocalTraining::dp`]).
+    pub dp_noise: DpNoise,
 }
 
 impl LocalTraining {
@@ -58,6 +68,8 @@ impl LocalTraining {
             learning_rate: t.learning_rate,
             dropout: plan.model.dropout,
             seed: round_seed(t.seed, round),
+            dp: None,
+            dp_noise: DpNoise::default(),
         }
     }
 
@@ -82,6 +94,9 @@ impl LocalTraining {
                 self.dropout
             )));
         }
+        if let Some(dp) = &self.dp {
+            dp.validate()?;
+        }
         Ok(())
     }
 }
@@ -101,8 +116,11 @@ fn round_seed(seed: u64, round: u32) -> u64 {
 pub struct TrainOutcome {
     /// The trained parameters, in [`ModelSpec::layout`] order.
     pub params: Vec<f32>,
-    /// Mean training cross-entropy of each epoch, weighted by batch size.
+    /// Mean training cross-entropy of each epoch, weighted by batch size (with
+    /// DP-SGD: over the rows the epoch's steps sampled; NaN if they sampled none).
     pub epoch_losses: Vec<f64>,
+    /// With DP-SGD: the steps taken and their sampling rate, for the site's accountant.
+    pub dp: Option<DpReport>,
 }
 
 /// Trains from `start` on `data` for `cfg.epochs` epochs of shuffled mini-batches.
@@ -114,23 +132,58 @@ pub fn train_local(
     cfg: &LocalTraining,
 ) -> Result<TrainOutcome> {
     check_dataset(spec, data)?;
-    let mut trainer = LocalTrainer::new(kind, spec, start, cfg)?;
+    check_dp_rows(cfg, data)?;
+    let trainer = LocalTrainer::new(kind, spec, start, cfg)?;
+    train_with(trainer, spec, data, cfg)
+}
+
+/// The epochs of [`train_local`] on a ready trainer (tests inject a seeded DP generator).
+fn train_with(
+    mut trainer: LocalTrainer,
+    spec: &ModelSpec,
+    data: &Dataset,
+    cfg: &LocalTraining,
+) -> Result<TrainOutcome> {
     let epoch_losses = (0..cfg.epochs)
         .map(|_| trainer.epoch_checked(data))
         .collect::<Result<Vec<f64>>>()?;
     let params = trainer.params();
     check_params(spec, &params)
         .map_err(|e| Error::Model(format!("training produced unusable parameters: {e}")))?;
+    let dp = match (&cfg.dp, &trainer.dp) {
+        (Some(dp), Some(engine)) => Some(DpReport {
+            steps: engine.steps(),
+            sample_rate: cfg.batch_size as f64 / data.len() as f64,
+            noise_multiplier: dp.noise_multiplier,
+            max_grad_norm: dp.max_grad_norm,
+        }),
+        _ => None,
+    };
     Ok(TrainOutcome {
         params,
         epoch_losses,
+        dp,
     })
+}
+
+/// DP-SGD samples at rate `batch_size / rows`, which must be at most 1.
+fn check_dp_rows(cfg: &LocalTraining, data: &Dataset) -> Result<()> {
+    if cfg.dp.is_some() && data.len() < cfg.batch_size {
+        return Err(Error::Privacy(format!(
+            "a site with {} training rows cannot sample batches of {} (training.batch_size) \
+             for DP-SGD",
+            data.len(),
+            cfg.batch_size
+        )));
+    }
+    Ok(())
 }
 
 /// A model being trained, one mini-batch or epoch at a time.
 ///
 /// [`train_local`] is the usual entry point; this exists for callers that need
-/// the steps themselves, such as the training-step benchmark.
+/// the steps themselves, such as the training-step benchmark. A trainer made
+/// with [`LocalTraining::dp`] set takes only DP-SGD steps.
 pub struct LocalTrainer {
     spec: ModelSpec,
     model: Mlp,
@@ -141,6 +194,9 @@ pub struct LocalTrainer {
     batch_size: usize,
     shuffle_rng: ChaCha8Rng,
     dropout_rng: ChaCha8Rng,
+    dp: Option<DpEngine>,
+    /// The rows of the current DP-SGD step (reused buffer).
+    sample: Vec<usize>,
 }
 
 impl LocalTrainer {
@@ -167,6 +223,11 @@ impl LocalTrainer {
         // Same seed, separate stream: changing the dropout rate must not change the batch order.
         let mut dropout_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         dropout_rng.set_stream(1);
+        let dp = cfg
+            .dp
+            .clone()
+            .map(|dp| DpEngine::new(dp, cfg.dp_noise, spec.num_params()))
+            .transpose()?;
         Ok(LocalTrainer {
             spec,
             model,
@@ -177,12 +238,22 @@ impl LocalTrainer {
             batch_size: cfg.batch_size,
             shuffle_rng,
             dropout_rng,
+            dp,
+            sample: Vec::new(),
         })
     }
 
     /// One forward, backward and optimizer step on the given rows; returns their mean loss.
+    ///
+    /// With DP-SGD the rows are taken as one step's Poisson sample (none is a
+    /// valid, noise-only step, whose loss is NaN): clipped, noised and divided
+    /// by the expected batch size `batch_size`.
     pub fn step(&mut self, features: &[f32], labels: &[u32]) -> Result<f64> {
         check_rows(&self.spec, features, labels)?;
+        if self.dp.is_some() {
+            let loss_sum = self.dp_step(features, labels)?;
+            return Ok(loss_sum / labels.len() as f64);
+        }
         if labels.is_empty() {
             return Err(Error::Model(
                 "a training step needs at least one row".into(),
@@ -192,8 +263,18 @@ impl LocalTrainer {
     }
 
     /// One pass over `data` in a freshly shuffled order; returns the mean loss.
+    ///
+    /// With DP-SGD: `⌈rows / batch_size⌉` steps, each on a fresh Poisson sample.
     pub fn epoch(&mut self, data: &Dataset) -> Result<f64> {
         check_dataset(&self.spec, data)?;
+        if self.dp.is_some() && data.len() < self.batch_size {
+            return Err(Error::Privacy(format!(
+                "a site with {} training rows cannot sample batches of {} (training.batch_size) \
+                 for DP-SGD",
+                data.len(),
+                self.batch_size
+            )));
+        }
         self.epoch_checked(data)
     }
 
@@ -202,7 +283,23 @@ impl LocalTrainer {
         self.model.to_flat()
     }
 
+    /// DP-SGD steps taken so far; `None` without DP-SGD.
+    pub fn dp_steps(&self) -> Option<u64> {
+        self.dp.as_ref().map(DpEngine::steps)
+    }
+
+    /// Test-only: a seeded generator for DP-SGD's sampling and noise.
+    #[cfg(test)]
+    pub(crate) fn set_dp_rng(&mut self, rng: rand_chacha::ChaCha20Rng) {
+        if let Some(dp) = &mut self.dp {
+            dp.set_rng(rng);
+        }
+    }
+
     fn epoch_checked(&mut self, data: &Dataset) -> Result<f64> {
+        if self.dp.is_some() {
+            return self.dp_epoch(data);
+        }
         let nf = data.n_features;
         let mut order: Vec<usize> = (0..data.len()).collect();
         order.shuffle(&mut self.shuffle_rng);
@@ -219,6 +316,45 @@ impl LocalTrainer {
             total += self.step_unchecked(&features, &labels)? * batch.len() as f64;
         }
         Ok(total / data.len() as f64)
+    }
+
+    /// `⌈rows / batch_size⌉` DP-SGD steps, each on a Poisson sample of `data`.
+    fn dp_epoch(&mut self, data: &Dataset) -> Result<f64> {
+        let nf = data.n_features;
+        let (mut features, mut labels) = (Vec::new(), Vec::new());
+        let (mut loss_sum, mut rows) = (0.0, 0usize);
+        let mut sample = std::mem::take(&mut self.sample);
+        for _ in 0..data.len().div_ceil(self.batch_size) {
+            let engine = self.dp.as_mut().expect("dp_epoch runs with DP-SGD only");
+            engine.sample(data.len(), self.batch_size, &mut sample);
+            features.clear();
+            labels.clear();
+            for &row in &sample {
+                features.extend_from_slice(&data.features[row * nf..(row + 1) * nf]);
+                labels.push(data.labels[row]);
+            }
+            loss_sum += self.dp_step(&features, &labels)?;
+            rows += labels.len();
+        }
+        self.sample = sample;
+        Ok(loss_sum / rows as f64)
+    }
+
+    /// One DP-SGD step on the sampled rows; returns the sum of their losses.
+    fn dp_step(&mut self, features: &[f32], labels: &[u32]) -> Result<f64> {
+        let engine = self.dp.as_mut().expect("dp_step runs with DP-SGD only");
+        let (grads, loss_sum) = engine.gradient(
+            &self.model,
+            features,
+            labels,
+            self.batch_size,
+            &mut self.dropout_rng,
+            &self.device,
+        )?;
+        self.model = self
+            .optimizer
+            .step(self.learning_rate, self.model.clone(), grads);
+        Ok(loss_sum)
     }
 
     fn step_unchecked(&mut self, features: &[f32], labels: &[u32]) -> Result<f64> {
@@ -419,6 +555,8 @@ mod tests {
             },
             dropout,
             seed: 42,
+            dp: None,
+            dp_noise: DpNoise::default(),
         }
     }
 
@@ -626,5 +764,225 @@ seed = 9
         assert_eq!(out.params, t.params());
         assert!(t.step(&data.features[..4], &data.labels[..1]).is_ok());
         assert!(t.step(&[], &[]).is_err());
+    }
+
+    fn dp_cfg(optimizer: Optimizer, batch_size: usize, dp: DpSgd) -> LocalTraining {
+        LocalTraining {
+            epochs: 2,
+            batch_size,
+            dp: Some(dp),
+            ..cfg(optimizer, 0.0)
+        }
+    }
+
+    fn seeded_trainer(s: &ModelSpec, start: &[f32], c: &LocalTraining, seed: u64) -> LocalTrainer {
+        let mut t = LocalTrainer::new(BackendKind::NdArray, s, start, c).unwrap();
+        t.set_dp_rng(rand_chacha::ChaCha20Rng::seed_from_u64(seed));
+        t
+    }
+
+    /// Test 3: with σ = 0, a clip no gradient reaches and q = 1 (batch = rows),
+    /// DP-SGD is the plain full-batch mean-gradient step (SGD and Adam, two
+    /// epochs, within 1e-5), which checks the division by the expected batch
+    /// size; the report counts ⌈rows / batch⌉ steps per epoch at q = 1.
+    #[test]
+    fn dp_sgd_without_noise_or_clipping_at_q_one_is_the_mean_gradient_step() {
+        let s = ModelSpec {
+            hidden: vec![16, 8],
+            ..spec()
+        };
+        let data = blobs(90, 6);
+        let start = s.init_params(2);
+        let dp = DpSgd {
+            max_grad_norm: 1e6,
+            noise_multiplier: 0.0,
+        };
+        for optimizer in [Optimizer::Sgd, Optimizer::Adam] {
+            let plain = LocalTraining {
+                epochs: 2,
+                batch_size: 90,
+                ..cfg(optimizer, 0.0)
+            };
+            let want = train_local(BackendKind::NdArray, &s, &start, &data, &plain).unwrap();
+            let got = train_local(
+                BackendKind::NdArray,
+                &s,
+                &start,
+                &data,
+                &dp_cfg(optimizer, 90, dp.clone()),
+            )
+            .unwrap();
+            assert_eq!(
+                got.dp,
+                Some(DpReport {
+                    steps: 2,
+                    sample_rate: 1.0,
+                    noise_multiplier: 0.0,
+                    max_grad_norm: 1e6
+                })
+            );
+            assert_ne!(got.params, start);
+            for (i, (a, b)) in want.params.iter().zip(&got.params).enumerate() {
+                assert!((a - b).abs() < 1e-5, "{optimizer:?} param {i}: {a} vs {b}");
+            }
+            for (a, b) in want.epoch_losses.iter().zip(&got.epoch_losses) {
+                assert!((a - b).abs() < 1e-5, "{optimizer:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// Test 4: the noise has the variance the plan says. Empty samples give
+    /// noise-only steps; with SGD at learning rate 1 and batch size 1 each
+    /// step moves the parameters by exactly minus the noise, so the moves are
+    /// d = 15,625 coordinates × 4 steps = 62,500 noise samples, for each
+    /// sampler. Expected variance (σC)² = (1.3·0.7)², inflated by the grid
+    /// term (1 + √d·h/C)² < 1.005 (h ≤ σC·2^-16) and, for the snapped
+    /// Gaussian, the rounding's h²/12 (nil); the sample variance of n normal
+    /// draws has relative sd √(2/n) = 0.57 %, so 5 sd is 2.8 %. The mean must be
+    /// within 5 sd of 0.
+    #[test]
+    fn dp_sgd_noise_has_the_planned_variance() {
+        let s = ModelSpec {
+            n_features: 52,
+            hidden: vec![128, 64],
+            n_classes: 9,
+            ..spec()
+        };
+        assert_eq!(s.num_params(), 15_625);
+        let (sigma, clip) = (1.3, 0.7);
+        for kind in [DpNoise::SnappedGaussian, DpNoise::ExactDiscreteGaussian] {
+            let c = LocalTraining {
+                learning_rate: 1.0,
+                dp_noise: kind,
+                ..dp_cfg(
+                    Optimizer::Sgd,
+                    1,
+                    DpSgd {
+                        max_grad_norm: clip,
+                        noise_multiplier: sigma,
+                    },
+                )
+            };
+            let mut params = s.init_params(4);
+            let mut t = seeded_trainer(&s, &params, &c, 11);
+            let mut noise = Vec::new();
+            for _ in 0..4 {
+                assert!(t.step(&[], &[]).unwrap().is_nan());
+                let next = t.params();
+                noise.extend(params.iter().zip(&next).map(|(a, b)| f64::from(a - b)));
+                params = next;
+            }
+            assert_eq!(t.dp_steps(), Some(4));
+            let n = noise.len() as f64;
+            let want = (sigma * clip).powi(2);
+            let mean = noise.iter().sum::<f64>() / n;
+            let var = noise.iter().map(|x| x * x).sum::<f64>() / n;
+            assert!(
+                mean.abs() < 5.0 * (want / n).sqrt(),
+                "{kind:?}: mean {mean}"
+            );
+            assert!(
+                (var / want - 1.0).abs() < 5.0 * (2.0 / n).sqrt(),
+                "{kind:?}: variance {var} vs {want}"
+            );
+        }
+    }
+
+    /// Test 5: DP training at σ = 1, C = 1 still learns the three separable
+    /// blobs. Noise on the mean gradient is σC/B = 1/64 per coordinate against
+    /// clipped per-example gradients of norm up to 1, and the classes are 4
+    /// apart with ±0.5 jitter, so DP-SGD should get near the non-private ~100 %;
+    /// 0.8 is 2.4 × chance (1/3) and leaves a wide margin for the noise.
+    #[test]
+    fn dp_training_still_learns_separable_data() {
+        let s = spec();
+        let data = blobs(3000, 8);
+        let start = s.init_params(0);
+        let c = LocalTraining {
+            epochs: 3,
+            ..dp_cfg(
+                Optimizer::Adam,
+                64,
+                DpSgd {
+                    max_grad_norm: 1.0,
+                    noise_multiplier: 1.0,
+                },
+            )
+        };
+        let out = train_with(seeded_trainer(&s, &start, &c, 3), &s, &data, &c).unwrap();
+        let report = out.dp.unwrap();
+        assert_eq!(report.steps, 3 * 3000u64.div_ceil(64));
+        assert_eq!(report.sample_rate, 64.0 / 3000.0);
+        let before = evaluate(BackendKind::NdArray, &s, &start, &data).unwrap();
+        let after = evaluate(BackendKind::NdArray, &s, &out.params, &data).unwrap();
+        assert!(after.accuracy > 0.8, "{before:?} -> {after:?}");
+        assert!(after.loss < before.loss, "{before:?} -> {after:?}");
+    }
+
+    #[test]
+    fn dp_training_runs_with_dropout_and_from_the_os_generator() {
+        let s = spec();
+        let data = blobs(200, 9);
+        let c = LocalTraining {
+            dropout: 0.3,
+            ..dp_cfg(
+                Optimizer::Adam,
+                32,
+                DpSgd {
+                    max_grad_norm: 1.0,
+                    noise_multiplier: 0.8,
+                },
+            )
+        };
+        let start = s.init_params(1);
+        let a = train_local(BackendKind::NdArray, &s, &start, &data, &c).unwrap();
+        let b = train_local(BackendKind::NdArray, &s, &start, &data, &c).unwrap();
+        assert_eq!(a.dp.unwrap().steps, 2 * 7);
+        // OS-seeded noise: the same round never repeats.
+        assert_ne!(a.params, b.params);
+    }
+
+    #[test]
+    fn bad_dp_settings_are_errors_not_panics() {
+        let s = spec();
+        let start = s.init_params(0);
+        let nd = BackendKind::NdArray;
+        let data = blobs(30, 0);
+        let msg = |c: &LocalTraining| {
+            train_local(nd, &s, &start, &data, c)
+                .unwrap_err()
+                .to_string()
+        };
+        let dp = |max_grad_norm, noise_multiplier| {
+            dp_cfg(
+                Optimizer::Sgd,
+                16,
+                DpSgd {
+                    max_grad_norm,
+                    noise_multiplier,
+                },
+            )
+        };
+        assert!(msg(&dp(0.0, 1.0)).contains("max_grad_norm=0"));
+        assert!(msg(&dp(f64::NAN, 1.0)).contains("max_grad_norm=NaN"));
+        assert!(msg(&dp(1.0, -1.0)).contains("noise_multiplier=-1"));
+        assert!(msg(&dp(1.0, f64::NAN)).contains("noise_multiplier=NaN"));
+        let big_batch = LocalTraining {
+            batch_size: 31,
+            ..dp(1.0, 1.0)
+        };
+        let err = msg(&big_batch);
+        assert!(
+            err.contains("30 training rows") && err.contains("batches of 31"),
+            "{err}"
+        );
+        let mut t = LocalTrainer::new(nd, &s, &start, &dp(1.0, 1.0)).unwrap();
+        assert!(
+            t.epoch(&blobs(10, 1))
+                .unwrap_err()
+                .to_string()
+                .contains("10 training rows")
+        );
+        assert!(LocalTrainer::new(nd, &s, &start, &dp(-2.0, 1.0)).is_err());
     }
 }
