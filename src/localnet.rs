@@ -145,6 +145,7 @@ pub fn participant_config(
             max_ms: 2000,
         },
         exit_after_training: true,
+        privacy: Default::default(),
     }
 }
 

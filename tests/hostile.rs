@@ -575,6 +575,7 @@ fn raw_parts_hashed(
         num_examples,
         train_loss: 0.5,
         first_chunk: 0,
+        dp: None,
     };
     sangsaeng_common::transfer::wire::upload_messages(upload)
         .unwrap()
@@ -2968,4 +2969,103 @@ async fn refused_nan_update_leaves_the_fedavg_of_the_honest_participants_untouch
     }
     drop(c);
     fed.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Differential privacy: what a site reports it spent is checked, not trusted
+// ---------------------------------------------------------------------------
+
+/// The hostile plan with record-level DP-SGD (batches of 8: the raw sites'
+/// statistics cover 20 rows each, so δ = 1e-5 is below 1 / rows).
+fn dp_plan() -> TrainingPlan {
+    use sangsaeng_common::config::privacy::{DpConfig, DpLevel, PrivacyConfig};
+    let mut p = TrainingPlan::from_toml(&raw_plan(1, 1), "hostile plan").unwrap();
+    p.training.batch_size = 8;
+    p.privacy = Some(PrivacyConfig {
+        dp: Some(DpConfig {
+            level: DpLevel::Record,
+            target_epsilon: 8.0,
+            delta: 1e-5,
+            noise_multiplier: None,
+            max_grad_norm: Some(1.0),
+            clip_norm: None,
+        }),
+    });
+    p.validate().unwrap();
+    p
+}
+
+/// What the plan's accounting says a site of `rows` rows spent by `round`.
+fn dp_spend(plan: &TrainingPlan, rows: u64, round: u32) -> pb::DpSpend {
+    let b = sangsaeng_common::privacy::dp::budget::plan_budget(plan, Some(rows)).unwrap();
+    pb::DpSpend {
+        noise_multiplier: b.noise_multiplier,
+        sample_rate: b.q,
+        steps: b.steps_per_round,
+        epsilon: b.epsilon_by_round[round as usize - 1],
+    }
+}
+
+/// A correct upload in a DP training: it carries the report the plan implies.
+fn dp_parts(plan: &TrainingPlan, r: &Round, delta: &[f32], rows: u64) -> Vec<Part> {
+    let mut p = parts(r, delta, rows);
+    header_mut(&mut p).dp = Some(dp_spend(plan, rows, r.round));
+    p
+}
+
+/// site-a's upload with a wrong or missing privacy report is refused at the
+/// header (it may still send a correct one), then both sites' correct updates
+/// make the round, exactly.
+async fn refused_dp_report(edit: impl FnOnce(&mut pb::UpdateHeader), needle: &str) {
+    let plan = dp_plan();
+    let (mut fed, mut a, mut b, r) = two_sites_in_round_of(limits(), plan.to_toml()).await;
+    let (da, db) = (delta(r.n(), 11), delta(r.n(), 22));
+    let mut bad = dp_parts(&plan, &r, &da, 300);
+    edit(header_mut(&mut bad));
+    assert_refused(a.upload(bad).await, Code::InvalidArgument, needle);
+    fed.after_refusal("site-a", needle, Then::StillWaitedFor)
+        .await;
+    a.upload(dp_parts(&plan, &r, &da, 300))
+        .await
+        .expect("the same update with the plan's report is accepted");
+    b.upload(dp_parts(&plan, &r, &db, 500))
+        .await
+        .expect("another site's update is accepted");
+    evaluate_all(&mut [&mut a, &mut b]).await;
+    let out = fed.completed().await;
+    check_round(&out, 1, &[("site-a", &da, 300), ("site-b", &db, 500)]);
+    let line = &metrics(&out)[0];
+    let want = dp_spend(&plan, 300, 1)
+        .epsilon
+        .max(dp_spend(&plan, 500, 1).epsilon);
+    assert_eq!(
+        line["privacy"]["model_epsilon"].as_f64(),
+        Some(want),
+        "{line}"
+    );
+    drop((a, b));
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dp_update_without_its_privacy_report_is_invalid_argument() {
+    refused_dp_report(|h| h.dp = None, "carries no dp report").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dp_update_reporting_less_epsilon_than_the_accounting_is_invalid_argument() {
+    refused_dp_report(
+        |h| h.dp.as_mut().unwrap().epsilon *= 0.5,
+        "differs from the plan's accounting for 300 rows at round 1",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dp_update_claiming_more_noise_than_it_used_is_invalid_argument() {
+    refused_dp_report(
+        |h| h.dp.as_mut().unwrap().noise_multiplier *= 2.0,
+        "privacy report",
+    )
+    .await;
 }

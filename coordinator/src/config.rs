@@ -315,15 +315,17 @@ impl CoordinatorConfig {
                 plan.training.min_participants
             )));
         }
-        // The budget can be accounted (`sangsaeng-coordinator privacy`), but no
-        // round applies clipping or noise yet: training such a plan would record a
-        // guarantee nobody gave, so it is refused rather than run without it.
-        if plan.privacy.as_ref().is_some_and(|p| p.dp.is_some()) {
+        // Client level needs noise added to the sum and the updates folded with
+        // equal weights: not built yet, so such a plan is refused rather than
+        // trained without the guarantee it promises.
+        if plan
+            .privacy
+            .as_ref()
+            .and_then(|p| p.dp.as_ref())
+            .is_some_and(|dp| dp.level == sangsaeng_common::config::privacy::DpLevel::Client)
+        {
             return Err(CoordinatorError::InvalidArgument(
-                "privacy.dp: this coordinator cannot train with differential privacy yet \
-                 (DP-SGD and noised aggregation are not built); `sangsaeng-coordinator privacy \
-                 --plan` accounts the plan's budget"
-                    .into(),
+                "privacy.dp.level = \"client\": this coordinator cannot add noise to the aggregate yet; use level = \"record\" (DP-SGD at each site)".into(),
             ));
         }
         Ok(())

@@ -33,6 +33,8 @@ struct FileConfig {
     tls: Option<TlsSection>,
     /// The site's line data (or `--data`, `--label-column`).
     data: Option<DataSection>,
+    /// What this site will accept of a plan's privacy settings.
+    privacy: Option<PrivacySection>,
     /// Reconnect backoff after the coordinator could not be reached.
     #[serde(default)]
     reconnect: Reconnect,
@@ -47,6 +49,19 @@ struct TlsSection {
     cert: PathBuf,
     /// The site's private key (PEM, mode 0600); it never leaves the site.
     key: PathBuf,
+}
+
+/// The site's own privacy limits: the supplier decides, not the anchor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrivacySection {
+    /// The largest privacy loss ε this site accepts from a plan's `[privacy.dp]`
+    /// `target_epsilon`; a plan above it (or without differential privacy, when
+    /// `require_differential_privacy` is set) is declined. Default: any.
+    max_epsilon: Option<f64>,
+    /// Decline every training that does not use differential privacy.
+    #[serde(default)]
+    require_differential_privacy: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -106,6 +121,7 @@ pub struct Overrides {
     pub key: Option<PathBuf>,
     pub data_files: Vec<PathBuf>,
     pub label_column: Option<String>,
+    pub max_epsilon: Option<f64>,
     pub exit_after_training: bool,
 }
 
@@ -127,6 +143,15 @@ pub struct ParticipantConfig {
     pub reconnect: Reconnect,
     /// Stop after the first training finishes (the example and tests); a daemon keeps running.
     pub exit_after_training: bool,
+    /// The site's privacy limits (`[privacy]` in participant.toml).
+    pub privacy: SitePrivacy,
+}
+
+/// The largest ε a site accepts, and whether it requires differential privacy.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SitePrivacy {
+    pub max_epsilon: Option<f64>,
+    pub require_differential_privacy: bool,
 }
 
 pub const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:7443";
@@ -216,7 +241,9 @@ impl ParticipantConfig {
                 "reconnect: initial_ms must be at least 1 and max_ms at least initial_ms".into(),
             ));
         }
+        let privacy = site_privacy(fc.and_then(|f| f.privacy.as_ref()), o.max_epsilon)?;
         Ok(ParticipantConfig {
+            privacy,
             coordinator,
             server_name,
             tls,
@@ -235,6 +262,22 @@ impl ParticipantConfig {
             exit_after_training: o.exit_after_training,
         })
     }
+}
+
+/// The `[privacy]` section with `--max-epsilon` over it, checked.
+fn site_privacy(file: Option<&PrivacySection>, max_epsilon: Option<f64>) -> Result<SitePrivacy> {
+    let p = SitePrivacy {
+        max_epsilon: max_epsilon.or(file.and_then(|f| f.max_epsilon)),
+        require_differential_privacy: file.is_some_and(|f| f.require_differential_privacy),
+    };
+    if let Some(e) = p.max_epsilon
+        && !(e.is_finite() && e > 0.0)
+    {
+        return Err(ParticipantError::Config(format!(
+            "privacy.max_epsilon: {e} must be a finite number above 0"
+        )));
+    }
+    Ok(p)
 }
 
 #[cfg(test)]

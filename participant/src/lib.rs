@@ -7,6 +7,8 @@
 //! - [`error`]: the crate's error enum; which errors are worth a reconnect.
 //! - [`site`]: loading, checking, splitting and scaling the site's CSV data.
 //! - [`download`]: checking a downloaded model chunk by chunk and whole.
+//! - [`privacy`]: the site's own privacy limits against a plan's budget, the
+//!   noise it derives from its rows, and what it reports having spent.
 //! - [`session`]: the conversation with the coordinator: subscribe, statistics,
 //!   chunked model download with resume, local burn training, delta upload, evaluation.
 //!
@@ -15,6 +17,7 @@
 pub mod config;
 pub mod download;
 pub mod error;
+pub mod privacy;
 pub mod session;
 pub mod site;
 

@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon: connect to the coordinator and carry out training rounds.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Create this site's private key and a certificate request for the anchor
     /// company's administrator to sign. The key never leaves this machine.
     Enrol {
@@ -73,6 +73,10 @@ struct RunArgs {
     /// Name of the label column in the CSV files.
     #[arg(long)]
     label_column: Option<String>,
+    /// Largest privacy loss ε this site accepts from a plan's differential-privacy
+    /// budget; a plan above it is declined (overrides `privacy.max_epsilon`).
+    #[arg(long)]
+    max_epsilon: Option<f64>,
     /// burn backend for local training: ndarray (default) or flex (if compiled in).
     #[arg(long, env = "SANGSAENG_BACKEND")]
     backend: Option<String>,
@@ -88,7 +92,7 @@ struct RunArgs {
 async fn main() -> anyhow::Result<()> {
     sangsaeng_common::process::init_logging("info");
     match Cli::parse().command {
-        Command::Run(a) => run(a).await,
+        Command::Run(a) => run(*a).await,
         Command::Enrol { org, out } => {
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let (key, csr) = pki::generate_csr(&org)?;
@@ -133,6 +137,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             key: a.key,
             data_files: a.data,
             label_column: a.label_column,
+            max_epsilon: a.max_epsilon,
             exit_after_training: a.once,
         },
     )?;

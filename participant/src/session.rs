@@ -26,6 +26,7 @@ use sangsaeng_proto::v1::federation_client::FederationClient;
 use crate::config::ParticipantConfig;
 use crate::download::ModelAssembler;
 use crate::error::{ParticipantError, Result};
+use crate::privacy::RoundPrivacy;
 use crate::site::{self, Site};
 
 /// A broken-off model download resumes from the last good chunk this many times.
@@ -68,6 +69,8 @@ struct PendingUpload {
     delta_digest: String,
     num_examples: u64,
     train_loss: f64,
+    /// What record-level DP-SGD spent, reported with the update.
+    dp: Option<pb::DpSpend>,
 }
 
 impl Session {
@@ -212,6 +215,8 @@ impl Session {
         match kind {
             pb::task::Kind::Stats(s) => {
                 let plan = plan_from_proto(s.plan.as_ref().ok_or_else(|| missing("a plan"))?)?;
+                // Before any statistic leaves the site: a plan beyond its limits is declined.
+                crate::privacy::accept_plan(&self.cfg.privacy, &plan)?;
                 let prepared = self.site.prepare(&tid, &plan)?;
                 let stats = Site::stats(&prepared);
                 client
@@ -322,6 +327,7 @@ impl Session {
                 num_examples: p.num_examples,
                 train_loss: p.train_loss,
                 first_chunk,
+                dp: p.dp,
             },
         )
         .await?;
@@ -350,7 +356,11 @@ impl Session {
         let (train_set, _) = site::scaled(&prepared, plan)?;
         let n = train_set.len() as u64;
         let spec = ModelSpec::from_plan(plan);
-        let cfg = LocalTraining::from_plan(plan, round);
+        let privacy = crate::privacy::for_round(&self.cfg.privacy, plan, n, round)?;
+        let mut cfg = LocalTraining::from_plan(plan, round);
+        if let RoundPrivacy::Record { sgd, .. } = &privacy {
+            cfg.dp = Some(sgd.clone());
+        }
         let backend = self.cfg.backend;
         let begin = std::time::Instant::now();
         // The global model goes to the training thread and comes back, rather than
@@ -376,6 +386,32 @@ impl Session {
             begin.elapsed().as_secs_f64(),
             loss
         );
+        let dp = match privacy {
+            RoundPrivacy::Record { spend, .. } => {
+                tracing::info!(
+                    training = tid,
+                    round,
+                    noise_multiplier = spend.noise_multiplier,
+                    "DP-SGD: epsilon spent so far {:.4} (delta {:e})",
+                    spend.epsilon,
+                    plan.privacy
+                        .as_ref()
+                        .and_then(|p| p.dp.as_ref())
+                        .map_or(0.0, |d| d.delta)
+                );
+                Some(spend)
+            }
+            RoundPrivacy::Client { clip_norm } => {
+                let norm = crate::privacy::clip_update(&mut delta, clip_norm);
+                tracing::info!(
+                    training = tid,
+                    round,
+                    "update clipped to L2 norm {clip_norm} (was {norm:.4})"
+                );
+                None
+            }
+            RoundPrivacy::None => None,
+        };
         // Encoding is deterministic, so a resumed upload sends the same chunks
         // (and the same digest) as the attempt that broke off.
         let encoding = plan.training.update_encoding;
@@ -406,6 +442,7 @@ impl Session {
             delta_digest,
             num_examples: n,
             train_loss: loss,
+            dp,
         })
     }
 

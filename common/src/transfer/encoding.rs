@@ -262,6 +262,7 @@ mod tests {
                 num_examples: 4000,
                 train_loss: 0.5,
                 first_chunk: 0,
+                dp: None,
             };
             // gRPC adds a 5-byte frame header per message.
             crate::transfer::wire::upload_messages(upload)

@@ -12,6 +12,7 @@ use sangsaeng_proto::v1 as pb;
 use crate::config::plan::{
     Activation, DataSchema, ModelConfig, Optimizer, Scaling, TrainingConfig, TrainingPlan,
 };
+use crate::config::privacy::{DpConfig, DpLevel, PrivacyConfig};
 use crate::transfer::digest::DigestAlgorithm;
 use crate::transfer::encoding::UpdateEncoding;
 use crate::{Error, Result};
@@ -46,7 +47,49 @@ pub fn plan_to_proto(p: &TrainingPlan) -> pb::TrainingPlan {
         round_deadline_secs: p.training.round_deadline_secs,
         update_encoding: p.training.update_encoding.name().into(),
         skip_evaluation: !p.training.evaluate,
+        dp: p
+            .privacy
+            .as_ref()
+            .and_then(|p| p.dp.as_ref())
+            .map(dp_to_proto),
     }
+}
+
+fn dp_to_proto(dp: &DpConfig) -> pb::DifferentialPrivacy {
+    pb::DifferentialPrivacy {
+        level: dp.level.name().into(),
+        target_epsilon: dp.target_epsilon,
+        delta: dp.delta,
+        noise_multiplier: dp.noise_multiplier.unwrap_or(0.0),
+        max_grad_norm: dp.max_grad_norm.unwrap_or(0.0),
+        clip_norm: dp.clip_norm.unwrap_or(0.0),
+    }
+}
+
+/// The plan's `[privacy]` from the wire; validated with the rest of the plan.
+fn privacy_from_proto(dp: Option<&pb::DifferentialPrivacy>) -> Result<Option<PrivacyConfig>> {
+    let Some(dp) = dp else { return Ok(None) };
+    let level = match dp.level.as_str() {
+        "record" => DpLevel::Record,
+        "client" => DpLevel::Client,
+        other => {
+            return Err(Error::Protocol(format!(
+                "plan: privacy.dp.level '{other}' is not \"record\" or \"client\""
+            )));
+        }
+    };
+    // Zero is proto3's "unset" for the optional figures.
+    let set = |v: f64| (v != 0.0).then_some(v);
+    Ok(Some(PrivacyConfig {
+        dp: Some(DpConfig {
+            level,
+            target_epsilon: dp.target_epsilon,
+            delta: dp.delta,
+            noise_multiplier: set(dp.noise_multiplier),
+            max_grad_norm: set(dp.max_grad_norm),
+            clip_norm: set(dp.clip_norm),
+        }),
+    }))
 }
 
 pub fn activation_name(a: Activation) -> &'static str {
@@ -105,9 +148,7 @@ pub fn plan_from_proto(p: &pb::TrainingPlan) -> Result<TrainingPlan> {
             .map_err(|e| bad(e.to_string()))?,
             evaluate: !p.skip_evaluation,
         },
-        // Not on the wire yet: a coordinator refuses to train a plan with
-        // `[privacy.dp]` until DP training is built (CoordinatorConfig::check_plan).
-        privacy: None,
+        privacy: privacy_from_proto(p.dp.as_ref())?,
         scaling,
     };
     plan.validate().map_err(bad)?;
@@ -135,6 +176,8 @@ pub struct UpdateUpload {
     pub train_loss: f64,
     /// 0 for a new upload; the coordinator's `next_chunk` to resume one.
     pub first_chunk: u32,
+    /// What record-level DP-SGD spent at the site (`None` without it).
+    pub dp: Option<pb::DpSpend>,
 }
 
 /// The messages of the `UploadUpdate` stream for `u`, in order: the header, the
@@ -170,6 +213,7 @@ pub fn upload_messages(
         delta_digest_algorithm: DigestAlgorithm::of_id(&u.delta_digest).to_wire() as i32,
         first_chunk: u.first_chunk,
         encoding: u.encoding.name().into(),
+        dp: u.dp,
         ..Default::default()
     });
     let all = u.chunks;
@@ -260,6 +304,7 @@ seed = 42
             num_examples: 1,
             train_loss: 0.0,
             first_chunk: 0,
+            dp: None,
         };
         let header = |u: UpdateUpload| match upload_messages(u).unwrap().next() {
             Some(pb::UpdateMessage {

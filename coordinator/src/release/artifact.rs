@@ -19,6 +19,7 @@ use sangsaeng_common::transfer::weights;
 
 use super::policy::{ContributorDisclosure, Facts, Policy, RuleResult};
 use crate::error::Result;
+use sangsaeng_common::config::privacy::DpLevel;
 
 /// in-toto Statement v1 type and our predicate type.
 pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
@@ -83,6 +84,23 @@ pub struct Provenance {
     pub audit_entries: u64,
     pub audit_head: String,
     pub released_at: String,
+    /// The differential privacy the model was trained with (absent without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub differential_privacy: Option<ProvenancePrivacy>,
+}
+
+/// Mechanism, budget and settings of a differentially private training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProvenancePrivacy {
+    pub mechanism: String,
+    pub level: String,
+    pub epsilon: f64,
+    pub delta: f64,
+    pub clip: f64,
+    /// The plan's noise multiplier; absent when each site derived its own from
+    /// its rows (the audit log's round entries record each site's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_multiplier: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -220,7 +238,28 @@ fn provenance(
         audit_entries: i.audit_entries,
         audit_head: i.audit_head.to_string(),
         released_at: released_at.to_string(),
+        differential_privacy: provenance_privacy(i),
     }
+}
+
+fn provenance_privacy(i: &Inputs<'_>) -> Option<ProvenancePrivacy> {
+    let (p, epsilon) = (i.facts.privacy.as_ref()?, i.facts.epsilon?);
+    Some(ProvenancePrivacy {
+        mechanism: match p.level {
+            DpLevel::Record => {
+                "DP-SGD: per-example clipping, Gaussian noise, Poisson sampling; RDP accountant"
+            }
+            DpLevel::Client => {
+                "DP-FedAvg: per-update clipping, Gaussian noise on the sum; RDP accountant"
+            }
+        }
+        .into(),
+        level: p.level.name().into(),
+        epsilon,
+        delta: p.delta,
+        clip: p.clip,
+        noise_multiplier: p.noise_multiplier,
+    })
 }
 
 /// Each round's update digests and weights, so the chain of global models can
@@ -281,6 +320,7 @@ fn model_card(i: &Inputs<'_>, st: &Statement, released_at: &str) -> String {
     card_front_schema(&mut s, i.plan);
     card_front_contributors(&mut s, i, p);
     card_front_metrics_and_rules(&mut s, i, p);
+    card_front_privacy(&mut s, p);
     let _ = writeln!(s, "provenance: {}", y(PROVENANCE_FILE));
     let _ = writeln!(s, "---\n");
     let _ = writeln!(s, "# Model card: sangsaeng/{} ({})\n", p.training, i.tag);
@@ -289,8 +329,56 @@ fn model_card(i: &Inputs<'_>, st: &Statement, released_at: &str) -> String {
     card_metrics_table(&mut s, i);
     card_contributors(&mut s, p);
     card_rules_table(&mut s, p);
+    card_privacy(&mut s, p);
     card_plan_and_provenance(&mut s, i.plan);
     s
+}
+
+/// The card's front-matter line on differential privacy.
+fn card_front_privacy(s: &mut String, p: &Provenance) {
+    match &p.differential_privacy {
+        Some(d) => {
+            let _ = writeln!(
+                s,
+                "differential_privacy: {{level: {}, epsilon: {:.6}, delta: {:e}, clip: {}}}",
+                y(&d.level),
+                d.epsilon,
+                d.delta,
+                d.clip
+            );
+        }
+        None => {
+            let _ = writeln!(s, "differential_privacy: null");
+        }
+    }
+}
+
+/// The card's privacy section, in words.
+fn card_privacy(s: &mut String, p: &Provenance) {
+    let _ = writeln!(
+        s,
+        "## Privacy
+"
+    );
+    match &p.differential_privacy {
+        Some(d) => {
+            let noise = d.noise_multiplier.map_or(
+                "derived by each site from its rows to meet the target".into(),
+                |n| n.to_string(),
+            );
+            let _ = writeln!(
+                s,
+                "Trained with differential privacy at {} level: {}. (ε, δ) = ({:.3}, {:e}); clip {}, noise multiplier {noise}. ε is the largest any contributing site spent, accounted by the coordinator from the plan and each site's rows.\n",
+                d.level, d.mechanism, d.epsilon, d.delta, d.clip
+            );
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "Trained without differential privacy: only weight deltas left the sites, and the released model may still reveal information about their rows.\n"
+            );
+        }
+    }
 }
 
 /// Front matter: what the model is, its licence, and which weights it means.

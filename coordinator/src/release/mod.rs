@@ -95,10 +95,39 @@ pub fn rounds_from_audit(entries: &[Entry], training: &str) -> Vec<RoundFact> {
                     .to_string(),
                 eval_macro_f1: e.data["eval_macro_f1"].as_f64(),
                 eval_accuracy: e.data["eval_accuracy"].as_f64(),
+                dp_epsilon: e.data["dp"]["model_epsilon"].as_f64(),
             },
         );
     }
     rounds.into_values().collect()
+}
+
+/// The model's ε: the largest any round's entry records (a site that stopped
+/// contributing keeps what it spent), and only when the plan trained with
+/// differential privacy and every completed round's entry says what it spent;
+/// otherwise the model counts as trained without it (a rule requiring it fails closed).
+fn dp_epsilon(
+    plan: &sangsaeng_common::config::plan::TrainingPlan,
+    rounds: &[RoundFact],
+) -> Option<f64> {
+    plan.privacy.as_ref()?.dp.as_ref()?;
+    if rounds.is_empty() {
+        return None;
+    }
+    rounds
+        .iter()
+        .map(|r| r.dp_epsilon)
+        .try_fold(0.0f64, |max, e| Some(max.max(e?)))
+}
+
+fn dp_facts(plan: &sangsaeng_common::config::plan::TrainingPlan) -> Option<policy::DpFacts> {
+    let dp = plan.privacy.as_ref()?.dp.as_ref()?;
+    Some(policy::DpFacts {
+        level: dp.level,
+        delta: dp.delta,
+        clip: dp.clip(),
+        noise_multiplier: dp.noise_multiplier,
+    })
 }
 
 /// A valid OCI tag: `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`.
@@ -313,10 +342,9 @@ fn prepare(shared: &Shared, req: &ReleaseRequest) -> Result<(Policy, Vec<RuleRes
         training: rec.id.clone(),
         finished: rec.finished && rec.error.is_none() && finished_entry.is_some(),
         planned_rounds: plan.training.rounds,
+        epsilon: dp_epsilon(&plan, &rounds),
+        privacy: dp_facts(&plan),
         rounds,
-        // Plans have no differential-privacy mechanism yet: every model counts
-        // as trained without it, and a policy that requires it fails closed.
-        epsilon: None,
     };
     rules.extend(policy::evaluate(&policy, &facts, &shared.roster));
     Ok((

@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use sangsaeng_common::config::roster::Roster;
 
+use sangsaeng_common::config::privacy::DpLevel;
+
 use crate::error::{CoordinatorError, Result};
 
 /// A release policy (TOML).
@@ -47,6 +49,14 @@ pub struct Rules {
     pub require_differential_privacy: bool,
     /// Largest privacy loss ε allowed when differential privacy is required.
     pub max_epsilon: f64,
+    /// Largest δ allowed when differential privacy is required (default: any δ
+    /// the plan validated, which is below 1 / every site's rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delta: Option<f64>,
+    /// The level differential privacy must have been applied at, when required:
+    /// `"record"` or `"client"` (default: either).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp_level: Option<DpLevel>,
 }
 
 /// How contributors appear in the model card and provenance.
@@ -112,6 +122,13 @@ impl Policy {
                 r.max_epsilon
             ));
         }
+        if let Some(d) = r.max_delta
+            && !(d.is_finite() && d > 0.0 && d < 1.0)
+        {
+            return Err(format!(
+                "rules.max_delta must lie strictly between 0 and 1, got {d}"
+            ));
+        }
         if self.licence.id.trim().is_empty() {
             return Err("licence.id must name the licence the model is released under".into());
         }
@@ -135,6 +152,9 @@ pub struct RoundFact {
     pub global_model_sha256: String,
     pub eval_macro_f1: Option<f64>,
     pub eval_accuracy: Option<f64>,
+    /// ε of the model after this round (differentially private trainings only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp_epsilon: Option<f64>,
 }
 
 /// What is known about a training when a release is requested.
@@ -148,6 +168,19 @@ pub struct Facts {
     pub rounds: Vec<RoundFact>,
     /// Privacy loss ε of the training, `None` when trained without differential privacy.
     pub epsilon: Option<f64>,
+    /// The differential-privacy settings the audit log's plan trained with.
+    pub privacy: Option<DpFacts>,
+}
+
+/// A differentially private training's settings, from the plan in the audit log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DpFacts {
+    pub level: DpLevel,
+    pub delta: f64,
+    pub clip: f64,
+    /// The plan's noise multiplier; `None` when each site derived its own (the
+    /// audit log's round entries record each site's).
+    pub noise_multiplier: Option<f64>,
 }
 
 impl Facts {
@@ -330,27 +363,34 @@ fn min_macro_f1_rule(r: &Rules, facts: &Facts) -> RuleResult {
 /// `require_differential_privacy`: fails closed, a model trained without it
 /// never passes when the policy requires it.
 fn differential_privacy_rule(r: &Rules, facts: &Facts) -> RuleResult {
-    if r.require_differential_privacy {
-        rule(
-            "require_differential_privacy",
-            format!("trained with differential privacy, ε ≤ {}", r.max_epsilon),
-            match facts.epsilon {
-                Some(e) => format!("ε = {e:.3}"),
-                None => "trained without differential privacy".into(),
-            },
-            facts.epsilon.is_some_and(|e| e <= r.max_epsilon),
-        )
-    } else {
-        rule(
+    let actual = match (&facts.privacy, facts.epsilon) {
+        (Some(p), Some(e)) => format!("{} level, ε = {e:.3}, δ = {:e}", p.level.name(), p.delta),
+        _ => "trained without differential privacy".into(),
+    };
+    if !r.require_differential_privacy {
+        return rule(
             "require_differential_privacy",
             "not required by this policy".into(),
-            match facts.epsilon {
-                Some(e) => format!("ε = {e:.3}"),
-                None => "trained without differential privacy".into(),
-            },
+            actual,
             true,
-        )
+        );
     }
+    let mut requirement = format!("trained with differential privacy, ε ≤ {}", r.max_epsilon);
+    if let Some(d) = r.max_delta {
+        requirement.push_str(&format!(", δ ≤ {d:e}"));
+    }
+    if let Some(l) = r.dp_level {
+        requirement.push_str(&format!(", {} level", l.name()));
+    }
+    let passed = match (&facts.privacy, facts.epsilon) {
+        (Some(p), Some(e)) => {
+            e <= r.max_epsilon
+                && r.max_delta.is_none_or(|d| p.delta <= d)
+                && r.dp_level.is_none_or(|l| l == p.level)
+        }
+        _ => false,
+    };
+    rule("require_differential_privacy", requirement, actual, passed)
 }
 
 #[cfg(test)]
@@ -409,10 +449,44 @@ terms = "For defect detection research within the AI Factory programme."
                     global_model_sha256: "11".into(),
                     eval_macro_f1: f1,
                     eval_accuracy: f1,
+                    dp_epsilon: None,
                 })
                 .collect(),
             epsilon: None,
+            privacy: None,
         }
+    }
+
+    #[test]
+    fn differential_privacy_is_required_with_its_figures() {
+        let mut p = Policy::from_toml(POLICY, "test").unwrap();
+        p.rules.require_differential_privacy = true;
+        let plain = outcome(&p, &good(), &roster(&[]), "require_differential_privacy");
+        assert!(!plain.passed, "a model trained without DP fails closed");
+        assert_eq!(plain.actual, "trained without differential privacy");
+        let mut dp = good();
+        dp.epsilon = Some(7.5);
+        dp.privacy = Some(DpFacts {
+            level: DpLevel::Record,
+            delta: 1e-5,
+            clip: 1.0,
+            noise_multiplier: None,
+        });
+        let ok = outcome(&p, &dp, &roster(&[]), "require_differential_privacy");
+        assert!(ok.passed, "{ok:?}");
+        assert!(ok.actual.contains("ε = 7.500"), "{}", ok.actual);
+        p.rules.max_epsilon = 4.0;
+        assert!(!outcome(&p, &dp, &roster(&[]), "require_differential_privacy").passed);
+        p.rules.max_epsilon = 8.0;
+        p.rules.max_delta = Some(1e-6);
+        let tight = outcome(&p, &dp, &roster(&[]), "require_differential_privacy");
+        assert!(
+            !tight.passed && tight.requirement.contains("δ ≤ 1e-6"),
+            "{tight:?}"
+        );
+        p.rules.max_delta = None;
+        p.rules.dp_level = Some(DpLevel::Client);
+        assert!(!outcome(&p, &dp, &roster(&[]), "require_differential_privacy").passed);
     }
 
     fn outcome(policy: &Policy, f: &Facts, r: &Roster, name: &str) -> RuleResult {
@@ -520,6 +594,14 @@ terms = "For defect detection research within the AI Factory programme."
         assert_eq!(r.actual, "trained without differential privacy");
         let mut f = good();
         f.epsilon = Some(3.0);
+        // An ε without the settings it was spent with is not evidence.
+        assert!(!outcome(&p, &f, &roster(&[]), "require_differential_privacy").passed);
+        f.privacy = Some(DpFacts {
+            level: DpLevel::Record,
+            delta: 1e-5,
+            clip: 1.0,
+            noise_multiplier: Some(1.1),
+        });
         assert!(outcome(&p, &f, &roster(&[]), "require_differential_privacy").passed);
         f.epsilon = Some(9.0);
         assert!(!outcome(&p, &f, &roster(&[]), "require_differential_privacy").passed);

@@ -150,7 +150,8 @@ async fn evaluate_committed_round(
         round_secs: 0.0,
     };
     let updates = rec.last_updates.clone();
-    let record = round_record(
+    let spend = super::privacy::round_spend(&run.plan, &updates, round)?;
+    let mut record = round_record(
         &run.id,
         round,
         &published.sha256,
@@ -159,6 +160,7 @@ async fn evaluate_committed_round(
         timings,
         1,
     );
+    record.privacy = spend;
     record_round(shared, run, rec, &record)
 }
 
@@ -189,7 +191,8 @@ async fn run_round(
         eval_phase_secs: eval_start.elapsed().as_secs_f64(),
         round_secs: round_start.elapsed().as_secs_f64(),
     };
-    let record = round_record(
+    let spend = super::privacy::round_spend(&run.plan, &collected.accepted, round)?;
+    let mut record = round_record(
         &run.id,
         round,
         &published.sha256,
@@ -198,6 +201,7 @@ async fn run_round(
         timings,
         collected.attempts,
     );
+    record.privacy = spend;
     record_round(shared, run, rec, &record)?;
     log_round(&run.plan, &record);
     Ok(published)

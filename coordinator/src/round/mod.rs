@@ -14,6 +14,10 @@
 //! 5. [`evaluate`] it on every site's validation split;
 //! 6. [`record`] it: `metrics.jsonl`, the audit entry, the log line.
 //!
+//! [`privacy`] holds the differential-privacy checks of these steps: every
+//! site's budget after the statistics, each update's reported spend as it
+//! arrives, and the ε the committed round spent.
+//!
 //! New round steps plug in here: masking and unmasking (secure aggregation)
 //! between collect and aggregate, noise and robust rules in aggregate, metering
 //! after evaluate.
@@ -23,6 +27,7 @@ pub mod driver;
 pub mod evaluate;
 pub mod lifecycle;
 pub mod phase;
+pub mod privacy;
 pub mod record;
 pub mod statistics;
 pub mod upload;

@@ -25,6 +25,9 @@ pub struct RoundRecord {
     pub evaluations: Vec<EvalRecord>,
     pub timings: Timings,
     pub attempts: u32,
+    /// Differential privacy spent once this round is committed (absent without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<super::privacy::RoundSpend>,
 }
 
 #[derive(Debug, Serialize)]
@@ -81,6 +84,7 @@ pub(super) fn round_record(
         evaluations,
         timings,
         attempts,
+        privacy: None,
     }
 }
 
@@ -108,9 +112,7 @@ pub(super) fn audit_round(shared: &Shared, r: &RoundRecord) -> Result<()> {
         .iter()
         .map(|p| serde_json::json!({"org": p.org_id, "sha256": p.sha256, "weight": p.num_examples}))
         .collect();
-    shared.audit.append(
-        "round_completed",
-        serde_json::json!({
+    let mut entry = serde_json::json!({
             "training": r.training_id,
             "round": r.round,
             "contributions": contributions,
@@ -118,8 +120,13 @@ pub(super) fn audit_round(shared: &Shared, r: &RoundRecord) -> Result<()> {
             "eval_macro_f1": r.eval_macro_f1,
             "eval_accuracy": r.eval_accuracy,
             "eval_examples": r.evaluations.iter().map(|e| e.num_examples).sum::<u64>(),
-        }),
-    )?;
+    });
+    // Only differentially private trainings carry the key, so the entries of
+    // plain ones are as before.
+    if let Some(spend) = &r.privacy {
+        entry["dp"] = serde_json::to_value(spend).expect("a privacy record serialises");
+    }
+    shared.audit.append("round_completed", entry)?;
     Ok(())
 }
 

@@ -61,6 +61,7 @@ pub(super) async fn collect_scaling(
                 rows = total.count,
                 "global feature scaling computed"
             );
+            super::privacy::check_site_budgets(&plan, &stats)?;
             plan.scaling = Some(total.to_scaling()?);
             return Ok(plan);
         }

@@ -32,6 +32,7 @@ pub async fn receive_update(
 ) -> Result<pb::UploadReceipt> {
     let idle = shared.config.limits.transfer_idle();
     let header = read_header(&mut stream, idle).await?;
+    check_privacy_report(shared, &header)?;
     let (num_params, mark_id) = admit(shared, org, &header)?;
     let round = header.round;
     let _mark = UploadMark {
@@ -87,6 +88,17 @@ async fn read_header(
         _ => Err(CoordinatorError::InvalidArgument(
             "an upload must start with its header".into(),
         )),
+    }
+}
+
+/// A record-level DP plan's update must report what its site spent, as the
+/// coordinator's own accounting gives it. Outside the lock: deriving a site's
+/// noise multiplier takes milliseconds.
+fn check_privacy_report(shared: &Shared, header: &pb::UpdateHeader) -> Result<()> {
+    let plan = shared.training().as_ref().map(|t| t.plan.clone());
+    match plan {
+        Some(plan) => super::privacy::check_reported_spend(&plan, header),
+        None => Ok(()),
     }
 }
 
