@@ -5,10 +5,13 @@
 //! Each firm has seen normal operation plus a different subset of fault types,
 //! and its sensors carry a per-firm gain and offset (different instruments).
 //! At the end it compares, on one common test set, the federated model with each
-//! firm's local-only model and with centralized training on the pooled data, and
-//! the anchor's administrator releases the model under the opening rules of
-//! `examples/release-policy.toml` into an OCI layout folder, after showing a
-//! refusal (a policy that requires differential privacy), then verifies it.
+//! firm's local-only model and with centralized training on the pooled data.
+//! A second federation trains the same plan with record-level differential
+//! privacy (DP-SGD at each firm, `--dp-epsilon`) and prints the ε it spent.
+//! Then the anchor's administrator applies a policy that requires differential
+//! privacy (the plain model is refused by that rule, the DP model passes it) and
+//! releases the plain model under the opening rules of
+//! `examples/release-policy.toml` into an OCI layout folder, then verifies it.
 //!
 //! Run: `cargo run --release --example supply_chain` (options: `--help`).
 
@@ -54,6 +57,23 @@ struct Args {
     /// Write the comparison table as Markdown to this file too.
     #[arg(long)]
     results: Option<PathBuf>,
+    /// Also run the federation with record-level differential privacy (DP-SGD
+    /// at each firm) at this ε (δ = 1e-5), and release that model under a
+    /// policy that requires DP; 0 skips it.
+    #[arg(long, default_value_t = 8.0)]
+    dp_epsilon: f64,
+    /// The per-example gradient clip of the DP training.
+    #[arg(long, default_value_t = 1.0)]
+    dp_max_grad_norm: f64,
+    /// Batch size of the DP training (larger batches average the noise down).
+    #[arg(long, default_value_t = 32)]
+    dp_batch_size: usize,
+    /// Learning rate of the DP training.
+    #[arg(long, default_value_t = 0.003)]
+    dp_learning_rate: f64,
+    /// Local epochs per round of the DP training (each one spends budget).
+    #[arg(long, default_value_t = 2)]
+    dp_local_epochs: u32,
 }
 
 /// One firm of the supply chain and the slice of the process it has seen.
@@ -309,33 +329,8 @@ async fn main() -> anyhow::Result<()> {
         Default::default(),
     )
     .await?;
-    let stop = CancellationToken::new();
-    let participants: Vec<_> = FIRMS
-        .iter()
-        .zip(&files)
-        .map(|(Firm { id, .. }, f)| {
-            let cfg =
-                localnet::participant_config(&pki, &coord.url, id, vec![f.clone()], "fault", None);
-            localnet::spawn_participant(cfg, stop.clone())
-        })
-        .collect();
     let admin = pki.material("hanbit-admin");
-    let status = localnet::wait_for_status(&coord.url, &admin, Duration::from_secs(3600), |s| {
-        s.training
-            .as_ref()
-            .is_some_and(|t| t.phase == "completed" || t.phase == "failed")
-    })
-    .await
-    .context("the federation did not finish")?;
-    let training = status.training.expect("a training ran");
-    anyhow::ensure!(
-        training.phase == "completed",
-        "training failed: {}",
-        training.error
-    );
-    for p in participants {
-        p.await??;
-    }
+    let training = federate(&pki, &coord.url, &files, None).await?;
     let fed_secs = started.elapsed().as_secs_f64();
 
     // 3. Compare on the common test set.
@@ -349,6 +344,25 @@ async fn main() -> anyhow::Result<()> {
     let federated = train::evaluate(backend, &spec, &global, &fed_test)?;
     let epochs = args.rounds * args.local_epochs;
     let mut rows = vec![("federated (4 firms, Sangsaeng)".to_string(), federated)];
+    let dp = if args.dp_epsilon > 0.0 {
+        let mut dp_plan = with_dp(&plan, args.dp_epsilon, args.dp_max_grad_norm);
+        dp_plan.training.batch_size = args.dp_batch_size;
+        dp_plan.training.learning_rate = args.dp_learning_rate;
+        dp_plan.training.local_epochs = args.dp_local_epochs;
+        dp_plan
+            .validate()
+            .map_err(|e| anyhow::anyhow!("the DP plan: {e}"))?;
+        let t = federate(&pki, &coord.url, &files, Some(&dp_plan)).await?;
+        let (e, spent) = evaluate_training(&t, &test)?;
+        println!(
+            "DP training {}: epsilon spent {spent:.3} (target {}, delta 1e-5, record level)",
+            t.training_id, args.dp_epsilon
+        );
+        rows.push((format!("federated, DP-SGD (ε = {spent:.2}, δ = 1e-5)"), e));
+        Some(t.training_id)
+    } else {
+        None
+    };
     for (Firm { id, .. }, ds) in FIRMS.iter().zip(&firms) {
         rows.push((
             format!("local only: {id}"),
@@ -385,7 +399,15 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // 4. Release to the registry under the opening rules.
-    release(&args, &coord.url, &pki, &training.training_id).await?;
+    release(
+        &args,
+        &coord.url,
+        &pki,
+        &training.training_id,
+        dp.as_deref(),
+    )
+    .await?;
+    let _ = admin;
     coord.stop().await?;
     Ok(())
 }
@@ -398,6 +420,7 @@ async fn release(
     url: &str,
     pki: &localnet::Pki,
     training: &str,
+    dp_training: Option<&str>,
 ) -> anyhow::Result<()> {
     use sangsaeng_coordinator::release::{self as rel, oci};
     let policy = include_str!("release-policy.toml");
@@ -429,6 +452,22 @@ async fn release(
         !refused.released,
         "a model trained without DP must not pass a DP policy"
     );
+    if let Some(dp_training) = dp_training {
+        println!("\nThe same policy on the model trained with DP-SGD ({dp_training}):\n");
+        let mut req = request(&strict);
+        req.training_id = dp_training.to_string();
+        req.tag = "te-fault-classifier-dp-v1".into();
+        let r = admin.release(req).await?;
+        print!("{}", sangsaeng_coordinator::client::render_release(&r));
+        let dp_rule = r
+            .rules
+            .iter()
+            .find(|x| x.rule == "require_differential_privacy");
+        anyhow::ensure!(
+            dp_rule.is_some_and(|x| x.passed),
+            "the DP training must pass the differential-privacy rule: {dp_rule:?}"
+        );
+    }
 
     println!("\nRelease with {}:\n", policy_path.display());
     let r = admin.release(request(policy)).await?;
@@ -459,6 +498,94 @@ async fn release(
         v.rounds
     );
     Ok(())
+}
+
+/// The example plan with a record-level DP budget of `epsilon` (δ = 1e-5):
+/// each firm derives its noise from its own rows to meet it.
+fn with_dp(plan: &TrainingPlan, epsilon: f64, max_grad_norm: f64) -> TrainingPlan {
+    use sangsaeng_common::config::privacy::{DpConfig, DpLevel, PrivacyConfig};
+    let mut dp = plan.clone();
+    dp.privacy = Some(PrivacyConfig {
+        dp: Some(DpConfig {
+            level: DpLevel::Record,
+            target_epsilon: epsilon,
+            delta: 1e-5,
+            noise_multiplier: None,
+            max_grad_norm: Some(max_grad_norm),
+            clip_norm: None,
+        }),
+    });
+    dp
+}
+
+/// One federation of the four firms: the coordinator's pending plan (`None`),
+/// or `plan` started by the administrator; returns the completed training.
+async fn federate(
+    pki: &localnet::Pki,
+    url: &str,
+    files: &[PathBuf],
+    plan: Option<&TrainingPlan>,
+) -> anyhow::Result<sangsaeng_proto::v1::TrainingStatus> {
+    let admin = pki.material("hanbit-admin");
+    let stop = CancellationToken::new();
+    let participants: Vec<_> = FIRMS
+        .iter()
+        .zip(files)
+        .map(|(Firm { id, .. }, f)| {
+            let cfg = localnet::participant_config(pki, url, id, vec![f.clone()], "fault", None);
+            localnet::spawn_participant(cfg, stop.clone())
+        })
+        .collect();
+    let id = match plan {
+        Some(plan) => Some(
+            sangsaeng_coordinator::client::AdminClient::connect(url, &admin, "localhost")
+                .await?
+                .start_training(plan.to_toml())
+                .await?,
+        ),
+        None => None,
+    };
+    let status = localnet::wait_for_status(url, &admin, Duration::from_secs(3600), |s| {
+        s.training.as_ref().is_some_and(|t| {
+            id.as_ref().is_none_or(|id| &t.training_id == id)
+                && (t.phase == "completed" || t.phase == "failed")
+        })
+    })
+    .await
+    .context("the federation did not finish")?;
+    let training = status.training.expect("a training ran");
+    anyhow::ensure!(
+        training.phase == "completed",
+        "training failed: {}",
+        training.error
+    );
+    for p in participants {
+        p.await??;
+    }
+    Ok(training)
+}
+
+/// A completed training's final model on the common test set, and the ε its
+/// last round recorded (0 without DP).
+fn evaluate_training(
+    t: &sangsaeng_proto::v1::TrainingStatus,
+    test: &Dataset,
+) -> anyhow::Result<(Evaluation, f64)> {
+    let out_dir = PathBuf::from(&t.output_dir);
+    let plan = TrainingPlan::from_file(&out_dir.join("plan.toml"))?;
+    let spec = ModelSpec::from_plan(&plan);
+    let global = weights::load_safetensors(&out_dir.join("global.safetensors"), &spec.layout())?;
+    let mut scaled = test.clone();
+    scaled.standardise(plan.scaling.as_ref().expect("federated scaling"))?;
+    let e = train::evaluate(Default::default(), &spec, &global, &scaled)?;
+    let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl"))?;
+    let spent = metrics
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .and_then(|v| v["privacy"]["model_epsilon"].as_f64())
+        .unwrap_or(0.0);
+    Ok((e, spent))
 }
 
 fn present(ds: &Dataset, plan: &TrainingPlan) -> Vec<String> {

@@ -1,5 +1,6 @@
 //! End-to-end run of the `supply_chain` example binary (built by `cargo test`
-//! alongside the tests): a short federation that must print the comparison table.
+//! alongside the tests): a short federation, plain and with DP-SGD, that must print
+//! the comparison table and release the DP model past the differential-privacy rule.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -57,4 +58,13 @@ fn supply_chain_example_trains_and_prints_the_comparison_table() {
         }
     }
     assert!(stdout.contains("| model | macro-F1 | accuracy |"));
+    // The DP-SGD federation ran, said what it spent, and its model passed the
+    // differential-privacy rule that the plain model failed (the example
+    // checks both and fails otherwise).
+    assert!(table.contains("federated, DP-SGD (ε = "), "{table}");
+    assert!(stdout.contains("epsilon spent"), "{stdout}");
+    assert!(
+        stdout.contains("require_differential_privacy  pass    trained with differential privacy"),
+        "{stdout}"
+    );
 }
