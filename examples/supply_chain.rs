@@ -62,7 +62,12 @@ struct Args {
     /// policy that requires DP; 0 skips it.
     #[arg(long, default_value_t = 8.0)]
     dp_epsilon: f64,
-    /// The per-example gradient clip of the DP training.
+    /// Level of the DP training: "record" (DP-SGD at each firm) or "client"
+    /// (each firm's update clipped, noise on the sum).
+    #[arg(long, default_value = "record")]
+    dp_level: String,
+    /// The clip of the DP training: each example's gradient (record level) or
+    /// each update (client level), in L2 norm.
     #[arg(long, default_value_t = 1.0)]
     dp_max_grad_norm: f64,
     /// Batch size of the DP training (larger batches average the noise down).
@@ -345,7 +350,12 @@ async fn main() -> anyhow::Result<()> {
     let epochs = args.rounds * args.local_epochs;
     let mut rows = vec![("federated (4 firms, Sangsaeng)".to_string(), federated)];
     let dp = if args.dp_epsilon > 0.0 {
-        let mut dp_plan = with_dp(&plan, args.dp_epsilon, args.dp_max_grad_norm);
+        let mut dp_plan = with_dp(
+            &plan,
+            &args.dp_level,
+            args.dp_epsilon,
+            args.dp_max_grad_norm,
+        )?;
         dp_plan.training.batch_size = args.dp_batch_size;
         dp_plan.training.learning_rate = args.dp_learning_rate;
         dp_plan.training.local_epochs = args.dp_local_epochs;
@@ -500,22 +510,32 @@ async fn release(
     Ok(())
 }
 
-/// The example plan with a record-level DP budget of `epsilon` (δ = 1e-5):
-/// each firm derives its noise from its own rows to meet it.
-fn with_dp(plan: &TrainingPlan, epsilon: f64, max_grad_norm: f64) -> TrainingPlan {
+/// The example plan with a DP budget of `epsilon` (δ = 1e-5) at `level`; at
+/// record level each firm derives its noise from its own rows to meet it.
+fn with_dp(
+    plan: &TrainingPlan,
+    level: &str,
+    epsilon: f64,
+    clip: f64,
+) -> anyhow::Result<TrainingPlan> {
     use sangsaeng_common::config::privacy::{DpConfig, DpLevel, PrivacyConfig};
+    let (level, max_grad_norm, clip_norm) = match level {
+        "record" => (DpLevel::Record, Some(clip), None),
+        "client" => (DpLevel::Client, None, Some(clip)),
+        other => anyhow::bail!("--dp-level {other}: expected record or client"),
+    };
     let mut dp = plan.clone();
     dp.privacy = Some(PrivacyConfig {
         dp: Some(DpConfig {
-            level: DpLevel::Record,
+            level,
             target_epsilon: epsilon,
             delta: 1e-5,
             noise_multiplier: None,
-            max_grad_norm: Some(max_grad_norm),
-            clip_norm: None,
+            max_grad_norm,
+            clip_norm,
         }),
     });
-    dp
+    Ok(dp)
 }
 
 /// One federation of the four firms: the coordinator's pending plan (`None`),

@@ -38,15 +38,28 @@ fn dp_plan(
     rounds: u32,
     noise_multiplier: Option<f64>,
 ) -> sangsaeng_common::config::plan::TrainingPlan {
+    dp_plan_at(DpLevel::Record, rounds, noise_multiplier)
+}
+
+/// The test plan with a DP budget of ε = 8 at δ = 1e-5 and a clip of 1 at `level`.
+fn dp_plan_at(
+    level: DpLevel,
+    rounds: u32,
+    noise_multiplier: Option<f64>,
+) -> sangsaeng_common::config::plan::TrainingPlan {
     let mut plan = support::plan(rounds, 3);
+    let (max_grad_norm, clip_norm) = match level {
+        DpLevel::Record => (Some(1.0), None),
+        DpLevel::Client => (None, Some(1.0)),
+    };
     plan.privacy = Some(PrivacyConfig {
         dp: Some(DpConfig {
-            level: DpLevel::Record,
+            level,
             target_epsilon: 8.0,
             delta: 1e-5,
             noise_multiplier,
-            max_grad_norm: Some(1.0),
-            clip_norm: None,
+            max_grad_norm,
+            clip_norm,
         }),
     });
     plan.validate().unwrap();
@@ -204,6 +217,62 @@ async fn a_budget_that_cannot_last_the_rounds_stops_the_training_before_round_on
     );
     let metrics = runs.join(&t.training_id).join("metrics.jsonl");
     assert!(!metrics.exists(), "no round was trained");
+    stop.cancel();
+    for h in handles {
+        let _ = h.await.unwrap();
+    }
+    coord.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_level_dp_noises_the_sum_and_a_client_level_policy_releases_it() {
+    support::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let roster = support::roster(&[]);
+    let pki = support::pki(dir.path(), &roster);
+    let runs = dir.path().join("runs");
+    let plan = dp_plan_at(DpLevel::Client, 3, None);
+    let coord = localnet::start_coordinator(&pki, roster, Some(plan), &runs, Default::default())
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let handles = support::spawn_sites(&pki, &coord.url, support::site_files(dir.path(), 3), &stop);
+    let admin_tls = pki.material("ops-admin");
+    let s = support::training_ended(&coord.url, &admin_tls).await;
+    let t = s.training.unwrap();
+    assert_eq!(t.phase, "completed", "{}", t.error);
+    let metrics = std::fs::read_to_string(runs.join(&t.training_id).join("metrics.jsonl")).unwrap();
+    let spent: Vec<f64> = metrics
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["privacy"]["level"], "client", "{v}");
+            v["privacy"]["model_epsilon"].as_f64().unwrap()
+        })
+        .collect();
+    assert_eq!(spent.len(), 3);
+    assert!(
+        spent.windows(2).all(|w| w[0] < w[1]) && spent[2] <= 8.0 && spent[2] > 7.9,
+        "{spent:?}"
+    );
+    let mut admin = AdminClient::connect(&coord.url, &admin_tls, "localhost")
+        .await
+        .unwrap();
+    let req = |policy: &str| pb::ReleaseRequest {
+        training_id: t.training_id.clone(),
+        policy_toml: policy.into(),
+        tag: "client".into(),
+        ..Default::default()
+    };
+    let record_only = DP_POLICY.replace("min_rounds = 2", "min_rounds = 3");
+    let r = admin.release(req(&record_only)).await.unwrap();
+    assert!(
+        !r.released,
+        "a record-level policy refuses a client-level model"
+    );
+    let client = record_only.replace("dp_level = \"record\"", "dp_level = \"client\"");
+    let r = admin.release(req(&client)).await.unwrap();
+    assert!(r.released, "{:?}", r.rules);
     stop.cancel();
     for h in handles {
         let _ = h.await.unwrap();

@@ -166,13 +166,6 @@ async fn bad_plans_are_refused_with_the_key_and_the_coordinator_keeps_serving() 
             ),
             "privacy.dp.clip_norm",
         ),
-        // Client level is not built: refused, not trained without the guarantee.
-        (
-            format!(
-                "{good}\n[privacy.dp]\nlevel = \"client\"\ntarget_epsilon = 4.0\ndelta = 1e-5\nclip_norm = 1.0\n"
-            ),
-            "cannot add noise to the aggregate yet",
-        ),
     ] {
         match admin.start_training(bad).await {
             Err(CoordinatorError::InvalidArgument(m)) => {

@@ -315,19 +315,6 @@ impl CoordinatorConfig {
                 plan.training.min_participants
             )));
         }
-        // Client level needs noise added to the sum and the updates folded with
-        // equal weights: not built yet, so such a plan is refused rather than
-        // trained without the guarantee it promises.
-        if plan
-            .privacy
-            .as_ref()
-            .and_then(|p| p.dp.as_ref())
-            .is_some_and(|dp| dp.level == sangsaeng_common::config::privacy::DpLevel::Client)
-        {
-            return Err(CoordinatorError::InvalidArgument(
-                "privacy.dp.level = \"client\": this coordinator cannot add noise to the aggregate yet; use level = \"record\" (DP-SGD at each site)".into(),
-            ));
-        }
         Ok(())
     }
 }

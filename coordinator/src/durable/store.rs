@@ -123,7 +123,7 @@ impl StoredContribution {
     /// Folds the stored update into `acc`, checking its spill file against the
     /// recorded digest as it reads it once; a damaged or missing file is refused
     /// and what was folded of it is subtracted again, leaving `acc` as it was.
-    pub fn fold_into(&self, acc: &mut Accumulator) -> Result<()> {
+    pub fn fold_into(&self, acc: &mut Accumulator, weight: u64) -> Result<()> {
         let encoding = UpdateEncoding::from_name(&self.encoding)
             .map_err(|e| corrupt(format!("the stored update of '{}': {e}", self.org_id)))?;
         let path = Path::new(&self.spill);
@@ -133,12 +133,12 @@ impl StoredContribution {
                 self.org_id
             ))
         };
-        acc.reserve(self.num_examples)?;
+        acc.reserve(weight)?;
         let mut h = digest::Hasher::new(DigestAlgorithm::of_id(&self.sha256));
         let (mut values_read, mut folded) = (0usize, 0u32);
         let read = read_spill(path, encoding, None, |offset, values, raw| {
             h.update(raw);
-            acc.fold(offset, values, self.num_examples)?;
+            acc.fold(offset, values, weight)?;
             folded += 1;
             values_read += values.len();
             Ok(())
@@ -153,10 +153,10 @@ impl StoredContribution {
         if let Err(e) = checked {
             // Only on this (rare) path is the file read a second time.
             let _ = read_spill(path, encoding, Some(folded), |o, v, _| {
-                acc.unfold(o, v, self.num_examples);
+                acc.unfold(o, v, weight);
                 Ok(())
             });
-            acc.release(self.num_examples);
+            acc.release(weight);
             return Err(e);
         }
         acc.commit();
@@ -447,7 +447,7 @@ mod tests {
         let c = s.contributions("t-1", 2).unwrap();
         assert_eq!(c.len(), 1);
         let mut acc = Accumulator::new(4);
-        c[0].fold_into(&mut acc).unwrap();
+        c[0].fold_into(&mut acc, 10).unwrap();
         assert_eq!(acc.apply_to(&[0.0; 4]).unwrap(), vec![5.0, 6.0, 7.0, 8.0]);
         // A spill file that no longer matches its digest is refused, acc untouched
         // (its first chunk, 1.5, is folded before the digest can be checked, then
@@ -456,7 +456,7 @@ mod tests {
         let mut damaged = 4u32.to_le_bytes().to_vec();
         damaged.extend(1.5f32.to_le_bytes());
         std::fs::write(&c[0].spill, damaged).unwrap();
-        let e = c[0].fold_into(&mut acc).unwrap_err().to_string();
+        let e = c[0].fold_into(&mut acc, 10).unwrap_err().to_string();
         assert!(e.contains("digest"), "{e}");
         assert_eq!(acc, before);
         s.clear_contributions("t-1", 2).unwrap();
@@ -472,13 +472,13 @@ mod tests {
         let blake3 = digest::digest(DigestAlgorithm::Blake3, &bytes);
         c.sha256 = DigestAlgorithm::Blake3.id(&blake3);
         let mut acc = Accumulator::new(4);
-        c.fold_into(&mut acc).unwrap();
+        c.fold_into(&mut acc, 10).unwrap();
         assert_eq!(acc.apply_to(&[0.0; 4]).unwrap(), delta.to_vec());
         // The update's SHA-256 labelled as BLAKE3 is not its BLAKE3: refused,
         // the accumulator left as it was.
         let before = acc.clone();
         c.sha256 = DigestAlgorithm::Blake3.id_of_hex(&weights::sha256_hex(&bytes));
-        let e = c.fold_into(&mut acc).unwrap_err().to_string();
+        let e = c.fold_into(&mut acc, 10).unwrap_err().to_string();
         assert!(e.contains("does not match its digest"), "{e}");
         assert_eq!(acc, before);
     }

@@ -120,7 +120,10 @@ pub(super) fn open_phase(
                 _ => Accumulator::new(n),
             };
             for c in preload {
-                c.fold_into(&mut acc)?;
+                c.fold_into(
+                    &mut acc,
+                    super::privacy::fold_weight(&t.plan, c.num_examples),
+                )?;
                 selected.insert(c.org_id.clone());
                 t.accepted.insert(c.org_id.clone(), c.accepted());
             }

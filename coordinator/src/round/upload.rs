@@ -357,11 +357,12 @@ impl Incoming<'_> {
                 header.round
             )));
         }
+        let weight = super::privacy::fold_weight(&t.plan, header.num_examples);
         let acc = t
             .accumulator
             .as_mut()
             .expect("a training round has an accumulator");
-        if let Err(e) = acc.reserve(header.num_examples) {
+        if let Err(e) = acc.reserve(weight) {
             drop(guard);
             let _ = std::fs::remove_file(&path);
             return Err(e.into());
@@ -372,7 +373,7 @@ impl Incoming<'_> {
                 upload_id,
                 spill: path,
                 encoding,
-                weight: header.num_examples,
+                weight,
                 folded: 0,
             },
         );
@@ -488,7 +489,7 @@ impl Incoming<'_> {
             .accumulator
             .as_mut()
             .expect("a training round has an accumulator")
-            .fold(chunk.offset, chunk.values, header.num_examples);
+            .fold(chunk.offset, chunk.values, f.weight);
         t.fold_time += sangsaeng_common::process::thread_cpu_time().saturating_sub(start);
         folded?;
         f.folded += 1;
