@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 secs=${1:-600}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(protocol_messages update_upload fedavg_fold store_records csv_rows config_toml audit_log)
+[ ${#targets[@]} -gt 0 ] || targets=(protocol_messages update_upload fedavg_fold store_records csv_rows config_toml audit_log secagg_shares)
 export RUSTC_BOOTSTRAP=1
 
 seed() { mkdir -p "corpus/$1"; printf '%b' "$3" > "corpus/$1/$2"; }
