@@ -1,6 +1,7 @@
 //! What the daemons do at process level: log set-up, turning SIGINT/SIGTERM into
 //! one cancellation that everything else watches, allocator tuning, and the
-//! calling thread's CPU time (for timings that preemption must not inflate).
+//! calling thread's CPU time (for timings that preemption must not inflate), and
+//! telling systemd when a daemon is ready or stopping.
 
 use tokio_util::sync::CancellationToken;
 
@@ -78,6 +79,31 @@ pub fn cancel_on_signal(token: CancellationToken, what: &'static str) {
         tracing::info!("shutdown requested; {what}");
         token.cancel();
     });
+}
+
+/// Tells systemd the daemon is ready (`Type=notify` units in `packaging/systemd`);
+/// without `NOTIFY_SOCKET` (not started by systemd) nothing happens.
+pub fn notify_ready(status: &str) {
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(status),
+    ]);
+}
+
+/// Tells systemd a graceful stop has begun.
+pub fn notify_stopping() {
+    notify(&[sd_notify::NotifyState::Stopping]);
+}
+
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    // A lost notice is logged, not fatal: systemd then times the start out and
+    // says so, which points the operator here.
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!("could not notify systemd: {e}");
+    }
 }
 
 #[cfg(test)]

@@ -102,6 +102,7 @@ pub async fn run(
     let closer = shared.clone();
     tokio::spawn(async move {
         closer.shutdown.cancelled().await;
+        sangsaeng_common::process::notify_stopping();
         for p in closer.participants().values_mut() {
             p.tasks = None;
         }
@@ -111,6 +112,7 @@ pub async fn run(
         .max_encoding_message_size(limits.max_message_bytes());
     let admin = AdminServer::new(rpc::admin::AdminService::new(shared.clone()))
         .max_decoding_message_size(limits.max_message_bytes());
+    sangsaeng_common::process::notify_ready(&format!("serving on {addr}"));
     Server::builder()
         .tls_config(tls)?
         .max_concurrent_streams(limits.max_streams_per_connection)

@@ -91,12 +91,16 @@ impl Session {
     /// Runs until shutdown (or, with `exit_after_training`, the end of a training).
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
         let mut attempt: u32 = 0;
+        // Configuration, TLS files and data folder are loaded: ready, even if the
+        // coordinator is not reachable yet (it is dialled with backoff).
+        sangsaeng_common::process::notify_ready(&format!("dialling {}", self.cfg.coordinator));
         loop {
             self.subscribed = false;
             let outcome = self.connect_and_serve(&shutdown).await;
             match outcome {
                 Ok(Ended::Done) => return Ok(()),
                 Ok(Ended::Shutdown) | Err(ParticipantError::Shutdown) => {
+                    sangsaeng_common::process::notify_stopping();
                     self.leave("shutdown requested").await;
                     return Ok(());
                 }
