@@ -18,12 +18,14 @@
 //! - [`rpc`]: the `Federation` and `Admin` gRPC services, authorisation, and
 //!   connection admission.
 //! - [`client`]: an admin client used by the CLI and tests.
+//! - [`doctor`]: pre-flight checks for operators (`sangsaeng-coordinator doctor`).
 //!
 //! [`run`] is what `sangsaeng-coordinator serve` calls; tests call it too with a
 //! listener on `127.0.0.1:0`.
 
 pub mod client;
 pub mod config;
+pub mod doctor;
 pub mod durable;
 pub mod error;
 pub mod release;
@@ -80,22 +82,7 @@ pub async fn run(
         output = %shared.config.output_dir.display(),
         "coordinator listening (mutual TLS)"
     );
-    // An unfinished training (the coordinator stopped or crashed during it) is resumed
-    // where it was; a plan given on the command line only starts when none is pending.
-    let mut pending = shared.store.unfinished()?;
-    pending.sort_by(|a, b| a.id.cmp(&b.id));
-    if let Some(rec) = pending.pop() {
-        for stale in pending {
-            tracing::warn!(training = %stale.id, "an older unfinished training is abandoned; one training runs at a time");
-            round::abandon(&shared, stale)?;
-        }
-        if initial_plan.is_some() {
-            tracing::warn!(training = %rec.id, "resuming the unfinished training; the --plan given is not started");
-        }
-        round::resume(&shared, rec)?;
-    } else if let Some(plan) = initial_plan {
-        round::start(&shared, plan)?;
-    }
+    resume_or_start(&shared, initial_plan)?;
     // Subscriptions are long-lived streams; graceful shutdown waits for open RPCs, so
     // end them when shutdown starts. Participants see the stream close and reconnect
     // with backoff, which is what should happen when the coordinator restarts.
@@ -132,6 +119,30 @@ pub async fn run(
         )
         .await?;
     tracing::info!("coordinator stopped");
+    Ok(())
+}
+
+/// An unfinished training (the coordinator stopped or crashed during it) is
+/// resumed where it was; a plan given on the command line only starts when none
+/// is pending.
+fn resume_or_start(
+    shared: &std::sync::Arc<Shared>,
+    initial_plan: Option<sangsaeng_common::config::plan::TrainingPlan>,
+) -> Result<()> {
+    let mut pending = shared.store.unfinished()?;
+    pending.sort_by(|a, b| a.id.cmp(&b.id));
+    if let Some(rec) = pending.pop() {
+        for stale in pending {
+            tracing::warn!(training = %stale.id, "an older unfinished training is abandoned; one training runs at a time");
+            round::abandon(shared, stale)?;
+        }
+        if initial_plan.is_some() {
+            tracing::warn!(training = %rec.id, "resuming the unfinished training; the --plan given is not started");
+        }
+        round::resume(shared, rec)?;
+    } else if let Some(plan) = initial_plan {
+        round::start(shared, plan)?;
+    }
     Ok(())
 }
 

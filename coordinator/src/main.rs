@@ -41,6 +41,14 @@ enum Command {
     /// Print the privacy loss ε a plan's `[privacy.dp]` will spend, round by round,
     /// before anyone trains (and the noise multiplier derived from its target).
     Privacy(PrivacyArgs),
+    /// Pre-flight checks before `serve`: config, TLS files and certificate, the
+    /// listen address, the roster, the output folder and the state store. Prints
+    /// one line per check; exits non-zero if any check fails.
+    Doctor {
+        /// Config file (TOML), as given to `serve --config`.
+        #[arg(long, env = "SANGSAENG_COORDINATOR_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -255,17 +263,39 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn async_main() -> anyhow::Result<()> {
-    sangsaeng_common::process::init_logging("info");
+    let cli = Cli::parse();
+    // The doctor reports problems itself; the library's warnings would repeat them.
+    let doctor = matches!(cli.command, Command::Doctor { .. });
+    sangsaeng_common::process::init_logging(if doctor { "error" } else { "info" });
     // One rustls provider (ring) for tonic and for the registry client.
     sangsaeng_common::identity::tls::install_crypto_provider();
-    match Cli::parse().command {
+    match cli.command {
         Command::Serve(a) => serve(a).await,
         Command::Pki(p) => pki_command(p),
         Command::Admin(a) => admin(a).await,
         Command::Audit(a) => audit_command(a),
         Command::Release(r) => release_command(r).await,
         Command::Privacy(p) => privacy_command(p),
+        Command::Doctor { config } => doctor_command(&config),
     }
+}
+
+fn doctor_command(config: &Path) -> anyhow::Result<()> {
+    use sangsaeng_coordinator::doctor;
+    let checks = doctor::run_checks(config);
+    for c in &checks {
+        println!("{c}");
+    }
+    let failed = checks
+        .iter()
+        .filter(|c| c.outcome == doctor::Outcome::Fail)
+        .count();
+    if failed > 0 {
+        eprintln!("{failed} check(s) failed");
+        std::process::exit(1);
+    }
+    println!("all checks passed");
+    Ok(())
 }
 
 fn privacy_command(a: PrivacyArgs) -> anyhow::Result<()> {

@@ -12,9 +12,12 @@
 //! - [`session`]: the conversation with the coordinator: subscribe, statistics,
 //!   chunked model download with resume, local burn training, delta upload, evaluation.
 //!
+//! - [`doctor`]: pre-flight checks for operators (`sangsaeng-participant doctor`).
+//!
 //! [`run`] is what `sangsaeng-participant run` calls; tests and the example call it too.
 
 pub mod config;
+pub mod doctor;
 pub mod download;
 pub mod error;
 pub mod privacy;

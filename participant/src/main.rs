@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use sangsaeng_common::config::plan::TrainingPlan;
 use sangsaeng_common::identity::pki;
-use sangsaeng_common::learning::data;
 use sangsaeng_participant::config::{Overrides, ParticipantConfig};
+use sangsaeng_participant::doctor;
 
 /// Sangsaeng participant: trains the federation's model on this site's private
 /// line data and sends back only weight deltas. It only dials out.
@@ -44,6 +44,17 @@ enum Command {
         /// CSV files to check.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Pre-flight checks before `run`: config, TLS files and certificate, the
+    /// coordinator (DNS, TCP, mutual TLS, roster, clock) and the data files. Prints
+    /// one line per check; exits non-zero if any check fails.
+    Doctor {
+        /// Config file (TOML), as given to `run --config`.
+        #[arg(long, env = "SANGSAENG_PARTICIPANT_CONFIG")]
+        config: PathBuf,
+        /// Also load the data against this training plan, as `check-data` does.
+        #[arg(long)]
+        plan: Option<PathBuf>,
     },
 }
 
@@ -90,8 +101,11 @@ struct RunArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    sangsaeng_common::process::init_logging("info");
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    // The doctor reports problems itself; the library's warnings would repeat them.
+    let doctor = matches!(cli.command, Command::Doctor { .. });
+    sangsaeng_common::process::init_logging(if doctor { "error" } else { "info" });
+    match cli.command {
         Command::Run(a) => run(*a).await,
         Command::Enrol { org, out } => {
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -113,12 +127,23 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::CheckData { plan, files } => {
             let plan = TrainingPlan::from_file(&plan)?;
-            let ds = data::load_csvs(&files, &plan.schema)?;
-            let counts = ds.class_counts(plan.n_classes());
-            println!("{} rows, {} features: OK", ds.len(), ds.n_features);
-            for (c, n) in plan.schema.classes.iter().zip(counts) {
-                println!("  class {c}: {n} rows");
+            println!("{}", doctor::summarise_data(&plan, &files)?);
+            Ok(())
+        }
+        Command::Doctor { config, plan } => {
+            let checks = doctor::run_checks(&config, plan.as_deref()).await;
+            for c in &checks {
+                println!("{c}");
             }
+            let failed = checks
+                .iter()
+                .filter(|c| c.outcome == doctor::Outcome::Fail)
+                .count();
+            if failed > 0 {
+                eprintln!("{failed} check(s) failed");
+                std::process::exit(1);
+            }
+            println!("all checks passed");
             Ok(())
         }
     }
