@@ -128,30 +128,10 @@ fn certificate_checks(
         ));
         return None;
     };
-    let mut roots = RootCertStore::empty();
-    for c in &cas {
-        if let Err(e) = roots.add(c.clone()) {
-            out.push(Check::fail(
-                "CA certificate",
-                format!("cannot be a trust anchor: {e}"),
-                "ca = must be the federation's ca.pem",
-            ));
-            return None;
-        }
-    }
-    let verifier = match WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        Arc::new(rustls::crypto::ring::default_provider()),
-    )
-    .build()
-    {
+    let verifier = match client_verifier(&cas) {
         Ok(v) => v,
-        Err(e) => {
-            out.push(Check::fail(
-                "CA certificate",
-                format!("cannot verify certificates: {e}"),
-                "ca = must be the federation's ca.pem",
-            ));
+        Err(check) => {
+            out.push(check);
             return None;
         }
     };
@@ -178,24 +158,7 @@ fn certificate_checks(
         (Some(s), Some(e)) if !(s..=e).contains(&now) => s + Duration::from_secs(1),
         _ => now,
     };
-    match verify(leaf, unix(probe_at)) {
-        Ok(()) => out.push(Check::ok(
-            "certificate chain",
-            "issued by the CA in the CA file, for client authentication",
-        )),
-        Err(rustls::Error::InvalidCertificate(
-            CertificateError::UnknownIssuer | CertificateError::BadSignature,
-        )) => out.push(Check::fail(
-            "certificate chain",
-            "the certificate was not issued by the CA in the CA file (another federation, or a re-created CA)",
-            "use the ca.pem and the certificate the anchor company's administrator gave you together; re-enrol if the CA changed",
-        )),
-        Err(e) => out.push(Check::fail(
-            "certificate chain",
-            format!("refused by the verifier the coordinator uses: {e}"),
-            "use the certificate signed from this site's request (`pki sign`), not the server's",
-        )),
-    }
+    out.push(client_chain_check(verify(leaf, unix(probe_at))));
     out.push(validity_check(
         "certificate validity",
         start,
@@ -204,7 +167,65 @@ fn certificate_checks(
         "ask the anchor company's administrator to sign a new request (`sangsaeng-participant enrol`, then `pki sign`)",
     ));
 
-    let org = match tls::identity_from_der(leaf) {
+    let org = organisation_check(leaf, out);
+    out.extend(key_and_name_checks(m, server_name));
+    org
+}
+
+/// rustls' verifier for client certificates issued by the CA file's CAs: the
+/// one the coordinator uses.
+fn client_verifier(
+    cas: &[CertificateDer<'static>],
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, Check> {
+    let mut roots = RootCertStore::empty();
+    for c in cas {
+        if let Err(e) = roots.add(c.clone()) {
+            return Err(Check::fail(
+                "CA certificate",
+                format!("cannot be a trust anchor: {e}"),
+                "ca = must be the federation's ca.pem",
+            ));
+        }
+    }
+    WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .map_err(|e| {
+        Check::fail(
+            "CA certificate",
+            format!("cannot verify certificates: {e}"),
+            "ca = must be the federation's ca.pem",
+        )
+    })
+}
+
+/// What the verifier said of the site's certificate at a time it is valid.
+fn client_chain_check(result: Result<(), rustls::Error>) -> Check {
+    match result {
+        Ok(()) => Check::ok(
+            "certificate chain",
+            "issued by the CA in the CA file, for client authentication",
+        ),
+        Err(rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        )) => Check::fail(
+            "certificate chain",
+            "the certificate was not issued by the CA in the CA file (another federation, or a re-created CA)",
+            "use the ca.pem and the certificate the anchor company's administrator gave you together; re-enrol if the CA changed",
+        ),
+        Err(e) => Check::fail(
+            "certificate chain",
+            format!("refused by the verifier the coordinator uses: {e}"),
+            "use the certificate signed from this site's request (`pki sign`), not the server's",
+        ),
+    }
+}
+
+/// The organisation the certificate names, as the coordinator will read it.
+fn organisation_check(leaf: &CertificateDer<'_>, out: &mut Vec<Check>) -> Option<String> {
+    match tls::identity_from_der(leaf) {
         Ok(id) => {
             out.push(Check::ok(
                 "organisation",
@@ -220,7 +241,12 @@ fn certificate_checks(
             ));
             None
         }
-    };
+    }
+}
+
+/// The key belongs to the certificate, and `server_name` can be dialled.
+fn key_and_name_checks(m: &TlsMaterial, server_name: &str) -> Vec<Check> {
+    let mut out = Vec::new();
     match tls::rustls_client_config(m) {
         Ok(_) => out.push(Check::ok("private key", "belongs to the certificate")),
         Err(e) => out.push(Check::fail(
@@ -240,7 +266,7 @@ fn certificate_checks(
             "server_name = one of the names given to `pki init --san`",
         )),
     }
-    org
+    out
 }
 
 async fn coordinator_checks(

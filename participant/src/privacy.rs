@@ -98,6 +98,43 @@ fn record_round(dp: &DpConfig, plan: &TrainingPlan, rows: u64, round: u32) -> Re
     })
 }
 
+/// After local training: at client level the delta is clipped; at record level
+/// the spend to report is logged and returned.
+pub fn finish_update(
+    privacy: RoundPrivacy,
+    delta: &mut [f32],
+    plan: &TrainingPlan,
+    tid: &str,
+    round: u32,
+) -> Option<pb::DpSpend> {
+    match privacy {
+        RoundPrivacy::Record { spend, .. } => {
+            tracing::info!(
+                training = tid,
+                round,
+                noise_multiplier = spend.noise_multiplier,
+                "DP-SGD: epsilon spent so far {:.4} (delta {:e})",
+                spend.epsilon,
+                plan.privacy
+                    .as_ref()
+                    .and_then(|p| p.dp.as_ref())
+                    .map_or(0.0, |d| d.delta)
+            );
+            Some(spend)
+        }
+        RoundPrivacy::Client { clip_norm } => {
+            let norm = clip_update(delta, clip_norm);
+            tracing::info!(
+                training = tid,
+                round,
+                "update clipped to L2 norm {clip_norm} (was {norm:.4})"
+            );
+            None
+        }
+        RoundPrivacy::None => None,
+    }
+}
+
 /// Scales `delta` down to L2 norm `clip` if it is longer (client-level DP: the
 /// sensitivity of the sum to one firm is then at most `clip`).
 pub fn clip_update(delta: &mut [f32], clip: f64) -> f64 {

@@ -390,32 +390,7 @@ impl Session {
             begin.elapsed().as_secs_f64(),
             loss
         );
-        let dp = match privacy {
-            RoundPrivacy::Record { spend, .. } => {
-                tracing::info!(
-                    training = tid,
-                    round,
-                    noise_multiplier = spend.noise_multiplier,
-                    "DP-SGD: epsilon spent so far {:.4} (delta {:e})",
-                    spend.epsilon,
-                    plan.privacy
-                        .as_ref()
-                        .and_then(|p| p.dp.as_ref())
-                        .map_or(0.0, |d| d.delta)
-                );
-                Some(spend)
-            }
-            RoundPrivacy::Client { clip_norm } => {
-                let norm = crate::privacy::clip_update(&mut delta, clip_norm);
-                tracing::info!(
-                    training = tid,
-                    round,
-                    "update clipped to L2 norm {clip_norm} (was {norm:.4})"
-                );
-                None
-            }
-            RoundPrivacy::None => None,
-        };
+        let dp = crate::privacy::finish_update(privacy, &mut delta, plan, tid, round);
         // Encoding is deterministic, so a resumed upload sends the same chunks
         // (and the same digest) as the attempt that broke off.
         let encoding = plan.training.update_encoding;
