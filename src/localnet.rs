@@ -102,6 +102,7 @@ pub async fn start_coordinator(
         tls: pki.files("server"),
         limits,
         durable_updates: true,
+        metrics_listen: None,
     };
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(sangsaeng_coordinator::run(

@@ -165,6 +165,9 @@ pub struct ConfigFile {
     /// true). With false, a coordinator crash loses the round in progress (its
     /// participants upload again); rounds already completed are never lost.
     pub durable_updates: Option<bool>,
+    /// Where Prometheus metrics are served (`/metrics`, plain HTTP): `host:port`,
+    /// or `:port` / `port` for loopback (default: not served; `--metrics-listen`).
+    pub metrics_listen: Option<String>,
     #[serde(default)]
     pub limits: Limits,
 }
@@ -180,6 +183,22 @@ pub struct TlsSection {
     pub key: PathBuf,
 }
 
+/// A metrics address: `host:port`, or `:port` / `port` on loopback (the page
+/// is for the anchor company's own monitoring, not for the suppliers' networks).
+pub fn metrics_address(text: &str) -> Result<SocketAddr> {
+    let t = text.trim();
+    let full = match t.strip_prefix(':') {
+        Some(port) => format!("127.0.0.1:{port}"),
+        None if t.chars().all(|c| c.is_ascii_digit()) => format!("127.0.0.1:{t}"),
+        None => t.to_string(),
+    };
+    full.parse().map_err(|e| {
+        CoordinatorError::Config(format!(
+            "metrics_listen '{text}': {e} (expected host:port, :port or port)"
+        ))
+    })
+}
+
 /// Overrides from the command line / environment; `None` keeps the file's value.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -190,6 +209,7 @@ pub struct Overrides {
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    pub metrics_listen: Option<String>,
 }
 
 /// Validated configuration.
@@ -206,6 +226,8 @@ pub struct CoordinatorConfig {
     pub limits: Limits,
     /// See [`ConfigFile::durable_updates`].
     pub durable_updates: bool,
+    /// See [`ConfigFile::metrics_listen`].
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -284,6 +306,11 @@ impl CoordinatorConfig {
             tls,
             limits,
             durable_updates: cf.and_then(|c| c.durable_updates).unwrap_or(true),
+            metrics_listen: o
+                .metrics_listen
+                .or(cf.and_then(|c| c.metrics_listen.clone()))
+                .map(|a| metrics_address(&a))
+                .transpose()?,
         };
         if let Some(p) = &cfg.initial_plan {
             cfg.check_plan(p)?;

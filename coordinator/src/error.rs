@@ -85,18 +85,15 @@ impl CoordinatorError {
     }
 }
 
-impl From<CoordinatorError> for Status {
-    fn from(e: CoordinatorError) -> Status {
+impl CoordinatorError {
+    /// The gRPC status code this error is answered with: the one mapping, used
+    /// for the status itself and for the metrics' refusal reasons.
+    pub fn code(&self) -> Code {
         use sangsaeng_common::Error as C;
-        if e.is_disk_full() {
-            // RESOURCE_EXHAUSTED, which participants retry with backoff, rather
-            // than INTERNAL: the update was fine, and nothing was kept of it.
-            tracing::error!(error = %e, "the coordinator's disk is full; free space in its output folder");
-            return Status::resource_exhausted(
-                "the coordinator's disk is full; the update was not kept, retry later",
-            );
+        if self.is_disk_full() {
+            return Code::ResourceExhausted;
         }
-        let code = match &e {
+        match self {
             CoordinatorError::Unauthenticated(_) => Code::Unauthenticated,
             CoordinatorError::PermissionDenied(_) => Code::PermissionDenied,
             CoordinatorError::InvalidArgument(_) => Code::InvalidArgument,
@@ -124,7 +121,21 @@ impl From<CoordinatorError> for Status {
             | CoordinatorError::Transport(_)
             | CoordinatorError::Io { .. }
             | CoordinatorError::Store(_) => Code::Internal,
-        };
+        }
+    }
+}
+
+impl From<CoordinatorError> for Status {
+    fn from(e: CoordinatorError) -> Status {
+        if e.is_disk_full() {
+            // RESOURCE_EXHAUSTED, which participants retry with backoff, rather
+            // than INTERNAL: the update was fine, and nothing was kept of it.
+            tracing::error!(error = %e, "the coordinator's disk is full; free space in its output folder");
+            return Status::resource_exhausted(
+                "the coordinator's disk is full; the update was not kept, retry later",
+            );
+        }
+        let code = e.code();
         // Internal details stay in the coordinator's log; the caller gets a pointer to it.
         let message = if code == Code::Internal {
             tracing::error!(error = %e, "internal error while serving a request");

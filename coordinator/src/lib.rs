@@ -17,6 +17,7 @@
 //!   in-toto provenance, DSSE signature) and OCI layout/registry storage.
 //! - [`rpc`]: the `Federation` and `Admin` gRPC services, authorisation, and
 //!   connection admission.
+//! - [`metrics`]: Prometheus metrics on the optional `metrics_listen` address.
 //! - [`client`]: an admin client used by the CLI and tests.
 //! - [`doctor`]: pre-flight checks for operators (`sangsaeng-coordinator doctor`).
 //!
@@ -28,6 +29,7 @@ pub mod config;
 pub mod doctor;
 pub mod durable;
 pub mod error;
+pub mod metrics;
 pub mod release;
 pub mod round;
 pub mod rpc;
@@ -83,6 +85,9 @@ pub async fn run(
         "coordinator listening (mutual TLS)"
     );
     resume_or_start(&shared, initial_plan)?;
+    if let Some(addr) = shared.config.metrics_listen {
+        metrics::serve(addr, shared.clone(), shutdown.clone()).await?;
+    }
     // Subscriptions are long-lived streams; graceful shutdown waits for open RPCs, so
     // end them when shutdown starts. Participants see the stream close and reconnect
     // with backoff, which is what should happen when the coordinator restarts.

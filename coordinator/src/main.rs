@@ -145,6 +145,10 @@ struct ServeArgs {
     /// The coordinator's private key (PEM).
     #[arg(long, env = "SANGSAENG_KEY")]
     key: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR/metrics: host:port, or :port (or
+    /// port) for loopback. Off unless given here or as `metrics_listen`.
+    #[arg(long, env = "SANGSAENG_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -407,6 +411,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             ca: a.ca,
             cert: a.cert,
             key: a.key,
+            metrics_listen: a.metrics_listen,
         },
     )?;
     let listener = tokio::net::TcpListener::bind(config.listen)

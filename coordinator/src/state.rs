@@ -216,6 +216,8 @@ pub struct Shared {
     pub progress: Notify,
     /// Owned permits: an upload slot may be reserved (`UploadProgress` with
     /// `reserve_slot`) before the upload that uses it starts.
+    /// Prometheus metrics ([`crate::metrics`]).
+    pub metrics: crate::metrics::Metrics,
     pub upload_permits: Arc<Semaphore>,
     /// Upload slots held for an organisation's next upload, each with the id its
     /// expiry checks so that it never releases a newer reservation.
@@ -245,6 +247,7 @@ impl Shared {
             participants: Mutex::new(BTreeMap::new()),
             training: Mutex::new(None),
             progress: Notify::new(),
+            metrics: crate::metrics::Metrics::new(),
             upload_permits: Arc::new(Semaphore::new(permits)),
             reserved_uploads: Mutex::new(BTreeMap::new()),
             next_reservation: AtomicU64::new(0),

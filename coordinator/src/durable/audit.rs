@@ -154,6 +154,11 @@ impl AuditLog {
         &self.path
     }
 
+    /// Entries in the log (this run's and earlier runs').
+    pub fn entries(&self) -> u64 {
+        self.tail.lock().unwrap_or_else(|p| p.into_inner()).next_seq
+    }
+
     /// Appends one signed entry and makes it durable; returns its sequence number.
     pub fn append(&self, kind: &str, data: serde_json::Value) -> Result<u64> {
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());

@@ -48,6 +48,7 @@ pub(super) fn commit_model(
     rec: &TrainingRecord,
     params: Vec<f32>,
 ) -> Result<Arc<PublishedModel>> {
+    let started = std::time::Instant::now();
     let round = rec.completed_round;
     let file =
         std::path::Path::new(&rec.output_dir).join(format!("model-round-{round:04}.safetensors"));
@@ -75,6 +76,10 @@ pub(super) fn commit_model(
             file: file.display().to_string(),
         },
     )?;
+    shared
+        .metrics
+        .store_commit_duration
+        .observe(started.elapsed().as_secs_f64());
     Ok(publish(shared, model))
 }
 

@@ -370,6 +370,7 @@ fn record_round(
 ) -> Result<()> {
     append_jsonl(&run.metrics_path, record)?;
     audit_round(shared, record)?;
+    shared.metrics.round_recorded(record);
     rec.evaluated_round = record.round;
     shared.store.put_training(rec)
 }

@@ -245,6 +245,10 @@ impl Incoming<'_> {
             };
             match part {
                 pb::update_message::Part::Chunk(c) => {
+                    self.shared
+                        .metrics
+                        .received_bytes
+                        .inc_by(c.data.len() as u64);
                     let checked = rx.push(&c)?;
                     spill = spill_off_runtime(spill, c.data).await?;
                     self.fold_chunk(upload_id, &checked)?;

@@ -217,9 +217,12 @@ impl Federation for FederationService {
             .transfer_slot(&self.shared.download_permits, limit, "downloads")
             .await
             .map_err(|e| self.refuse(&org, "DownloadModel", e))?;
+        let shared = self.shared.clone();
         let stream = tokio_stream::iter(r.start_chunk..model.total_chunks()).map(move |i| {
             let _held = &permit;
-            Ok(model.chunk(i))
+            let chunk = model.chunk(i);
+            shared.metrics.sent_bytes.inc_by(chunk.data.len() as u64);
+            Ok(chunk)
         });
         Ok(Response::new(Box::pin(stream)))
     }
@@ -239,9 +242,14 @@ impl Federation for FederationService {
         // broken stream.
         let this = self.clone();
         let receiving = tokio::spawn(async move {
-            crate::round::upload::receive_update(&this.shared, &org, stream)
-                .await
-                .map_err(|e| this.refuse(&org, "UploadUpdate", e))
+            let outcome = crate::round::upload::receive_update(&this.shared, &org, stream).await;
+            match &outcome {
+                Ok(_) => {
+                    this.shared.metrics.updates_accepted.inc();
+                }
+                Err(e) => this.shared.metrics.refused(e),
+            }
+            outcome.map_err(|e| this.refuse(&org, "UploadUpdate", e))
         });
         match receiving.await {
             Ok(Ok(receipt)) => Ok(Response::new(receipt)),
