@@ -19,11 +19,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use rustls::CertificateError;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::ServerCertVerifier;
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, RootCertStore};
 
 use sangsaeng_common::config::roster::Role;
 pub use sangsaeng_common::identity::checkup::{
@@ -32,6 +31,7 @@ pub use sangsaeng_common::identity::checkup::{
 use sangsaeng_common::identity::checkup::{
     expiry_check, tls_file_checks, unix, validity_check, validity_window,
 };
+use sangsaeng_common::identity::checkup::{pem_certificates, trust_roots, verifier_failure};
 use sangsaeng_common::identity::tls::{self, TlsFiles, TlsMaterial};
 
 use crate::config::{CoordinatorConfig, Overrides};
@@ -88,12 +88,8 @@ pub fn check_config(config: &CoordinatorConfig) -> Vec<Check> {
 /// Chain (for server authentication), validity of the certificate and of the
 /// CA, and the key.
 fn certificate_checks(m: &TlsMaterial, files: &TlsFiles, now: SystemTime, out: &mut Vec<Check>) {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(m.cert_pem.as_bytes())
-        .filter_map(|c| c.ok())
-        .collect();
-    let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(m.ca_pem.as_bytes())
-        .filter_map(|c| c.ok())
-        .collect();
+    let chain = pem_certificates(&m.cert_pem);
+    let cas = pem_certificates(&m.ca_pem);
     let (Some(leaf), Some(ca)) = (chain.first(), cas.first()) else {
         out.push(Check::fail(
             "certificate",
@@ -155,28 +151,13 @@ fn certificate_checks(m: &TlsMaterial, files: &TlsFiles, now: SystemTime, out: &
 /// rustls' verifier for server certificates issued by the CA file's CAs: the
 /// one participants use.
 fn server_verifier(cas: &[CertificateDer<'static>]) -> Result<Arc<WebPkiServerVerifier>, Check> {
-    let mut roots = RootCertStore::empty();
-    for c in cas {
-        if let Err(e) = roots.add(c.clone()) {
-            return Err(Check::fail(
-                "CA certificate",
-                format!("cannot be a trust anchor: {e}"),
-                "ca = must be the federation's ca.pem",
-            ));
-        }
-    }
+    let roots = trust_roots(cas)?;
     WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots),
+        roots,
         Arc::new(rustls::crypto::ring::default_provider()),
     )
     .build()
-    .map_err(|e| {
-        Check::fail(
-            "CA certificate",
-            format!("cannot verify certificates: {e}"),
-            "ca = must be the federation's ca.pem",
-        )
-    })
+    .map_err(verifier_failure)
 }
 
 /// What the verifier said of the server certificate at a time it is valid.

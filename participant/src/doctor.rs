@@ -26,10 +26,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rustls::pki_types::pem::PemObject;
+use rustls::CertificateError;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, RootCertStore};
 
 use sangsaeng_common::config::plan::TrainingPlan;
 use sangsaeng_common::identity::channel;
@@ -39,6 +38,7 @@ pub use sangsaeng_common::identity::checkup::{
 use sangsaeng_common::identity::checkup::{
     expiry_check, tls_file_checks, unix, validity_check, validity_window,
 };
+use sangsaeng_common::identity::checkup::{pem_certificates, trust_roots, verifier_failure};
 use sangsaeng_common::identity::tls::{self, TlsMaterial};
 use sangsaeng_common::learning::data;
 use sangsaeng_proto::v1 as pb;
@@ -114,12 +114,8 @@ fn certificate_checks(
     now: SystemTime,
     out: &mut Vec<Check>,
 ) -> Option<String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(m.cert_pem.as_bytes())
-        .filter_map(|c| c.ok())
-        .collect();
-    let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(m.ca_pem.as_bytes())
-        .filter_map(|c| c.ok())
-        .collect();
+    let chain = pem_certificates(&m.cert_pem);
+    let cas = pem_certificates(&m.ca_pem);
     let (Some(leaf), Some(ca)) = (chain.first(), cas.first()) else {
         out.push(Check::fail(
             "certificate",
@@ -177,28 +173,13 @@ fn certificate_checks(
 fn client_verifier(
     cas: &[CertificateDer<'static>],
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, Check> {
-    let mut roots = RootCertStore::empty();
-    for c in cas {
-        if let Err(e) = roots.add(c.clone()) {
-            return Err(Check::fail(
-                "CA certificate",
-                format!("cannot be a trust anchor: {e}"),
-                "ca = must be the federation's ca.pem",
-            ));
-        }
-    }
+    let roots = trust_roots(cas)?;
     WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
+        roots,
         Arc::new(rustls::crypto::ring::default_provider()),
     )
     .build()
-    .map_err(|e| {
-        Check::fail(
-            "CA certificate",
-            format!("cannot verify certificates: {e}"),
-            "ca = must be the federation's ca.pem",
-        )
-    })
+    .map_err(verifier_failure)
 }
 
 /// What the verifier said of the site's certificate at a time it is valid.

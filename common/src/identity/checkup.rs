@@ -294,3 +294,39 @@ pub fn date(t: SystemTime) -> String {
         Err(_) => format!("{secs} s after 1970"),
     }
 }
+
+/// The certificates of a PEM text (unreadable blocks skipped: the chain check
+/// then reports what is missing).
+pub fn pem_certificates(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(|c| c.ok())
+        .collect()
+}
+
+/// The CA file's certificates as trust anchors, as both ends of the real
+/// handshake load them; a certificate that cannot be one is a failed check.
+pub fn trust_roots(
+    cas: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<std::sync::Arc<rustls::RootCertStore>, Check> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in cas {
+        if let Err(e) = roots.add(c.clone()) {
+            return Err(Check::fail(
+                "CA certificate",
+                format!("cannot be a trust anchor: {e}"),
+                "ca = must be the federation's ca.pem",
+            ));
+        }
+    }
+    Ok(std::sync::Arc::new(roots))
+}
+
+/// A verifier that could not be built from the roots.
+pub fn verifier_failure(e: impl std::fmt::Display) -> Check {
+    Check::fail(
+        "CA certificate",
+        format!("cannot verify certificates: {e}"),
+        "ca = must be the federation's ca.pem",
+    )
+}
