@@ -549,6 +549,7 @@ fn with_dp(
             max_grad_norm,
             clip_norm,
         }),
+        ..Default::default()
     });
     Ok(dp)
 }

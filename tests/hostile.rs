@@ -576,6 +576,7 @@ fn raw_parts_hashed(
         train_loss: 0.5,
         first_chunk: 0,
         dp: None,
+        masked: None,
     };
     sangsaeng_common::transfer::wire::upload_messages(upload)
         .unwrap()
@@ -2990,6 +2991,7 @@ fn dp_plan() -> TrainingPlan {
             max_grad_norm: Some(1.0),
             clip_norm: None,
         }),
+        ..Default::default()
     });
     p.validate().unwrap();
     p

@@ -61,6 +61,7 @@ fn dp_plan_at(
             max_grad_norm,
             clip_norm,
         }),
+        ..Default::default()
     });
     plan.validate().unwrap();
     plan

@@ -304,8 +304,8 @@ async fn release_under_the_opening_rules_end_to_end() {
     );
     assert_eq!(
         r.rules.len(),
-        8,
-        "two integrity checks and six policy rules"
+        9,
+        "two integrity checks and seven policy rules"
     );
     assert!(r.rules.iter().all(|x| x.passed));
     assert_eq!(last_release_entry(&runs).data["outcome"], "released");

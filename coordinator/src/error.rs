@@ -110,6 +110,7 @@ impl CoordinatorError {
                 | C::Config { .. }
                 | C::Schema(_)
                 | C::Privacy(_)
+                | C::SecureAggregation(_)
                 | C::Data { .. },
             ) => Code::InvalidArgument,
             CoordinatorError::Config(_) => Code::InvalidArgument,

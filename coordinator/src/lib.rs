@@ -11,6 +11,8 @@
 //! - [`transfer`]: the published model, the checks on uploaded deltas, spill files.
 //! - [`state`]: shared in-memory state: presence of participants and the training
 //!   in progress.
+//! - [`secure`]: secure aggregation's per-attempt bookkeeping and the
+//!   `SecureAggregation` RPC's steps.
 //! - [`round`]: the round driver and its steps (statistics, open, collect, close,
 //!   aggregate, commit, evaluate, record).
 //! - [`release`]: opening rules, the release artifact (safetensors, model card,
@@ -33,6 +35,7 @@ pub mod metrics;
 pub mod release;
 pub mod round;
 pub mod rpc;
+pub mod secure;
 pub mod state;
 pub mod transfer;
 

@@ -105,6 +105,8 @@ pub struct Folding {
     pub upload_id: u64,
     pub spill: PathBuf,
     pub encoding: sangsaeng_common::transfer::encoding::UpdateEncoding,
+    /// A masked upload (secure aggregation): undone word by word.
+    pub masked: bool,
     pub weight: u64,
     /// Chunks folded so far (the spill file may hold one more, not folded).
     pub folded: u32,
@@ -159,6 +161,8 @@ pub struct Training {
     pub left: BTreeSet<String>,
     /// The task each selected participant was sent this phase, resent if it reconnects.
     pub current_task: Option<pb::Task>,
+    /// The attempt in progress of a secure-aggregation round.
+    pub secure: Option<crate::secure::SecureAttempt>,
     pub error: Option<String>,
 }
 
@@ -188,6 +192,7 @@ impl Training {
             undo_failed: None,
             fold_time: std::time::Duration::ZERO,
             current_task: None,
+            secure: None,
             error: None,
         }
     }

@@ -62,6 +62,11 @@ struct PrivacySection {
     /// Decline every training that does not use differential privacy.
     #[serde(default)]
     require_differential_privacy: bool,
+    /// Decline every training without secure aggregation (`[privacy]
+    /// secure_aggregation` in the plan): this site's update then never reaches
+    /// the coordinator unmasked.
+    #[serde(default)]
+    require_secure_aggregation: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -152,6 +157,8 @@ pub struct ParticipantConfig {
 pub struct SitePrivacy {
     pub max_epsilon: Option<f64>,
     pub require_differential_privacy: bool,
+    /// Decline every training without secure aggregation.
+    pub require_secure_aggregation: bool,
 }
 
 pub const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:7443";
@@ -269,6 +276,7 @@ fn site_privacy(file: Option<&PrivacySection>, max_epsilon: Option<f64>) -> Resu
     let p = SitePrivacy {
         max_epsilon: max_epsilon.or(file.and_then(|f| f.max_epsilon)),
         require_differential_privacy: file.is_some_and(|f| f.require_differential_privacy),
+        require_secure_aggregation: file.is_some_and(|f| f.require_secure_aggregation),
     };
     if let Some(e) = p.max_epsilon
         && !(e.is_finite() && e > 0.0)

@@ -21,6 +21,12 @@ pub enum ParticipantError {
     /// A transfer was corrupted or cut (digest mismatch, missing chunk).
     #[error("transfer: {0}")]
     Transfer(String),
+    /// This site refused a step the coordinator asked for: a secure-aggregation
+    /// request that would reveal more than the protocol allows, or a peer's key
+    /// that does not verify. The round goes on without this site's answer; the
+    /// training is not declined.
+    #[error("refused: {0}")]
+    Refused(String),
     /// Shutdown was requested while work was in progress.
     #[error("shutting down")]
     Shutdown,

@@ -9,6 +9,8 @@
 //! - [`download`]: checking a downloaded model chunk by chunk and whole.
 //! - [`privacy`]: the site's own privacy limits against a plan's budget, the
 //!   noise it derives from its rows, and what it reports having spent.
+//! - [`secure`]: this site's side of secure aggregation (keys, checked
+//!   adverts, masked upload, unmasking answers).
 //! - [`session`]: the conversation with the coordinator: subscribe, statistics,
 //!   chunked model download with resume, local burn training, delta upload, evaluation.
 //!
@@ -21,6 +23,7 @@ pub mod doctor;
 pub mod download;
 pub mod error;
 pub mod privacy;
+pub mod secure;
 pub mod session;
 pub mod site;
 

@@ -35,6 +35,11 @@ fn refuse(message: String) -> ParticipantError {
 /// training, so a plan the site will not accept is declined before its
 /// statistics leave the site.
 pub fn accept_plan(site: &SitePrivacy, plan: &TrainingPlan) -> Result<()> {
+    if site.require_secure_aggregation && !plan.secure_aggregation() {
+        return Err(refuse(
+            "this site requires secure aggregation (participant.toml privacy.require_secure_aggregation) and the plan does not set privacy.secure_aggregation = true".into(),
+        ));
+    }
     let dp = plan.privacy.as_ref().and_then(|p| p.dp.as_ref());
     match (dp, site.max_epsilon) {
         (None, _) if site.require_differential_privacy => Err(refuse(
@@ -165,7 +170,10 @@ mod tests {
             "test",
         )
         .unwrap();
-        plan.privacy = dp.map(|dp| PrivacyConfig { dp: Some(dp) });
+        plan.privacy = dp.map(|dp| PrivacyConfig {
+            dp: Some(dp),
+            ..Default::default()
+        });
         plan
     }
 
@@ -185,6 +193,7 @@ mod tests {
         let strict = SitePrivacy {
             max_epsilon: Some(2.0),
             require_differential_privacy: true,
+            require_secure_aggregation: false,
         };
         let e = accept_plan(&strict, &plan(Some(record(None)))).unwrap_err();
         assert!(e.to_string().contains("privacy.max_epsilon = 2"), "{e}");

@@ -24,7 +24,7 @@ fn coordinator() -> Command {
     Command::new(p)
 }
 
-/// Two sites and the federation office; shared with `benches/daemon_memory.sh`.
+/// Three sites and the federation office; shared with `benches/daemon_memory.sh`.
 const ROSTER: &str = include_str!("data/roster.toml");
 
 const PLAN: &str = r#"
@@ -218,13 +218,30 @@ fn only_run(runs: &Path) -> PathBuf {
     v.pop().unwrap()
 }
 
+/// The two sites of most tests: organisation and CSV file.
+const TWO_SITES: &[(&str, &str)] = &[("plant-a", "a.csv"), ("supplier-b", "b.csv")];
+
 /// Runs a whole training with two `--once` participants; returns its output folder.
 fn train(d: &Path, runs: &str, plan: &str, kill_after_rounds: Option<usize>) -> PathBuf {
+    train_with(d, runs, plan, kill_after_rounds, TWO_SITES)
+}
+
+/// Runs a whole training with one `--once` participant per site, SIGKILLing the
+/// coordinator (and restarting it) once `kill_after_rounds` rounds are recorded.
+fn train_with(
+    d: &Path,
+    runs: &str,
+    plan: &str,
+    kill_after_rounds: Option<usize>,
+    sites: &[(&str, &str)],
+) -> PathBuf {
     let port = free_port();
     let url = format!("https://127.0.0.1:{port}");
     let mut coord = Killer(serve(d, port, runs, plan));
-    let mut a = Killer(start_site(d, &url, "plant-a", "a.csv"));
-    let mut b = Killer(start_site(d, &url, "supplier-b", "b.csv"));
+    let mut parts: Vec<Killer> = sites
+        .iter()
+        .map(|(org, csv)| Killer(start_site(d, &url, org, csv)))
+        .collect();
     if let Some(k) = kill_after_rounds {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -250,7 +267,7 @@ fn train(d: &Path, runs: &str, plan: &str, kill_after_rounds: Option<usize>) -> 
         );
         coord = Killer(serve(d, port, runs, plan));
     }
-    for p in [&mut a, &mut b] {
+    for p in &mut parts {
         let status = wait_exit(&mut p.0, Duration::from_secs(300)).expect("participant finished");
         assert!(status.success());
     }
@@ -329,6 +346,37 @@ fn a_coordinator_killed_mid_training_resumes_and_ends_with_the_same_model() {
     let reference = train(d, "runs-uninterrupted", "slow-plan.toml", None);
     let resumed = train(d, "runs-killed", "slow-plan.toml", Some(2));
     assert_same_outcome(&reference, &resumed, 5, "killed after round 2");
+}
+
+/// Secure aggregation: the coordinator killed during a secure round (its
+/// attempt's keys and shares die with it) redoes the round with fresh keys,
+/// and the final model is the uninterrupted run's, bit for bit.
+#[test]
+fn a_coordinator_killed_in_a_secure_round_redoes_it_and_ends_with_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let secure = PLAN
+        .replace(
+            "rounds = 3",
+            "rounds = 4\nlocal_epochs = 150\nbatch_size = 16",
+        )
+        .replace("min_participants = 2", "min_participants = 3")
+        + "[privacy]\nsecure_aggregation = true\n";
+    setup(d, "secure-plan.toml", &secure);
+    write_csv(&d.join("c.csv"), 200, 3);
+    let sites = &[
+        ("plant-a", "a.csv"),
+        ("supplier-b", "b.csv"),
+        ("supplier-c", "c.csv"),
+    ];
+    let reference = train_with(d, "runs-uninterrupted", "secure-plan.toml", None, sites);
+    let resumed = train_with(d, "runs-killed", "secure-plan.toml", Some(2), sites);
+    assert_same_outcome(&reference, &resumed, 4, "killed in secure round 3");
+    let metrics = std::fs::read_to_string(resumed.join("metrics.jsonl")).unwrap();
+    for line in metrics.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["secure"]["secure_aggregation"], true, "{v}");
+    }
 }
 
 /// Tiny deterministic generator for kill timings (the seed is printed to reproduce a run).

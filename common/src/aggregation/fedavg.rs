@@ -135,6 +135,92 @@ impl Accumulator {
         Ok(())
     }
 
+    /// Folds one chunk of a masked update (secure aggregation): words in
+    /// Z_2^64, added with wrapping. A single masked word says nothing about the
+    /// value under it, so there is nothing to check here; the plausibility of
+    /// the round is checked on the unmasked sum ([`Accumulator::check_sum`]).
+    pub fn fold_masked(&mut self, offset: usize, words: &[i64]) -> Result<()> {
+        let sums = self.range_mut(offset, words.len())?;
+        for (s, w) in sums.iter_mut().zip(words) {
+            *s = s.wrapping_add(*w);
+        }
+        Ok(())
+    }
+
+    /// Exactly reverses a [`Accumulator::fold_masked`] of the same words.
+    pub fn unfold_masked(&mut self, offset: usize, words: &[i64]) {
+        if let Ok(sums) = self.range_mut(offset, words.len()) {
+            for (s, w) in sums.iter_mut().zip(words) {
+                *s = s.wrapping_sub(*w);
+            }
+        }
+    }
+
+    /// Hands the sums to `correct` block by block (offset, sums) to remove the
+    /// masks of a secure round; `correct` must add in Z_2^64 (wrapping). The
+    /// blocks are spread over the machine's cores: the correction is one
+    /// keystream per survivor and per dropped neighbour, and every keystream
+    /// is seekable, so the blocks are independent.
+    pub fn correct_masked(
+        &mut self,
+        block: usize,
+        correct: impl Fn(u64, &mut [i64]) -> Result<()> + Sync,
+    ) -> Result<()> {
+        let block = block.max(1);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let blocks = self.sums.len().div_ceil(block);
+        let per_thread = blocks.div_ceil(threads).max(1) * block;
+        let correct = &correct;
+        std::thread::scope(|scope| {
+            let parts: Vec<_> = self
+                .sums
+                .chunks_mut(per_thread)
+                .enumerate()
+                .map(|(p, part)| {
+                    scope.spawn(move || {
+                        for (b, sums) in part.chunks_mut(block).enumerate() {
+                            correct((p * per_thread + b * block) as u64, sums)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            parts
+                .into_iter()
+                .try_for_each(|h| h.join().expect("an unmasking thread panicked"))
+        })
+    }
+
+    /// After unmasking: every sum must be one a plausible round gives, the
+    /// total weight times a mean within ±[`MAX_ABS_DELTA`]. Anything else means
+    /// a mask was not removed (a wrong share, a participant that masked with
+    /// keys it did not advertise) and the sum is noise; it must not be applied.
+    pub fn check_sum(&self) -> Result<()> {
+        let bound = (MAX_ABS_DELTA as f64 * SCALE * self.total_weight as f64) as i64;
+        match self
+            .sums
+            .iter()
+            .position(|s| s.unsigned_abs() > bound as u64)
+        {
+            None => Ok(()),
+            Some(i) => Err(Error::Aggregation(format!(
+                "the unmasked sum at parameter {i} is beyond what {} examples of plausible deltas can give: the masks did not cancel",
+                self.total_weight
+            ))),
+        }
+    }
+
+    fn range_mut(&mut self, offset: usize, len: usize) -> Result<&mut [i64]> {
+        let n = self.sums.len();
+        let end = offset.checked_add(len).filter(|&e| e <= n).ok_or_else(|| {
+            Error::Aggregation(format!(
+                "values {offset}..{} lie beyond the model's {n} parameters",
+                offset.saturating_add(len)
+            ))
+        })?;
+        Ok(&mut self.sums[offset..end])
+    }
+
     /// Exactly reverses a [`Accumulator::fold`] of the same values: integer
     /// addition is invertible, so an update refused halfway leaves no trace.
     pub fn unfold(&mut self, offset: usize, values: &[f32], weight: u64) {
@@ -228,6 +314,29 @@ impl Accumulator {
         }
         Ok(())
     }
+}
+
+/// The integers a fold of `values` at `weight` adds to the accumulator,
+/// `weight · round(v · 2^FRACTION_BITS)` per value, into `out` (same length):
+/// what a participant masks in a secure round, so that the unmasked sum is the
+/// plain round's accumulator bit for bit. Refuses values a fold would refuse.
+pub fn weighted_fixed_point(values: &[f32], weight: u64, out: &mut [i64]) -> Result<()> {
+    if values.len() != out.len() {
+        return Err(Error::Aggregation(format!(
+            "{} values for {} fixed-point words",
+            values.len(),
+            out.len()
+        )));
+    }
+    if weight == 0 || weight > MAX_TOTAL_WEIGHT {
+        return Err(Error::Aggregation(format!(
+            "example count {weight} is outside 1..={MAX_TOTAL_WEIGHT}"
+        )));
+    }
+    check_values(values, 0)?;
+    out.fill(0);
+    add_quantised(out, values, weight as i64);
+    Ok(())
 }
 
 /// Refuses a value that is not finite or beyond the plausibility bound; `offset`

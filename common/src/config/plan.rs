@@ -166,7 +166,21 @@ impl TrainingPlan {
         if let Some(p) = &self.privacy {
             p.validate()?;
         }
+        if self.secure_aggregation()
+            && self.training.min_participants < crate::config::privacy::MIN_SECURE_PARTICIPANTS
+        {
+            return Err(format!(
+                "training.min_participants: {} is too few for privacy.secure_aggregation, which needs at least {} (with two, each would learn the other's update from the sum)",
+                self.training.min_participants,
+                crate::config::privacy::MIN_SECURE_PARTICIPANTS
+            ));
+        }
         self.validate_scaling()
+    }
+
+    /// Whether rounds run with secure aggregation (`[privacy] secure_aggregation`).
+    pub fn secure_aggregation(&self) -> bool {
+        self.privacy.as_ref().is_some_and(|p| p.secure_aggregation)
     }
 
     /// The columns: named, distinct, the label not also a feature, and within

@@ -7,13 +7,34 @@
 use serde::{Deserialize, Serialize};
 
 /// `[privacy]`: absent means no privacy mechanism beyond "only deltas leave a site".
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrivacyConfig {
     /// Differential privacy of the released model (`[privacy.dp]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dp: Option<DpConfig>,
+    /// Secure aggregation (SecAgg+): each participant masks its update so that
+    /// the coordinator can open only the round's sum, never one firm's update.
+    /// The result is bit-identical to the plain round's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secure_aggregation: bool,
+    /// How many of a participant's neighbours must answer for its masks to be
+    /// removed (Shamir threshold t). Absent: more than half of the neighbours.
+    /// It must be more than half of them: below that a coordinator could ask two
+    /// disjoint halves for the two secrets of one participant and unmask it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation_threshold: Option<u32>,
+    /// Neighbours per participant (SecAgg+'s k-regular graph), even. Absent:
+    /// everyone masks against everyone (the complete graph), which is
+    /// practical to a few dozen participants; with hundreds, about
+    /// 2·log2(participants) keeps the round's cost near-linear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation_degree: Option<u32>,
 }
+
+/// The fewest participants a secure round can run with: a threshold of at
+/// least 2 that is more than half of the n − 1 neighbours needs n ≥ 3.
+pub const MIN_SECURE_PARTICIPANTS: usize = 3;
 
 /// Who the guarantee protects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,10 +76,46 @@ pub struct DpConfig {
 impl PrivacyConfig {
     /// Checks every value; the message names the key at fault.
     pub fn validate(&self) -> Result<(), String> {
-        match &self.dp {
-            Some(dp) => dp.validate(),
-            None => Ok(()),
+        if let Some(dp) = &self.dp {
+            dp.validate()?;
         }
+        self.validate_secure_aggregation()
+    }
+
+    fn validate_secure_aggregation(&self) -> Result<(), String> {
+        let tuned =
+            self.secure_aggregation_threshold.is_some() || self.secure_aggregation_degree.is_some();
+        if !self.secure_aggregation {
+            return match tuned {
+                true => Err("privacy.secure_aggregation_threshold / _degree: set only with privacy.secure_aggregation = true".into()),
+                false => Ok(()),
+            };
+        }
+        if let Some(k) = self.secure_aggregation_degree
+            && (k < 2 || k % 2 == 1 || k > 254)
+        {
+            return Err(format!(
+                "privacy.secure_aggregation_degree: {k} must be an even number from 2 to 254 (each neighbour holds one Shamir share at its own x-coordinate)"
+            ));
+        }
+        if let Some(t) = self.secure_aggregation_threshold {
+            if t < 2 {
+                return Err(format!(
+                    "privacy.secure_aggregation_threshold: {t} must be at least 2 (with 1, any single neighbour could reveal a participant's secrets)"
+                ));
+            }
+            if let Some(k) = self.secure_aggregation_degree
+                && (t > k || t <= k / 2)
+            {
+                return Err(format!(
+                    "privacy.secure_aggregation_threshold: {t} must be more than half of secure_aggregation_degree = {k} and at most {k}"
+                ));
+            }
+        }
+        if self.dp.as_ref().is_some_and(|d| d.level == DpLevel::Client) {
+            return Err("privacy.secure_aggregation: not yet combined with privacy.dp.level = \"client\": its noise is added by the coordinator to the opened sum, which secure aggregation is meant to keep from it (distributed noise at the sites is not built yet); use level = \"record\", whose noise is added at each site".into());
+        }
+        Ok(())
     }
 }
 

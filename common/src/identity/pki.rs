@@ -342,7 +342,7 @@ pub fn fingerprint_sha256(cert_pem: &str) -> Result<String> {
 }
 
 /// Decodes the first `CERTIFICATE` block of a PEM string.
-pub(crate) fn first_cert_der(pem: &str) -> std::result::Result<CertificateDer<'static>, String> {
+pub fn first_cert_der(pem: &str) -> std::result::Result<CertificateDer<'static>, String> {
     CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| match e {
         rustls_pki_types::pem::Error::NoItemsFound => {
             "no '-----BEGIN CERTIFICATE-----' block found".to_owned()

@@ -118,7 +118,12 @@ impl Verifier {
         let text = std::str::from_utf8(pem)
             .map_err(|_| sig_err("the certificate file is not text (PEM)"))?;
         let der = crate::identity::pki::first_cert_der(text).map_err(sig_err)?;
-        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        Self::from_cert_der(&der)
+    }
+
+    /// The key of one DER certificate.
+    pub fn from_cert_der(der: &[u8]) -> Result<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
             .map_err(|e| sig_err(format!("not an X.509 certificate: {e}")))?;
         let point = cert.public_key().subject_public_key.data.to_vec();
         Ok(Verifier {

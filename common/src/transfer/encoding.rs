@@ -263,6 +263,7 @@ mod tests {
                 train_loss: 0.5,
                 first_chunk: 0,
                 dp: None,
+                masked: None,
             };
             // gRPC adds a 5-byte frame header per message.
             crate::transfer::wire::upload_messages(upload)

@@ -52,6 +52,17 @@ pub fn plan_to_proto(p: &TrainingPlan) -> pb::TrainingPlan {
             .as_ref()
             .and_then(|p| p.dp.as_ref())
             .map(dp_to_proto),
+        secure_aggregation: p.secure_aggregation(),
+        secure_aggregation_threshold: p
+            .privacy
+            .as_ref()
+            .and_then(|p| p.secure_aggregation_threshold)
+            .unwrap_or(0),
+        secure_aggregation_degree: p
+            .privacy
+            .as_ref()
+            .and_then(|p| p.secure_aggregation_degree)
+            .unwrap_or(0),
     }
 }
 
@@ -67,7 +78,22 @@ fn dp_to_proto(dp: &DpConfig) -> pb::DifferentialPrivacy {
 }
 
 /// The plan's `[privacy]` from the wire; validated with the rest of the plan.
-fn privacy_from_proto(dp: Option<&pb::DifferentialPrivacy>) -> Result<Option<PrivacyConfig>> {
+fn privacy_from_proto(p: &pb::TrainingPlan) -> Result<Option<PrivacyConfig>> {
+    let set = |v: u32| (v != 0).then_some(v);
+    let secure = PrivacyConfig {
+        dp: None,
+        secure_aggregation: p.secure_aggregation,
+        secure_aggregation_threshold: set(p.secure_aggregation_threshold),
+        secure_aggregation_degree: set(p.secure_aggregation_degree),
+    };
+    let dp = dp_from_proto(p.dp.as_ref())?;
+    Ok(match (dp, p.secure_aggregation) {
+        (None, false) => None,
+        (dp, _) => Some(PrivacyConfig { dp, ..secure }),
+    })
+}
+
+fn dp_from_proto(dp: Option<&pb::DifferentialPrivacy>) -> Result<Option<DpConfig>> {
     let Some(dp) = dp else { return Ok(None) };
     let level = match dp.level.as_str() {
         "record" => DpLevel::Record,
@@ -80,15 +106,13 @@ fn privacy_from_proto(dp: Option<&pb::DifferentialPrivacy>) -> Result<Option<Pri
     };
     // Zero is proto3's "unset" for the optional figures.
     let set = |v: f64| (v != 0.0).then_some(v);
-    Ok(Some(PrivacyConfig {
-        dp: Some(DpConfig {
-            level,
-            target_epsilon: dp.target_epsilon,
-            delta: dp.delta,
-            noise_multiplier: set(dp.noise_multiplier),
-            max_grad_norm: set(dp.max_grad_norm),
-            clip_norm: set(dp.clip_norm),
-        }),
+    Ok(Some(DpConfig {
+        level,
+        target_epsilon: dp.target_epsilon,
+        delta: dp.delta,
+        noise_multiplier: set(dp.noise_multiplier),
+        max_grad_norm: set(dp.max_grad_norm),
+        clip_norm: set(dp.clip_norm),
     }))
 }
 
@@ -148,7 +172,7 @@ pub fn plan_from_proto(p: &pb::TrainingPlan) -> Result<TrainingPlan> {
             .map_err(|e| bad(e.to_string()))?,
             evaluate: !p.skip_evaluation,
         },
-        privacy: privacy_from_proto(p.dp.as_ref())?,
+        privacy: privacy_from_proto(p)?,
         scaling,
     };
     plan.validate().map_err(bad)?;
@@ -178,6 +202,29 @@ pub struct UpdateUpload {
     pub first_chunk: u32,
     /// What record-level DP-SGD spent at the site (`None` without it).
     pub dp: Option<pb::DpSpend>,
+    /// A secure-aggregation upload: its chunks are made as they are sent
+    /// (`chunks` is then unused), so the site never holds the masked update
+    /// whole.
+    pub masked: Option<MaskedChunks>,
+}
+
+impl std::fmt::Debug for MaskedChunks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MaskedChunks")
+            .field("input", &self.input)
+            .field("count", &self.count)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The chunks of a masked upload, made on demand: chunk `i` of `count`.
+#[derive(Clone)]
+pub struct MaskedChunks {
+    pub input: pb::SecureInput,
+    pub count: usize,
+    /// Chunk `i`'s bytes; `None` ends the stream early (the coordinator then
+    /// refuses the truncated upload), for a failure already logged.
+    pub chunk: Arc<dyn Fn(usize) -> Option<bytes::Bytes> + Send + Sync>,
 }
 
 /// The messages of the `UploadUpdate` stream for `u`, in order: the header, the
@@ -214,17 +261,25 @@ pub fn upload_messages(
         first_chunk: u.first_chunk,
         encoding: u.encoding.name().into(),
         dp: u.dp,
+        secure: u.masked.as_ref().map(|m| m.input),
         ..Default::default()
     });
     let all = u.chunks;
-    let chunks = (u.first_chunk as usize..all.len()).map(move |i| {
-        let data = all[i].clone();
-        Part::Chunk(pb::UpdateChunk {
+    let (count, masked) = match u.masked {
+        Some(m) => (m.count, Some(m.chunk)),
+        None => (all.len(), None),
+    };
+    let chunks = (u.first_chunk as usize..count).map_while(move |i| {
+        let data = match &masked {
+            Some(make) => make(i)?,
+            None => all[i].clone(),
+        };
+        Some(Part::Chunk(pb::UpdateChunk {
             index: i as u32,
             crc32c: Some(crc32c::crc32c(&data)),
             data,
             ..Default::default()
-        })
+        }))
     });
     let trailer = Part::Trailer(pb::UpdateTrailer::default());
     Ok(std::iter::once(header)
@@ -305,6 +360,7 @@ seed = 42
             train_loss: 0.0,
             first_chunk: 0,
             dp: None,
+            masked: None,
         };
         let header = |u: UpdateUpload| match upload_messages(u).unwrap().next() {
             Some(pb::UpdateMessage {

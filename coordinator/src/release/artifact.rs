@@ -87,6 +87,10 @@ pub struct Provenance {
     /// The differential privacy the model was trained with (absent without it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub differential_privacy: Option<ProvenancePrivacy>,
+    /// Every round was securely aggregated (the audit log's round entries say
+    /// so): the coordinator only ever opened sums, never one firm's update.
+    #[serde(default)]
+    pub secure_aggregation: bool,
 }
 
 /// Mechanism, budget and settings of a differentially private training.
@@ -239,6 +243,8 @@ fn provenance(
         audit_head: i.audit_head.to_string(),
         released_at: released_at.to_string(),
         differential_privacy: provenance_privacy(i),
+        secure_aggregation: !i.facts.rounds.is_empty()
+            && i.facts.rounds.iter().all(|r| r.secure_aggregation),
     }
 }
 
@@ -351,6 +357,7 @@ fn card_front_privacy(s: &mut String, p: &Provenance) {
             let _ = writeln!(s, "differential_privacy: null");
         }
     }
+    let _ = writeln!(s, "secure_aggregation: {}", p.secure_aggregation);
 }
 
 /// The card's privacy section, in words.
@@ -379,6 +386,15 @@ fn card_privacy(s: &mut String, p: &Provenance) {
             );
         }
     }
+    let how = match p.secure_aggregation {
+        true => {
+            "Every round was securely aggregated (SecAgg+ masks in the exact fixed-point ring): the coordinator opened only each round's sum, never one contributor's update."
+        }
+        false => {
+            "Rounds were not securely aggregated: the coordinator received each contributor's update."
+        }
+    };
+    let _ = writeln!(s, "{how}\n");
 }
 
 /// Front matter: what the model is, its licence, and which weights it means.

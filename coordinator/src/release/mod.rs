@@ -96,6 +96,8 @@ pub fn rounds_from_audit(entries: &[Entry], training: &str) -> Vec<RoundFact> {
                 eval_macro_f1: e.data["eval_macro_f1"].as_f64(),
                 eval_accuracy: e.data["eval_accuracy"].as_f64(),
                 dp_epsilon: e.data["dp"]["model_epsilon"].as_f64(),
+                secure_aggregation: e.data["secure_aggregation"]["secure_aggregation"]
+                    == json!(true),
             },
         );
     }

@@ -57,6 +57,11 @@ pub struct Rules {
     /// `"record"` or `"client"` (default: either).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dp_level: Option<DpLevel>,
+    /// When true, only a model every round of which was securely aggregated
+    /// (the audit entry of each round records it) may be released: no
+    /// contributor's individual update was ever open to the coordinator.
+    #[serde(default)]
+    pub require_secure_aggregation: bool,
 }
 
 /// How contributors appear in the model card and provenance.
@@ -155,6 +160,9 @@ pub struct RoundFact {
     /// ε of the model after this round (differentially private trainings only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dp_epsilon: Option<f64>,
+    /// The round's audit entry records secure aggregation.
+    #[serde(default)]
+    pub secure_aggregation: bool,
 }
 
 /// What is known about a training when a release is requested.
@@ -244,7 +252,41 @@ pub fn evaluate(policy: &Policy, facts: &Facts, roster: &Roster) -> Vec<RuleResu
         min_rounds_rule(r, facts),
         min_macro_f1_rule(r, facts),
         differential_privacy_rule(r, facts),
+        secure_aggregation_rule(r, facts),
     ]
+}
+
+/// `require_secure_aggregation`: every round, from the audit log; a training
+/// with no round, or one plain round, fails closed.
+fn secure_aggregation_rule(r: &Rules, facts: &Facts) -> RuleResult {
+    let plain: Vec<u32> = facts
+        .rounds
+        .iter()
+        .filter(|f| !f.secure_aggregation)
+        .map(|f| f.round)
+        .collect();
+    let actual = match (facts.rounds.len(), plain.len()) {
+        (0, _) => "no completed round".to_string(),
+        (n, 0) => format!("all {n} rounds securely aggregated"),
+        (n, _) => format!(
+            "{} of {n} rounds without secure aggregation (rounds {plain:?})",
+            plain.len()
+        ),
+    };
+    match r.require_secure_aggregation {
+        false => rule(
+            "require_secure_aggregation",
+            "not required by this policy".into(),
+            actual,
+            true,
+        ),
+        true => rule(
+            "require_secure_aggregation",
+            "every round securely aggregated".into(),
+            actual,
+            !facts.rounds.is_empty() && plain.is_empty(),
+        ),
+    }
 }
 
 /// `require_consent`: judged against the roster now, so a consent withdrawn
@@ -450,6 +492,7 @@ terms = "For defect detection research within the AI Factory programme."
                     eval_macro_f1: f1,
                     eval_accuracy: f1,
                     dp_epsilon: None,
+                    secure_aggregation: false,
                 })
                 .collect(),
             epsilon: None,
@@ -504,7 +547,7 @@ terms = "For defect detection research within the AI Factory programme."
     fn a_good_training_passes_every_rule() {
         let p = Policy::from_toml(POLICY, "test").unwrap();
         let results = evaluate(&p, &good(), &roster(&[]));
-        assert_eq!(results.len(), 6);
+        assert_eq!(results.len(), 7);
         assert!(results.iter().all(|r| r.passed), "{results:#?}");
     }
 
@@ -543,6 +586,28 @@ terms = "For defect detection research within the AI Factory programme."
         let r = outcome(&p, &f, &roster(&[]), "min_contributors");
         assert!(!r.passed);
         assert_eq!(r.actual, "2 contributed");
+    }
+
+    #[test]
+    fn secure_aggregation_is_required_of_every_round() {
+        let mut p = Policy::from_toml(POLICY, "test").unwrap();
+        let mut f = good();
+        assert!(outcome(&p, &f, &roster(&[]), "require_secure_aggregation").passed);
+        p.rules.require_secure_aggregation = true;
+        let r = outcome(&p, &f, &roster(&[]), "require_secure_aggregation");
+        assert!(
+            !r.passed && r.actual.contains("without secure aggregation"),
+            "{r:?}"
+        );
+        for round in &mut f.rounds {
+            round.secure_aggregation = true;
+        }
+        assert!(outcome(&p, &f, &roster(&[]), "require_secure_aggregation").passed);
+        f.rounds[0].secure_aggregation = false;
+        let r = outcome(&p, &f, &roster(&[]), "require_secure_aggregation");
+        assert!(!r.passed && r.actual.contains("rounds [1]"), "{r:?}");
+        f.rounds.clear();
+        assert!(!outcome(&p, &f, &roster(&[]), "require_secure_aggregation").passed);
     }
 
     #[test]

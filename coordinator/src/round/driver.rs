@@ -52,6 +52,8 @@ struct Collected {
     attempts: u32,
     train_phase_secs: f64,
     fold_secs: f64,
+    /// How the secure round went (secure aggregation only).
+    secure: Option<crate::secure::SecureRecord>,
 }
 
 /// Drives one training from its statistics phase (or the round it stopped at,
@@ -161,6 +163,14 @@ async fn evaluate_committed_round(
         1,
     );
     record.privacy = spend;
+    if run.plan.secure_aggregation() {
+        let survivors = record
+            .participants
+            .iter()
+            .map(|u| u.org_id.clone())
+            .collect();
+        record.secure = Some(crate::secure::SecureRecord::after_restart(survivors));
+    }
     record_round(shared, run, rec, &record)
 }
 
@@ -202,6 +212,7 @@ async fn run_round(
         collected.attempts,
     );
     record.privacy = spend;
+    record.secure = collected.secure;
     record_round(shared, run, rec, &record)?;
     log_round(&run.plan, &record);
     Ok(published)
@@ -221,27 +232,74 @@ async fn collect_updates(
         attempt += 1;
         wait_for_participants(shared, min).await?;
         let phase_start = Instant::now();
-        open_round(shared, run, round, published)?;
         let deadline = tokio::time::Instant::now() + run.deadline;
+        let opened = open_round(shared, run, round, published, attempt);
+        let exchanged = match opened {
+            Ok(()) if run.plan.secure_aggregation() => {
+                super::secure::exchange_keys(shared, &run.id, deadline).await
+            }
+            other => other,
+        };
+        if let Err(e) = exchanged {
+            rerun_or_fail_because(shared, run, round, attempt, e)?;
+            continue;
+        }
         let all = wait_until(shared, Some(deadline), all_answered).await?;
         let (accepted, accumulator, fold_secs) = close_round(shared, round, all).await?;
-        if accepted.len() >= min {
-            return Ok(Collected {
-                accepted,
-                accumulator: accumulator.expect("a training round has an accumulator"),
-                attempts: attempt,
-                train_phase_secs: phase_start.elapsed().as_secs_f64(),
-                fold_secs,
-            });
+        let accumulator = accumulator.expect("a training round has an accumulator");
+        if accepted.len() < min {
+            let msg = format!(
+                "only {} of the required {min} updates were accepted",
+                accepted.len()
+            );
+            rerun_or_fail_because(
+                shared,
+                run,
+                round,
+                attempt,
+                CoordinatorError::FailedPrecondition(msg),
+            )?;
+            continue;
         }
-        rerun_or_fail(shared, run, round, attempt, accepted.len())?;
+        let (accumulator, secure) = match run.plan.secure_aggregation() {
+            false => (accumulator, None),
+            true => {
+                match super::secure::unmask_sum(shared, &run.id, accumulator, run.deadline).await {
+                    Ok((acc, record)) => (acc, Some(record)),
+                    Err(e) => {
+                        rerun_or_fail_because(shared, run, round, attempt, e)?;
+                        continue;
+                    }
+                }
+            }
+        };
+        return Ok(Collected {
+            accepted,
+            accumulator,
+            attempts: attempt,
+            train_phase_secs: phase_start.elapsed().as_secs_f64(),
+            fold_secs,
+            secure,
+        });
     }
 }
 
 /// Sends the training task to every eligible participant; updates accepted in
-/// this round before a restart are folded in first and not asked for again.
-fn open_round(shared: &Shared, run: &Run, round: u32, published: &PublishedModel) -> Result<()> {
+/// this round before a restart are folded in first and not asked for again
+/// (except in a secure round, whose masks died with the attempt's keys: it is
+/// redone whole).
+fn open_round(
+    shared: &Shared,
+    run: &Run,
+    round: u32,
+    published: &PublishedModel,
+    attempt: u32,
+) -> Result<()> {
     let model_info = published.info();
+    let secure = run.plan.secure_aggregation();
+    if secure {
+        shared.store.clear_contributions(&run.id, round)?;
+    }
     let preload = shared.store.contributions(&run.id, round)?;
     if !preload.is_empty() {
         tracing::info!(
@@ -251,14 +309,19 @@ fn open_round(shared: &Shared, run: &Run, round: u32, published: &PublishedModel
         );
     }
     let selected = open_phase(shared, Phase::Training, round, preload, |t| {
-        task(
+        let secure = match secure {
+            true => Some(super::secure::open_attempt(t, round, attempt)?),
+            false => None,
+        };
+        Ok(task(
             &t.id,
             round,
             pb::task::Kind::Train(pb::TrainTask {
                 plan: Some(run.wire_plan.clone()),
                 model: Some(model_info.clone()),
+                secure,
             }),
-        )
+        ))
     })?;
     tracing::info!(round, participants = selected.len(), "round opened");
     Ok(())
@@ -311,12 +374,27 @@ async fn close_round(
     ))
 }
 
-/// A round short of `min_participants`: forgets its updates so it can run
-/// again, or fails the training once `limits.round_attempts` are spent.
-fn rerun_or_fail(shared: &Shared, run: &Run, round: u32, attempt: u32, got: usize) -> Result<()> {
-    let min = run.plan.training.min_participants;
+/// A round that could not complete (short of `min_participants`, or a secure
+/// round that lost too many participants to unmask): forgets its updates so it
+/// can run again, or fails the training once `limits.round_attempts` are spent.
+/// Only a round-level condition (FAILED_PRECONDITION) re-runs; anything else
+/// (the shutdown, a failing disk) ends the training as before. Each re-run is
+/// in the audit log with its reason.
+fn rerun_or_fail_because(
+    shared: &Shared,
+    run: &Run,
+    round: u32,
+    attempt: u32,
+    why: CoordinatorError,
+) -> Result<()> {
+    let CoordinatorError::FailedPrecondition(reason) = why else {
+        return Err(why);
+    };
+    if let Some(t) = shared.training().as_mut() {
+        t.secure = None;
+    }
     let attempts = shared.config.limits.round_attempts;
-    let msg = format!("round {round}: only {got} of the required {min} updates were accepted");
+    let msg = format!("round {round}: {reason}");
     if attempt >= attempts {
         return Err(CoordinatorError::FailedPrecondition(format!(
             "{msg} after {attempt} attempts"
@@ -324,6 +402,10 @@ fn rerun_or_fail(shared: &Shared, run: &Run, round: u32, attempt: u32, got: usiz
     }
     shared.store.clear_contributions(&run.id, round)?;
     remove_spills(&run.out_dir, round);
+    shared.audit.record(
+        "round_rerun",
+        serde_json::json!({"training": run.id, "round": round, "attempt": attempt, "reason": reason}),
+    );
     tracing::warn!("{msg}; re-running the round (attempt {attempt} of {attempts})");
     Ok(())
 }

@@ -29,14 +29,14 @@ pub(super) async fn evaluate(
     }
     let info = model.info();
     open_phase(shared, Phase::Evaluating, model.round, vec![], |t| {
-        task(
+        Ok(task(
             &t.id,
             model.round,
             pb::task::Kind::Evaluate(pb::EvaluateTask {
                 plan: Some(wire_plan.clone()),
                 model: Some(info.clone()),
             }),
-        )
+        ))
     })?;
     let eval_deadline = tokio::time::Instant::now() + deadline / EVALUATION_DEADLINE_FRACTION;
     wait_until(shared, Some(eval_deadline), all_answered).await?;

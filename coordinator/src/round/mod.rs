@@ -18,9 +18,12 @@
 //! site's budget after the statistics, each update's reported spend as it
 //! arrives, and the ε the committed round spent.
 //!
-//! New round steps plug in here: masking and unmasking (secure aggregation)
-//! between collect and aggregate, noise and robust rules in aggregate, metering
-//! after evaluate.
+//! [`secure`] holds the secure-aggregation steps around collecting updates:
+//! the key exchange after opening the round, and unmasking the sum after
+//! closing it (`crate::secure` keeps the attempt's bookkeeping).
+//!
+//! New round steps plug in here: robust rules in aggregate, metering after
+//! evaluate.
 
 pub mod commit;
 pub mod driver;
@@ -29,6 +32,7 @@ pub mod lifecycle;
 pub mod phase;
 pub mod privacy;
 pub mod record;
+pub mod secure;
 pub mod statistics;
 pub mod upload;
 

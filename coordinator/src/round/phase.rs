@@ -94,7 +94,7 @@ pub(super) fn open_phase(
     phase: Phase,
     round: u32,
     preload: Vec<StoredContribution>,
-    make: impl Fn(&Training) -> pb::Task,
+    make: impl FnOnce(&mut Training) -> Result<pb::Task>,
 ) -> Result<BTreeSet<String>> {
     let mut selected = eligible(shared);
     let task = {
@@ -130,7 +130,7 @@ pub(super) fn open_phase(
             t.accumulator = Some(acc);
         }
         t.selected = selected.clone();
-        let task = make(t);
+        let task = make(t)?;
         t.current_task = Some(task.clone());
         task
     };

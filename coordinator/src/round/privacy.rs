@@ -272,6 +272,7 @@ mod tests {
                 max_grad_norm: None,
                 clip_norm: Some(0.5),
             }),
+            ..Default::default()
         });
         plan.validate().unwrap();
         plan

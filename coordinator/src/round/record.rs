@@ -28,6 +28,9 @@ pub struct RoundRecord {
     /// Differential privacy spent once this round is committed (absent without it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub privacy: Option<super::privacy::RoundSpend>,
+    /// How the secure-aggregation round went (absent without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secure: Option<crate::secure::SecureRecord>,
 }
 
 #[derive(Debug, Serialize)]
@@ -85,6 +88,7 @@ pub(super) fn round_record(
         timings,
         attempts,
         privacy: None,
+        secure: None,
     }
 }
 
@@ -125,6 +129,10 @@ pub(super) fn audit_round(shared: &Shared, r: &RoundRecord) -> Result<()> {
     // plain ones are as before.
     if let Some(spend) = &r.privacy {
         entry["dp"] = serde_json::to_value(spend).expect("a privacy record serialises");
+    }
+    if let Some(secure) = &r.secure {
+        entry["secure_aggregation"] =
+            serde_json::to_value(secure).expect("a secure-aggregation record serialises");
     }
     shared.audit.append("round_completed", entry)?;
     Ok(())

@@ -27,13 +27,13 @@ pub(super) async fn collect_scaling(
         wait_for_participants(shared, min).await?;
         let wire_plan = plan_to_proto(&plan);
         let selected = open_phase(shared, Phase::CollectingStatistics, 0, vec![], |t| {
-            task(
+            Ok(task(
                 &t.id,
                 0,
                 pb::task::Kind::Stats(pb::StatsTask {
                     plan: Some(wire_plan.clone()),
                 }),
-            )
+            ))
         })?;
         tracing::info!(
             participants = selected.len(),

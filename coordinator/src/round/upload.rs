@@ -20,7 +20,8 @@ use crate::error::{CoordinatorError, Result};
 use crate::state::{Folding, PartialUpload, Phase, Shared, Training, current_training};
 use crate::transfer::spill::spill_path;
 use crate::transfer::{
-    CheckedChunk, DeltaReceiver, Spill, delta_algorithm, read_spill, settle_header, settle_trailer,
+    CheckedChunk, DeltaReceiver, Payload, Spill, delta_algorithm, read_spill, read_spill_raw,
+    settle_header, settle_trailer,
 };
 
 /// Receives one upload stream from `org` to its end and returns the receipt, or
@@ -136,6 +137,7 @@ fn admit(shared: &Shared, org: &str, header: &pb::UpdateHeader) -> Result<(usize
             t.plan.training.update_encoding.name()
         )));
     }
+    check_secure_input(t, org, header)?;
     if header.num_examples == 0 || header.num_examples > limits.max_examples_per_update {
         return Err(CoordinatorError::InvalidArgument(format!(
             "num_examples {} is outside 1..={}",
@@ -145,6 +147,24 @@ fn admit(shared: &Shared, org: &str, header: &pb::UpdateHeader) -> Result<(usize
     t.next_upload_id += 1;
     t.uploading.insert(org.to_string(), t.next_upload_id);
     Ok((n, t.next_upload_id))
+}
+
+/// A secure round takes masked updates only, each under the attempt and index
+/// its sender was given; a plain round takes none.
+fn check_secure_input(t: &Training, org: &str, header: &pb::UpdateHeader) -> Result<()> {
+    match (t.plan.secure_aggregation(), &t.secure, &header.secure) {
+        (false, _, None) => Ok(()),
+        (false, _, Some(_)) => Err(CoordinatorError::InvalidArgument(
+            "the update is masked (UpdateHeader.secure), but this training does not use secure aggregation".into(),
+        )),
+        (true, _, None) => Err(CoordinatorError::InvalidArgument(
+            "this training uses secure aggregation: the update must be masked (UpdateHeader.secure); an unmasked update is never accepted".into(),
+        )),
+        (true, None, Some(_)) => Err(CoordinatorError::FailedPrecondition(
+            "no secure-aggregation attempt is taking updates".into(),
+        )),
+        (true, Some(attempt), Some(input)) => attempt.check_upload(org, input),
+    }
 }
 
 /// A connection that broke or a round that closed may be retried; an update
@@ -189,6 +209,7 @@ impl Incoming<'_> {
         let (rx, spill, upload_id) = self.resume_or_new(num_params)?;
         *unfinished = Some(upload_id);
         let encoding = rx.encoding();
+        let rx_masked = rx.is_masked();
         let (rx, spill, trailer) = self
             .receive_chunks(stream, rx, spill, upload_id, unfinished)
             .await?;
@@ -210,7 +231,12 @@ impl Incoming<'_> {
             num_examples: header.num_examples,
             train_loss: header.train_loss,
         };
-        let spill = self.make_durable(&update, encoding, spill).await?;
+        let spill = match rx_masked {
+            // A masked update cannot be folded in again after a restart (its
+            // masks die with the attempt's keys), so it is not recorded for that.
+            true => spill,
+            false => self.make_durable(&update, encoding, spill).await?,
+        };
         let accepted_in_round = self.count_accepted(upload_id, update)?;
         *unfinished = None;
         if !self.shared.config.durable_updates {
@@ -307,6 +333,11 @@ impl Incoming<'_> {
                 "round {round} closed while this update was being received"
             )));
         }
+        if let Some(attempt) = t.secure.as_mut() {
+            // Counted by the protocol first: one that cannot be (unmasking
+            // began) is undone by the caller, as if it had never arrived.
+            attempt.masked_input_accepted(org)?;
+        }
         t.folding.remove(org);
         t.accumulator
             .as_mut()
@@ -377,20 +408,22 @@ impl Incoming<'_> {
                 upload_id,
                 spill: path,
                 encoding,
+                masked: header.secure.is_some(),
                 weight,
                 folded: 0,
             },
         );
-        Ok((
-            DeltaReceiver::new(
-                num_params,
-                self.shared.config.limits.max_chunk_bytes,
-                encoding,
-                algorithm,
-            ),
-            spill,
-            upload_id,
-        ))
+        let rx = DeltaReceiver::new(
+            num_params,
+            self.shared.config.limits.max_chunk_bytes,
+            encoding,
+            algorithm,
+        );
+        let rx = match header.secure.is_some() {
+            true => rx.masked(),
+            false => rx,
+        };
+        Ok((rx, spill, upload_id))
     }
 
     /// The kept part of this organisation's broken-off upload, if the header
@@ -410,6 +443,7 @@ impl Incoming<'_> {
                 && p.num_examples == header.num_examples
                 && p.delta_sha256 == header.delta_sha256
                 && p.receiver.next_index() == header.first_chunk
+                && p.receiver.is_masked() == header.secure.is_some()
         });
         // A mismatching request leaves the kept part alone: the right resume may follow.
         match if matches { t.partial.remove(org) } else { None } {
@@ -489,11 +523,14 @@ impl Incoming<'_> {
         };
         let start = sangsaeng_common::process::thread_cpu_time();
         // All or nothing: a refused chunk is not folded, so it is not counted.
-        let folded = t
+        let acc = t
             .accumulator
             .as_mut()
-            .expect("a training round has an accumulator")
-            .fold(chunk.offset, chunk.values, f.weight);
+            .expect("a training round has an accumulator");
+        let folded = match chunk.payload {
+            Payload::Values(values) => acc.fold(chunk.offset, values, f.weight),
+            Payload::Masked(words) => acc.fold_masked(chunk.offset, words),
+        };
         t.fold_time += sangsaeng_common::process::thread_cpu_time().saturating_sub(start);
         folded?;
         f.folded += 1;
@@ -639,9 +676,27 @@ fn undo(shared: &Shared, round: u32, f: Folding) {
         }
         Ok(())
     };
-    if f.folded > 0
-        && let Err(e) = read_spill(&f.spill, f.encoding, Some(f.folded), unfold)
-    {
+    let masked_offset = std::cell::Cell::new(0usize);
+    let unfold_masked = |_: u32, data: &[u8]| {
+        let mut words = Vec::new();
+        sangsaeng_common::privacy::secagg::wire::decode_words(data, &mut words)?;
+        if let Some(acc) = shared
+            .training()
+            .as_mut()
+            .filter(|t| t.round == round)
+            .and_then(|t| t.accumulator.as_mut())
+        {
+            acc.unfold_masked(masked_offset.get(), &words);
+        }
+        masked_offset.set(masked_offset.get() + words.len());
+        Ok(())
+    };
+    let read = match f.masked {
+        false if f.folded > 0 => read_spill(&f.spill, f.encoding, Some(f.folded), unfold),
+        true if f.folded > 0 => read_spill_raw(&f.spill, Some(f.folded), unfold_masked),
+        _ => Ok(()),
+    };
+    if let Err(e) = read {
         // The spill was written by this process moments ago; failing to read it
         // back means the disk is failing. The round cannot be trusted any more.
         tracing::error!(spill = %f.spill.display(), "could not undo a refused update: {e}");

@@ -116,13 +116,18 @@ impl Federation for FederationService {
             if let Some(t) = t.as_mut() {
                 t.left.remove(&org);
             }
+            // In a secure round, also the step it waits on (after its TrainTask,
+            // whose keys it still holds).
             t.as_ref().and_then(|t| {
-                (t.selected.contains(&org) && !t.has_answered(&org) && !t.phase.is_finished())
-                    .then(|| t.current_task.clone())
-                    .flatten()
+                (t.selected.contains(&org) && !t.has_answered(&org) && !t.phase.is_finished()).then(
+                    || {
+                        let step = t.secure.as_ref().and_then(|s| s.pending_task(&org));
+                        [t.current_task.clone(), step]
+                    },
+                )
             })
         };
-        if let Some(task) = resend {
+        for task in resend.into_iter().flatten().flatten() {
             let _ = tx.try_send(Ok(task));
         }
         self.shared.notify();
@@ -394,6 +399,22 @@ impl Federation for FederationService {
         // A participant that leaves will not use the upload slot it reserved.
         drop(self.shared.take_reserved_upload(&org));
         self.shared.notify();
+        Ok(Response::new(pb::Ack::default()))
+    }
+
+    async fn secure_aggregation(
+        &self,
+        req: Request<pb::SecureAggregationMessage>,
+    ) -> std::result::Result<Response<pb::Ack>, Status> {
+        let org = self.caller(&req, "SecureAggregation")?;
+        // The advert's certificate is the one this connection authenticated
+        // with: a participant cannot present another's.
+        let cert = req
+            .peer_certs()
+            .and_then(|c| c.first().map(|c| c.to_vec()))
+            .unwrap_or_default();
+        crate::secure::receive::receive(&self.shared, &org, cert, req.into_inner())
+            .map_err(|e| self.refuse(&org, "SecureAggregation", e))?;
         Ok(Response::new(pb::Ack::default()))
     }
 }

@@ -17,7 +17,26 @@ use crate::error::{CoordinatorError, Result};
 #[derive(Debug)]
 pub struct CheckedChunk<'a> {
     pub offset: usize,
-    pub values: &'a [f32],
+    pub payload: Payload<'a>,
+}
+
+impl<'a> CheckedChunk<'a> {
+    /// The delta values of a plain upload's chunk (`None` for a masked one).
+    pub fn values(&self) -> Option<&'a [f32]> {
+        match self.payload {
+            Payload::Values(v) => Some(v),
+            Payload::Masked(_) => None,
+        }
+    }
+}
+
+/// A chunk's decoded content.
+#[derive(Debug, Clone, Copy)]
+pub enum Payload<'a> {
+    /// Delta values (a plain upload).
+    Values(&'a [f32]),
+    /// Masked fixed-point words (a secure-aggregation upload).
+    Masked(&'a [i64]),
 }
 
 /// Checks a delta's chunks in order (index, size, CRC-32C and/or digest,
@@ -34,6 +53,8 @@ pub struct DeltaReceiver {
     hasher: digest::Hasher,
     /// Decoded values of the latest chunk, reused from chunk to chunk.
     values: Vec<f32>,
+    /// Set for a masked upload: chunks are words of Z_2^64, decoded here.
+    masked: Option<Vec<i64>>,
 }
 
 impl std::fmt::Debug for DeltaReceiver {
@@ -51,6 +72,9 @@ impl DeltaReceiver {
     /// set aside until its upload resumes.
     pub fn release_buffer(&mut self) {
         self.values = Vec::new();
+        if let Some(words) = &mut self.masked {
+            *words = Vec::new();
+        }
     }
 
     /// Index of the next chunk expected (the number of chunks accepted so far).
@@ -78,11 +102,30 @@ impl DeltaReceiver {
             received_values: 0,
             hasher: digest::Hasher::new(algorithm),
             values: Vec::new(),
+            masked: None,
         }
+    }
+
+    /// A receiver for a masked upload (secure aggregation): its chunks are
+    /// 8-byte words, one per parameter.
+    pub fn masked(mut self) -> Self {
+        self.masked = Some(Vec::new());
+        self
+    }
+
+    pub fn is_masked(&self) -> bool {
+        self.masked.is_some()
     }
 
     /// Checks one chunk and returns its decoded values with their offset.
     pub fn push(&mut self, chunk: &pb::UpdateChunk) -> Result<CheckedChunk<'_>> {
+        self.check_transfer(chunk)?;
+        self.decode(chunk)
+    }
+
+    /// The chunk as sent: in order, within the size limit, and matching its
+    /// CRC-32C and/or SHA-256.
+    fn check_transfer(&self, chunk: &pb::UpdateChunk) -> Result<()> {
         use sha2::Digest;
         let bad = |m: String| Err(CoordinatorError::InvalidArgument(m));
         if chunk.index != self.next_index {
@@ -136,15 +179,34 @@ impl DeltaReceiver {
                 hex::encode(digest)
             ));
         }
-        match encoding::decode_chunk_into(&chunk.data, self.encoding, &mut self.values) {
+        Ok(())
+    }
+
+    /// Decodes a checked chunk (values, or masked words) and advances.
+    fn decode(&mut self, chunk: &pb::UpdateChunk) -> Result<CheckedChunk<'_>> {
+        let bad = |m: String| Err(CoordinatorError::InvalidArgument(m));
+        let decoded = match &mut self.masked {
+            Some(words) => {
+                sangsaeng_common::privacy::secagg::wire::decode_words(&chunk.data, words)
+            }
+            None => encoding::decode_chunk_into(&chunk.data, self.encoding, &mut self.values),
+        };
+        match decoded {
             Ok(()) => {}
             Err(sangsaeng_common::Error::Protocol(m)) => {
                 return bad(format!("chunk {}: {m}", chunk.index));
             }
             Err(e) => return bad(format!("chunk {}: {e}", chunk.index)),
         };
-        let values = &self.values[..];
-        if self.received_values + values.len() > self.expected_values {
+        let payload = match &self.masked {
+            Some(words) => Payload::Masked(words),
+            None => Payload::Values(&self.values),
+        };
+        let len = match payload {
+            Payload::Values(v) => v.len(),
+            Payload::Masked(w) => w.len(),
+        };
+        if self.received_values + len > self.expected_values {
             return bad(format!(
                 "chunk {} takes the delta beyond the model's {} values",
                 chunk.index, self.expected_values
@@ -152,9 +214,9 @@ impl DeltaReceiver {
         }
         self.hasher.update(&chunk.data);
         let offset = self.received_values;
-        self.received_values += values.len();
+        self.received_values += len;
         self.next_index += 1;
-        Ok(CheckedChunk { offset, values })
+        Ok(CheckedChunk { offset, payload })
     }
 
     /// Checks the length and the trailer's whole-delta digest (settled by
@@ -273,9 +335,9 @@ mod tests {
         let v: Vec<f32> = (0..10).map(|i| i as f32 * 0.5).collect();
         let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32, DigestAlgorithm::Sha256);
         let a = r.push(&chunk(0, &v[..6])).unwrap();
-        assert_eq!((a.offset, a.values), (0, &v[..6]));
+        assert_eq!((a.offset, a.values().unwrap()), (0, &v[..6]));
         let b = r.push(&chunk(1, &v[6..])).unwrap();
-        assert_eq!((b.offset, b.values), (6, &v[6..]));
+        assert_eq!((b.offset, b.values().unwrap()), (6, &v[6..]));
         assert_eq!(r.finish(&trailer(&v)).unwrap(), weights::digest(&v));
 
         let mut r = DeltaReceiver::new(10, 4096, UpdateEncoding::Float32, DigestAlgorithm::Sha256);
@@ -422,7 +484,7 @@ mod tests {
                 })
                 .unwrap();
             assert_eq!(checked.offset, got.len());
-            got.extend_from_slice(checked.values);
+            got.extend_from_slice(checked.values().unwrap());
         }
         let sha = r
             .finish(&pb::UpdateTrailer {

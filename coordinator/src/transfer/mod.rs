@@ -12,6 +12,8 @@ pub mod delta;
 pub mod model;
 pub mod spill;
 
-pub use delta::{CheckedChunk, DeltaReceiver, delta_algorithm, settle_header, settle_trailer};
+pub use delta::{
+    CheckedChunk, DeltaReceiver, Payload, delta_algorithm, settle_header, settle_trailer,
+};
 pub use model::{ModelDigests, PublishedModel};
-pub use spill::{SPILL_MAGIC, Spill, read_spill};
+pub use spill::{SPILL_MAGIC, Spill, read_spill, read_spill_raw};

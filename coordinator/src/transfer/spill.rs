@@ -216,11 +216,31 @@ pub fn read_spill(
     path: &Path,
     encoding: UpdateEncoding,
     frames: Option<u32>,
-    each: impl FnMut(usize, &[f32], &[u8]) -> Result<()>,
+    mut each: impl FnMut(usize, &[f32], &[u8]) -> Result<()>,
 ) -> Result<()> {
-    let damaged = |m: String| {
-        CoordinatorError::Store(format!("spilled update {} is damaged: {m}", path.display()))
-    };
+    let mut offset = 0usize;
+    let mut values = Vec::new();
+    read_spill_raw(path, frames, |n, data| {
+        encoding::decode_chunk_into(data, encoding, &mut values)
+            .map_err(|e| damaged(path, format!("frame {n}: {e}")))?;
+        each(offset, &values, data)?;
+        offset += values.len();
+        Ok(())
+    })
+}
+
+fn damaged(path: &Path, m: String) -> CoordinatorError {
+    CoordinatorError::Store(format!("spilled update {} is damaged: {m}", path.display()))
+}
+
+/// Reads a spill file's frames as written (the first `frames`, or all), each
+/// handed to `each` with its number: for payloads [`read_spill`] does not
+/// decode (masked words).
+pub fn read_spill_raw(
+    path: &Path,
+    frames: Option<u32>,
+    each: impl FnMut(u32, &[u8]) -> Result<()>,
+) -> Result<()> {
     let file = File::open(path)
         .map_err(|e| CoordinatorError::io(format!("opening {}", path.display()), e))?;
     let mut r = BufReader::with_capacity(1 << 20, file);
@@ -230,29 +250,26 @@ pub fn read_spill(
     (&mut r)
         .take(SPILL_MAGIC.len() as u64)
         .read_to_end(&mut first)
-        .map_err(|e| damaged(format!("header block: {e}")))?;
+        .map_err(|e| damaged(path, format!("header block: {e}")))?;
     if first == SPILL_MAGIC {
         let mut rest = vec![0u8; SPILL_ALIGN - SPILL_MAGIC.len()];
         r.read_exact(&mut rest)
-            .map_err(|e| damaged(format!("header block: {e}")))?;
-        read_frames(r, encoding, frames, true, damaged, each)
+            .map_err(|e| damaged(path, format!("header block: {e}")))?;
+        read_frames(r, frames, true, |m| damaged(path, m), each)
     } else {
         let r = std::io::Cursor::new(first).chain(r);
-        read_frames(r, encoding, frames, false, damaged, each)
+        read_frames(r, frames, false, |m| damaged(path, m), each)
     }
 }
 
 fn read_frames(
     mut r: impl Read,
-    encoding: UpdateEncoding,
     frames: Option<u32>,
     padded: bool,
     damaged: impl Fn(String) -> CoordinatorError,
-    mut each: impl FnMut(usize, &[f32], &[u8]) -> Result<()>,
+    mut each: impl FnMut(u32, &[u8]) -> Result<()>,
 ) -> Result<()> {
-    let mut offset = 0usize;
     let mut buf = Vec::new();
-    let mut values = Vec::new();
     let mut n = 0u32;
     while frames.is_none_or(|f| n < f) {
         let mut len = [0u8; 4];
@@ -269,11 +286,7 @@ fn read_frames(
         buf.resize(len + pad, 0);
         r.read_exact(&mut buf)
             .map_err(|e| damaged(format!("frame {n}: {e}")))?;
-        let data = &buf[..len];
-        encoding::decode_chunk_into(data, encoding, &mut values)
-            .map_err(|e| damaged(format!("frame {n}: {e}")))?;
-        each(offset, &values, data)?;
-        offset += values.len();
+        each(n, &buf[..len])?;
         n += 1;
     }
     Ok(())

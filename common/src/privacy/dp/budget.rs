@@ -127,7 +127,10 @@ mod tests {
             "test",
         )
         .unwrap();
-        plan.privacy = Some(PrivacyConfig { dp: Some(dp) });
+        plan.privacy = Some(PrivacyConfig {
+            dp: Some(dp),
+            ..Default::default()
+        });
         plan
     }
 

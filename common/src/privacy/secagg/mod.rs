@@ -11,9 +11,10 @@
 //! secrets let the coordinator remove what is left: the self masks of the
 //! survivors, and the pairwise masks of those that dropped.
 //!
-//! Scope: the cryptographic core, as pure functions and state machines; no
-//! networking. Signing and verifying adverts (with the TLS keys), transport,
-//! timeouts and the accumulator's wrapping fold belong to the callers.
+//! The core is pure functions and state machines, with no networking; [`wire`]
+//! maps it onto the `sangsaeng.v1` messages (and signs adverts with the TLS
+//! keys). The round's steps over gRPC are the coordinator's `round/secure`
+//! and the participant's `secure` module.
 //!
 //! Map:
 //! - [`context`]: the round a message belongs to; canonical, domain-separated
@@ -28,6 +29,7 @@
 //! - [`participant`]: the participant's state machine.
 //! - [`coordinator`]: the coordinator's state machine.
 //! - [`unmask`]: removing the masks from the sum, chunk by chunk.
+//! - [`wire`]: the protocol messages, advert signatures, masked chunks.
 //!
 //! Shamir crate: vsss-rs 6 (audited, constant-time GF(256) without lookup
 //! tables, explicit non-zero share ids, no RustSec advisory), over blahaj, the
@@ -44,6 +46,7 @@ pub mod protocol;
 pub mod sealed;
 pub mod shamir;
 pub mod unmask;
+pub mod wire;
 
 pub use context::RoundContext;
 pub use coordinator::{Coordinator, ShareRouting, SuspectShare};

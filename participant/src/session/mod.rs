@@ -29,6 +29,8 @@ use crate::error::{ParticipantError, Result};
 use crate::privacy::RoundPrivacy;
 use crate::site::{self, Site};
 
+mod secure_round;
+
 /// A broken-off model download resumes from the last good chunk this many times.
 const DOWNLOAD_ATTEMPTS: u32 = 4;
 
@@ -53,6 +55,10 @@ pub struct Session {
     /// during its upload, the same round's task comes again after reconnecting and
     /// the upload resumes instead of training again.
     pending: Option<PendingUpload>,
+    /// Who this site is in secure-aggregation rounds.
+    identity: crate::secure::Identity,
+    /// The secure-aggregation attempt this site is in, if any.
+    secure: Option<crate::secure::SecureRound>,
 }
 
 /// A delta as it is sent: encoded once, hashed once, and kept in that form (the
@@ -65,6 +71,11 @@ struct PendingUpload {
     num_params: u64,
     encoding: UpdateEncoding,
     chunks: Arc<[bytes::Bytes]>,
+    /// For a secure round: the delta's values as the coordinator would decode
+    /// them (after the plan's encoding), masked only as they are sent; `chunks`
+    /// is then empty.
+    values: Option<Arc<Vec<f32>>>,
+    algorithm: DigestAlgorithm,
     /// Digest id of all chunks' bytes (`sangsaeng_common::transfer::digest`).
     delta_digest: String,
     num_examples: u64,
@@ -77,7 +88,10 @@ impl Session {
     pub fn new(cfg: ParticipantConfig) -> Result<Self> {
         let tls = cfg.tls.load()?;
         let site = Site::new(cfg.data.clone(), cfg.features_from_plan);
+        let identity = crate::secure::Identity::from_tls(&tls)?;
         Ok(Session {
+            identity,
+            secure: None,
             cfg,
             site,
             tls,
@@ -180,7 +194,7 @@ impl Session {
                 Ok(true) if self.cfg.exit_after_training => return Ok(Ended::Done),
                 Ok(_) => {}
                 Err(e) if e.is_transient() => return Err(e),
-                Err(e @ ParticipantError::Rpc { .. }) => {
+                Err(e @ (ParticipantError::Rpc { .. } | ParticipantError::Refused(_))) => {
                     // The coordinator refused this piece of work (e.g. the round closed);
                     // the next task will come down the stream.
                     tracing::warn!(training = %training_id, round, "{e}");
@@ -238,39 +252,23 @@ impl Session {
             pb::task::Kind::Train(t) => {
                 let plan = plan_from_proto(t.plan.as_ref().ok_or_else(|| missing("a plan"))?)?;
                 let info = t.model.ok_or_else(|| missing("a model"))?;
-                self.train(client, &tid, task.round, &plan, &info).await?;
+                match t.secure {
+                    Some(secure) => {
+                        self.train_secure(client, &tid, task.round, &plan, &info, secure)
+                            .await?
+                    }
+                    None => self.train(client, &tid, task.round, &plan, &info).await?,
+                }
+                Ok(false)
+            }
+            pb::task::Kind::Secure(step) => {
+                self.secure_step(client, &tid, task.round, step).await?;
                 Ok(false)
             }
             pb::task::Kind::Evaluate(e) => {
                 let plan = plan_from_proto(e.plan.as_ref().ok_or_else(|| missing("a plan"))?)?;
                 let info = e.model.ok_or_else(|| missing("a model"))?;
-                let prepared = self.site.prepare(&tid, &plan)?;
-                let params = download(client, &tid, &info).await?;
-                let (_, val) = site::scaled(&prepared, &plan)?;
-                let spec = ModelSpec::from_plan(&plan);
-                let backend = self.cfg.backend;
-                let ev = tokio::task::spawn_blocking(move || {
-                    train::evaluate(backend, &spec, &params, &val)
-                })
-                .await
-                .map_err(|e| ParticipantError::Transfer(format!("evaluation thread: {e}")))??;
-                client
-                    .submit_evaluation(pb::EvaluationReport {
-                        training_id: tid.clone(),
-                        model_round: info.round,
-                        num_examples: ev.n as u64,
-                        loss: ev.loss,
-                        accuracy: ev.accuracy,
-                        macro_f1: ev.macro_f1,
-                    })
-                    .await
-                    .map_err(|s| ParticipantError::rpc("SubmitEvaluation", s))?;
-                tracing::info!(
-                    training = %tid,
-                    round = info.round,
-                    "global model on local validation: loss {:.4}, accuracy {:.4}, macro-F1 {:.4}",
-                    ev.loss, ev.accuracy, ev.macro_f1
-                );
+                self.evaluate(client, &tid, &plan, &info).await?;
                 Ok(false)
             }
             pb::task::Kind::Finished(f) => {
@@ -278,6 +276,43 @@ impl Session {
                 Ok(true)
             }
         }
+    }
+
+    /// Scores the round's global model on this site's validation split.
+    async fn evaluate(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        tid: &str,
+        plan: &TrainingPlan,
+        info: &pb::ModelInfo,
+    ) -> Result<()> {
+        let prepared = self.site.prepare(tid, plan)?;
+        let params = download(client, tid, info).await?;
+        let (_, val) = site::scaled(&prepared, plan)?;
+        let spec = ModelSpec::from_plan(plan);
+        let backend = self.cfg.backend;
+        let ev =
+            tokio::task::spawn_blocking(move || train::evaluate(backend, &spec, &params, &val))
+                .await
+                .map_err(|e| ParticipantError::Transfer(format!("evaluation thread: {e}")))??;
+        client
+            .submit_evaluation(pb::EvaluationReport {
+                training_id: tid.to_string(),
+                model_round: info.round,
+                num_examples: ev.n as u64,
+                loss: ev.loss,
+                accuracy: ev.accuracy,
+                macro_f1: ev.macro_f1,
+            })
+            .await
+            .map_err(|s| ParticipantError::rpc("SubmitEvaluation", s))?;
+        tracing::info!(
+            training = %tid,
+            round = info.round,
+            "global model on local validation: loss {:.4}, accuracy {:.4}, macro-F1 {:.4}",
+            ev.loss, ev.accuracy, ev.macro_f1
+        );
+        Ok(())
     }
 
     async fn train(
@@ -332,6 +367,7 @@ impl Session {
                 train_loss: p.train_loss,
                 first_chunk,
                 dp: p.dp,
+                masked: None,
             },
         )
         .await?;
@@ -401,8 +437,9 @@ impl Session {
                 .map(bytes::Bytes::from)
                 .collect();
         drop(delta);
+        let algorithm = DigestAlgorithm::announced_by(info);
         let delta_digest = {
-            let mut h = digest::Hasher::new(DigestAlgorithm::announced_by(info));
+            let mut h = digest::Hasher::new(algorithm);
             for c in chunks.iter() {
                 h.update(c);
             }
@@ -418,6 +455,8 @@ impl Session {
             num_params,
             encoding,
             chunks,
+            values: None,
+            algorithm,
             delta_digest,
             num_examples: n,
             train_loss: loss,
