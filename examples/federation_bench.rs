@@ -40,6 +40,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -55,6 +56,7 @@ use sangsaeng_common::learning::model::ModelSpec;
 use sangsaeng_common::transfer::digest::{self, DigestAlgorithm};
 use sangsaeng_common::transfer::encoding::{self, UpdateEncoding};
 use sangsaeng_common::transfer::weights;
+use sangsaeng_participant::secure::{Identity, SecureRound};
 use sangsaeng_proto::v1 as pb;
 use sangsaeng_proto::v1::federation_client::FederationClient;
 
@@ -100,6 +102,15 @@ struct Args {
     /// Seconds a point may take before it is abandoned.
     #[arg(long, default_value_t = 900)]
     timeout: u64,
+    /// Run every round with secure aggregation (`[privacy] secure_aggregation`):
+    /// the participants advertise keys, share them, upload masked words and
+    /// answer the unmasking request, as the daemon does.
+    #[arg(long)]
+    secure: bool,
+    /// With `--secure`: the SecAgg+ neighbour degree (`secure_aggregation_degree`;
+    /// absent: every participant is every other's neighbour).
+    #[arg(long, requires = "secure")]
+    secure_degree: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -154,17 +165,23 @@ fn shape_for(p: usize) -> Vec<usize> {
     vec![h, h]
 }
 
-fn plan_toml(p: usize, k: usize, encoding: &str) -> String {
+fn plan_toml(p: usize, k: usize, encoding: &str, secure: Option<Option<u32>>) -> String {
     let cols: Vec<String> = (0..N_FEATURES).map(|i| format!("\"f{i}\"")).collect();
     let hidden = shape_for(p);
     format!(
         "[schema]\nfeature_columns = [{}]\nlabel_column = \"y\"\nclasses = [\"ok\", \"fault\"]\n\n\
          [model]\nhidden_layers = [{}, {}]\n\n\
          [training]\nrounds = {ROUNDS}\nlearning_rate = 0.01\nmin_participants = {k}\n\
-         round_deadline_secs = 3600\nseed = {SEED}\nupdate_encoding = \"{encoding}\"\nevaluate = false\n",
+         round_deadline_secs = 3600\nseed = {SEED}\nupdate_encoding = \"{encoding}\"\nevaluate = false\n{}",
         cols.join(", "),
         hidden[0],
-        hidden[1]
+        hidden[1],
+        match secure {
+            None => String::new(),
+            Some(None) => "\n[privacy]\nsecure_aggregation = true\n".into(),
+            Some(Some(d)) =>
+                format!("\n[privacy]\nsecure_aggregation = true\nsecure_aggregation_degree = {d}\n"),
+        }
     )
 }
 
@@ -310,6 +327,8 @@ async fn participate(dir: &Path, url: &str, index: usize, sha256: bool) -> anyho
     // participant's subscription is registered); each is done once.
     let mut stats_sent = false;
     let mut uploaded = 0u32;
+    let identity = sangsaeng_participant::secure::Identity::from_tls(&tls)?;
+    let mut secure: Option<(SecureState, pb::ModelInfo)> = None;
     while let Some(task) = tasks.message().await? {
         match task.kind {
             Some(pb::task::Kind::Stats(_)) if stats_sent => {}
@@ -325,6 +344,41 @@ async fn participate(dir: &Path, url: &str, index: usize, sha256: bool) -> anyho
                         sum_sq: vec![100.0; n],
                     })
                     .await?;
+            }
+            Some(pb::task::Kind::Train(t)) if t.secure.is_some() => {
+                let info = t.model.clone().context("train task without a model")?;
+                stream_download(&mut client, &task.training_id, &info, sha256).await?;
+                let round = task.round;
+                let attempt = t.secure.clone().expect("matched");
+                let state = SecureState::begin(&identity, &task.training_id, round, attempt, &t)?;
+                client
+                    .secure_aggregation(state.round.advert_message())
+                    .await?;
+                secure = Some((state, info));
+            }
+            Some(pb::task::Kind::Secure(step)) => {
+                let (state, info) = secure.as_mut().context("a secure step before its round")?;
+                // As the daemon does: a step that fails (say, one delivered
+                // twice) is logged and the site stays in the training.
+                match state
+                    .step(
+                        &mut client,
+                        &identity,
+                        &task.training_id,
+                        task.round,
+                        info,
+                        step,
+                        sha256,
+                    )
+                    .await
+                {
+                    Ok(Some(n)) => {
+                        sent += n;
+                        uploaded = task.round;
+                    }
+                    Ok(None) => {}
+                    Err(e) => eprintln!("{}: round {}: {e:#}", org(index), task.round),
+                }
             }
             Some(pb::task::Kind::Train(t)) => {
                 let plan = t.plan.context("train task without a plan")?;
@@ -348,6 +402,123 @@ async fn participate(dir: &Path, url: &str, index: usize, sha256: bool) -> anyho
         }
     }
     Ok(sent)
+}
+
+/// One secure round at a benchmark participant: the daemon's protocol steps
+/// (`sangsaeng_participant::secure`) around the workload's delta, which is held
+/// whole (as the daemon holds its trained update) and masked chunk by chunk as
+/// it is sent.
+struct SecureState {
+    round: SecureRound,
+    values: Arc<Vec<f32>>,
+    weight: u64,
+    encoding: UpdateEncoding,
+}
+
+impl SecureState {
+    fn begin(
+        identity: &Identity,
+        training_id: &str,
+        round: u32,
+        wire: pb::SecureRound,
+        task: &pb::TrainTask,
+    ) -> anyhow::Result<Self> {
+        let plan = task.plan.as_ref().context("train task without a plan")?;
+        let info = task.model.as_ref().context("train task without a model")?;
+        let encoding = UpdateEncoding::from_name(&plan.update_encoding)?;
+        let index = identity.org_id[org(0).len() - 4..].parse::<usize>()?;
+        let p = info.num_params as usize;
+        let d = client_deltas(index, round);
+        let mut values: Vec<f32> = (0..p).map(|j| d[array_of(j, p)]).collect();
+        if encoding != UpdateEncoding::Float32 {
+            // Masking works on the values as the coordinator would decode them.
+            let mut decoded = Vec::with_capacity(p);
+            for c in encoding::encode_chunks(&values, encoding, CHUNK_BYTES)? {
+                decoded.extend(encoding::decode_chunk(&c, encoding)?);
+            }
+            values = decoded;
+        }
+        Ok(SecureState {
+            round: SecureRound::begin(identity, training_id, round, wire)?,
+            values: Arc::new(values),
+            weight: num_examples(index),
+            encoding,
+        })
+    }
+
+    /// Answers one step; returns the payload bytes uploaded, if it was the upload.
+    #[allow(clippy::too_many_arguments)]
+    async fn step(
+        &mut self,
+        client: &mut FederationClient<tonic::transport::Channel>,
+        identity: &Identity,
+        training_id: &str,
+        round: u32,
+        info: &pb::ModelInfo,
+        task: pb::SecureAggregationTask,
+        sha256: bool,
+    ) -> anyhow::Result<Option<u64>> {
+        use pb::secure_aggregation_task::Step;
+        let reply = match task.step.context("a secure task without a step")? {
+            Step::ShareKeys(s) => self.round.share_keys(identity, &s)?,
+            Step::Unmask(s) => self.round.unmask(&s)?,
+            Step::MaskInput(s) => {
+                self.round.receive_shares(&s)?;
+                return self
+                    .upload_masked(client, training_id, round, info, sha256)
+                    .await
+                    .map(Some);
+            }
+        };
+        client.secure_aggregation(reply).await?;
+        Ok(None)
+    }
+
+    async fn upload_masked(
+        &self,
+        client: &mut FederationClient<tonic::transport::Channel>,
+        training_id: &str,
+        round: u32,
+        info: &pb::ModelInfo,
+        sha256: bool,
+    ) -> anyhow::Result<u64> {
+        let algorithm = digest_algorithm(info, sha256);
+        let masker = self.round.masker();
+        let (values, weight) = (self.values.clone(), self.weight);
+        let (masked, digest) = tokio::task::spawn_blocking(move || {
+            masker.chunks(values, weight, CHUNK_BYTES, algorithm)
+        })
+        .await??;
+        let bytes =
+            (self.values.len() * sangsaeng_common::privacy::secagg::wire::WORD_BYTES) as u64;
+        client
+            .upload_progress(pb::UploadProgressRequest {
+                training_id: training_id.into(),
+                round,
+                delta_sha256: digest.clone(),
+                reserve_slot: true,
+            })
+            .await
+            .with_context(|| format!("upload slot for round {round}"))?;
+        let upload = sangsaeng_common::transfer::wire::UpdateUpload {
+            training_id: training_id.into(),
+            round,
+            base_model_sha256: info.sha256.clone(),
+            num_params: info.num_params,
+            encoding: self.encoding,
+            chunks: Arc::from(Vec::new()),
+            delta_digest: digest,
+            num_examples: weight,
+            train_loss: 0.0,
+            first_chunk: 0,
+            dp: None,
+            masked: Some(masked),
+        };
+        sangsaeng_participant::session::upload(client, upload)
+            .await
+            .with_context(|| format!("masked upload of round {round}"))?;
+        Ok(bytes)
+    }
 }
 
 /// Downloads the model, checking each chunk and the whole digest, keeping nothing.
@@ -579,7 +750,14 @@ fn print_row(r: &serde_json::Value) {
         g("params_asked").as_f64().unwrap_or(0.0),
         g("params"),
         g("clients"),
-        g("encoding").as_str().unwrap_or("-"),
+        match (g("secure").as_bool(), g("secure_degree").as_u64()) {
+            (Some(true), Some(d)) => format!(
+                "{}, secure (degree {d})",
+                g("encoding").as_str().unwrap_or("-")
+            ),
+            (Some(true), None) => format!("{}, secure", g("encoding").as_str().unwrap_or("-")),
+            _ => g("encoding").as_str().unwrap_or("-").to_string(),
+        },
         f("median_round_secs", 3),
         rounds,
         mib("coordinator_peak_rss_kib"),
@@ -598,11 +776,21 @@ fn print_row(r: &serde_json::Value) {
 
 fn run_point(args: &Args, pt: &Point) -> anyhow::Result<serde_json::Value> {
     let bandwidth = sangsaeng::membw::read_bandwidth_gbs();
-    let dir = args.work.join(format!("P{}-K{}", pt.p, pt.k));
+    let dir = args.work.join(format!(
+        "P{}-K{}{}",
+        pt.p,
+        pt.k,
+        if args.secure { "-secure" } else { "" }
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let dir = dir.canonicalize()?;
-    let plan_text = plan_toml(pt.p, pt.k, &args.encoding);
+    let plan_text = plan_toml(
+        pt.p,
+        pt.k,
+        &args.encoding,
+        args.secure.then_some(args.secure_degree),
+    );
     let plan = TrainingPlan::from_toml(&plan_text, "benchmark plan")?;
     let spec = ModelSpec::from_plan(&plan);
     let p = spec.num_params();
@@ -776,6 +964,8 @@ fn run_point(args: &Args, pt: &Point) -> anyhow::Result<serde_json::Value> {
         "params": p,
         "clients": pt.k,
         "encoding": args.encoding,
+        "secure": args.secure,
+        "secure_degree": args.secure_degree,
         "digest": args.digest,
         "durable_updates": args.durable_updates,
         "max_concurrent_uploads": args.max_concurrent_uploads,

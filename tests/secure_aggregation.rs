@@ -49,15 +49,32 @@ fn model(plan: &TrainingPlan, run: &Path, round: u32) -> Vec<f32> {
 
 /// Runs one training of `plan` with the three test sites; returns the run folder.
 async fn train(dir: &Path, plan: TrainingPlan) -> PathBuf {
-    let roster = support::roster(&[]);
+    train_sites(dir, plan, &[]).await
+}
+
+/// As [`train`], with `extra` sites beside the three.
+async fn train_sites(dir: &Path, plan: TrainingPlan, extra: &[&str]) -> PathBuf {
+    let roster = support::roster(extra);
     let pki = support::pki(dir, &roster);
     let runs = dir.join("runs");
     let coord = localnet::start_coordinator(&pki, roster, Some(plan), &runs, Default::default())
         .await
         .unwrap();
     let stop = CancellationToken::new();
-    let files = support::site_files(dir, 3);
-    let handles = support::spawn_sites(&pki, &coord.url, files, &stop);
+    let orgs: Vec<&str> = support::SITES
+        .iter()
+        .copied()
+        .chain(extra.iter().copied())
+        .collect();
+    let files = support::site_files(dir, orgs.len());
+    let handles: Vec<_> = orgs
+        .iter()
+        .zip(files)
+        .map(|(org, f)| {
+            let cfg = localnet::participant_config(&pki, &coord.url, org, vec![f], "fault", None);
+            localnet::spawn_participant(cfg, stop.clone())
+        })
+        .collect();
     let s = support::training_ended(&coord.url, &pki.material("ops-admin")).await;
     let t = s.training.unwrap();
     assert_eq!(t.phase, "completed", "{}", t.error);
@@ -113,6 +130,38 @@ async fn the_secure_model_is_bit_identical_to_the_plain_one() {
     };
     assert_eq!(facts(b.path(), &secure_run), vec![true, true]);
     assert_eq!(facts(a.path(), &plain_run), vec![false, false]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn int8_updates_on_a_sparse_graph_aggregate_as_the_plain_int8_round() {
+    support::init_tracing();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let extra = ["site-d", "site-e"];
+    let mut secure = secure_plan(1, 5, 60);
+    secure.training.update_encoding = UpdateEncoding::Int8;
+    // SecAgg+: each of the five masks against 2 neighbours, not all 4.
+    secure.privacy.as_mut().unwrap().secure_aggregation_degree = Some(2);
+    let mut plain = secure.clone();
+    plain.privacy = None;
+    let plain_run = train_sites(a.path(), plain.clone(), &extra).await;
+    let secure_run = train_sites(b.path(), secure.clone(), &extra).await;
+    let (p, s) = (model(&plain, &plain_run, 1), model(&secure, &secure_run, 1));
+    assert!(
+        p.iter().zip(&s).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "the secure int8 model differs from the plain int8 one"
+    );
+    let entries = audit::read_unverified(&b.path().join("runs").join(audit::FILE_NAME)).unwrap();
+    let done = entries
+        .iter()
+        .find(|e| e.kind == "round_completed")
+        .unwrap();
+    let record = &done.data["secure_aggregation"];
+    assert_eq!(
+        (record["degree"].as_u64(), record["threshold"].as_u64()),
+        (Some(2), Some(2)),
+        "{record}"
+    );
+    assert_eq!(record["survivors"].as_array().unwrap().len(), 5, "{record}");
 }
 
 /// A test-driven participant: real keys and checks (the participant crate's
@@ -567,8 +616,10 @@ async fn forged_replayed_and_misaddressed_steps_are_refused_and_the_round_goes_o
     // A forged signature.
     let mut forged = attempt.advert_message();
     if let Some(pb::secure_aggregation_message::Step::Advert(a)) = &mut forged.step {
-        let last = a.signature.len() - 1;
-        a.signature[last] ^= 1;
+        let mut sig = a.signature.to_vec();
+        let last = sig.len() - 1;
+        sig[last] ^= 1;
+        a.signature = sig.into();
     }
     let r = e.send(forged).await.unwrap_err();
     assert_eq!(r.code(), tonic::Code::InvalidArgument, "{r:?}");

@@ -223,7 +223,7 @@ impl SecureAttempt {
                 ))),
             };
         }
-        a.certificate = cert;
+        a.certificate = cert.into();
         self.adverts.insert(i, (a, advert));
         Ok(())
     }

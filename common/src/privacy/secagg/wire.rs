@@ -52,11 +52,11 @@ pub fn sign_advert(
     Ok(pb::SignedAdvert {
         participant: advert.participant,
         org_id: advert.org_id.clone(),
-        c_pk: advert.c_pk.to_vec(),
-        s_pk: advert.s_pk.to_vec(),
-        b_commitment: advert.b_commitment.to_vec(),
-        signature: signer.sign(&advert.signing_bytes(ctx))?,
-        certificate: Vec::new(),
+        c_pk: advert.c_pk.to_vec().into(),
+        s_pk: advert.s_pk.to_vec().into(),
+        b_commitment: advert.b_commitment.to_vec().into(),
+        signature: signer.sign(&advert.signing_bytes(ctx))?.into(),
+        certificate: Default::default(),
     })
 }
 
