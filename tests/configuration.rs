@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 const SECTIONS: &[(&str, &str, &str)] = &[
     (
         "plan.toml",
-        "common/src/config/plan.rs, common/src/config/privacy.rs",
+        "common/src/config/plan.rs, common/src/config/privacy.rs, common/src/config/aggregation.rs",
         "TrainingPlan",
     ),
     (

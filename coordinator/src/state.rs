@@ -132,6 +132,9 @@ pub struct Training {
     /// pages are already mapped, so folding into it takes no page faults.
     pub spare_accumulator: Option<Accumulator>,
     pub accepted: BTreeMap<String, AcceptedUpdate>,
+    /// The spill file of each accepted update, kept for the round's robust rule
+    /// (only when the plan's rule reads updates back).
+    pub spilled: BTreeMap<String, crate::transfer::spill::SpilledUpdate>,
     /// Participants whose upload for this round is being received right now, each
     /// with its upload's mark id: an upload cut off by a round's re-run may end
     /// after the same participant's next upload began, and must not clear its mark.
@@ -181,6 +184,7 @@ impl Training {
             accumulator: None,
             spare_accumulator: None,
             accepted: BTreeMap::new(),
+            spilled: BTreeMap::new(),
             uploading: BTreeMap::new(),
             rejected: BTreeMap::new(),
             evaluations: BTreeMap::new(),

@@ -348,6 +348,31 @@ fn a_coordinator_killed_mid_training_resumes_and_ends_with_the_same_model() {
     assert_same_outcome(&reference, &resumed, 5, "killed after round 2");
 }
 
+/// A server optimiser's moments are part of each round's record: killed
+/// mid-training, the coordinator resumes FedAdam from the state saved with
+/// the last committed round and ends with the uninterrupted run's model.
+#[test]
+fn a_coordinator_killed_mid_fedadam_training_resumes_its_optimizer_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let adam = PLAN.replace(
+        "rounds = 3",
+        "rounds = 4\nlocal_epochs = 150\nbatch_size = 16",
+    ) + "[aggregation]\nstrategy = \"fedadam\"\n";
+    setup(d, "adam-plan.toml", &adam);
+    let reference = train(d, "runs-uninterrupted", "adam-plan.toml", None);
+    let resumed = train(d, "runs-killed", "adam-plan.toml", Some(2));
+    assert_same_outcome(&reference, &resumed, 4, "FedAdam, killed after round 2");
+    // Only the last committed round's state is kept.
+    let states: Vec<String> = std::fs::read_dir(&resumed)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("server-optimizer-round-"))
+        .collect();
+    assert_eq!(states, vec!["server-optimizer-round-0004.safetensors"]);
+}
+
 /// Secure aggregation: the coordinator killed during a secure round (its
 /// attempt's keys and shares die with it) redoes the round with fresh keys,
 /// and the final model is the uninterrupted run's, bit for bit.

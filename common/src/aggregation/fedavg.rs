@@ -314,6 +314,38 @@ impl Accumulator {
         }
         Ok(())
     }
+
+    /// The exact mean delta of values `offset..offset + out.len()`, in f64 (a
+    /// server optimiser's pseudo-gradient): the same quotient
+    /// [`Accumulator::apply_in_place`] adds, so a step of `x += 1.0 · mean`
+    /// gives the plain FedAvg model bit for bit.
+    pub fn mean_window(&self, offset: usize, out: &mut [f64]) -> Result<()> {
+        let sums = offset
+            .checked_add(out.len())
+            .and_then(|end| self.sums.get(offset..end))
+            .ok_or_else(|| {
+                Error::Aggregation(format!(
+                    "a mean over values {offset}..{} lies beyond the model's {}",
+                    offset.saturating_add(out.len()),
+                    self.sums.len()
+                ))
+            })?;
+        if self.total_weight == 0 {
+            return Err(Error::Aggregation("no update was accepted".into()));
+        }
+        let denom = self.total_weight as f64 * SCALE;
+        for (o, &s) in out.iter_mut().zip(sums) {
+            *o = s as f64 / denom;
+        }
+        Ok(())
+    }
+
+    /// Takes a whole accepted update out again (a robust rule excluded it):
+    /// follow [`Accumulator::unfold`] of each of its chunks with this.
+    pub fn withdraw(&mut self, weight: u64) {
+        self.release(weight);
+        self.contributions = self.contributions.saturating_sub(1);
+    }
 }
 
 /// The integers a fold of `values` at `weight` adds to the accumulator,

@@ -1,11 +1,15 @@
 //! Combining the participants' updates into one: the exact, order-independent
-//! fixed-point accumulator every aggregation rule builds on. Depends on nothing
-//! else in the crate, so the coordinator's fold and the fuzz targets use it alone.
+//! fixed-point accumulator every aggregation rule builds on, the server
+//! optimisers that step with its mean, and the robust rules. Depends only on
+//! [`crate::config`] (the `[aggregation]` settings), so the coordinator's fold
+//! and the fuzz targets use it alone.
 //!
 //! - [`fedavg`]: example-weighted FedAvg in an `i64` fixed-point accumulator,
 //!   folded chunk by chunk as updates arrive and exactly reversible.
-//!
-//! Server optimisers and robust rules (median, trimmed mean, Krum) plug in here,
-//! one module each, on top of [`fedavg::Accumulator`].
+//! - [`server`]: FedAvgM, FedAdam, FedYogi, FedAdagrad on the aggregate delta.
+//! - [`robust`]: coordinate-wise median and trimmed mean over a window of
+//!   every update's values, and Multi-Krum's selection.
 
 pub mod fedavg;
+pub mod robust;
+pub mod server;

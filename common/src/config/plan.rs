@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+use crate::config::aggregation::AggregationConfig;
 use crate::config::privacy::PrivacyConfig;
 use crate::{Error, Result};
 
@@ -23,6 +24,9 @@ pub struct TrainingPlan {
     /// Privacy guarantees beyond "only deltas leave a site" (`[privacy]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacyConfig>,
+    /// How updates become the next model (`[aggregation]`); absent: FedAvg.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregation: Option<AggregationConfig>,
     /// Global standardisation, computed federatedly by the coordinator before
     /// round 1. Never written by hand; absent in a plan file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,6 +170,15 @@ impl TrainingPlan {
         if let Some(p) = &self.privacy {
             p.validate()?;
         }
+        if let Some(a) = &self.aggregation {
+            a.validate(self.training.min_participants, self.secure_aggregation())?;
+            if a.robust.needs_individual_updates() && self.client_level_dp() {
+                return Err(format!(
+                    "aggregation.robust: \"{}\" cannot run with privacy.dp.level = \"client\": the noise is calibrated to the clipped sum the exact accumulator holds, and a coordinate-wise or selecting rule would aggregate without it; use robust = \"norm-bound\" (or none: client-level DP already clips each update to clip_norm)",
+                    a.robust.name()
+                ));
+            }
+        }
         if self.secure_aggregation()
             && self.training.min_participants < crate::config::privacy::MIN_SECURE_PARTICIPANTS
         {
@@ -176,6 +189,19 @@ impl TrainingPlan {
             ));
         }
         self.validate_scaling()
+    }
+
+    /// The `[aggregation]` section, defaults filled in when absent.
+    pub fn aggregation(&self) -> AggregationConfig {
+        self.aggregation.clone().unwrap_or_default()
+    }
+
+    /// Whether the plan asks for client-level differential privacy.
+    pub fn client_level_dp(&self) -> bool {
+        self.privacy
+            .as_ref()
+            .and_then(|p| p.dp.as_ref())
+            .is_some_and(|d| d.level == crate::config::privacy::DpLevel::Client)
     }
 
     /// Whether rounds run with secure aggregation (`[privacy] secure_aggregation`).

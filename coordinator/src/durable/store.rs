@@ -24,7 +24,7 @@
 //! 3. its evaluation is complete once [`Store::put_training`] committed the
 //!    record with its `evaluated_round`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -123,6 +123,17 @@ impl StoredContribution {
     /// Folds the stored update into `acc`, checking its spill file against the
     /// recorded digest as it reads it once; a damaged or missing file is refused
     /// and what was folded of it is subtracted again, leaving `acc` as it was.
+    /// Where a robust rule reads this update back, at its weight in the fold.
+    pub fn spilled_update(&self, weight: u64) -> Result<crate::transfer::spill::SpilledUpdate> {
+        Ok(crate::transfer::spill::SpilledUpdate {
+            org_id: self.org_id.clone(),
+            path: PathBuf::from(&self.spill),
+            encoding: UpdateEncoding::from_name(&self.encoding)
+                .map_err(|e| corrupt(format!("the stored update of '{}': {e}", self.org_id)))?,
+            weight,
+        })
+    }
+
     pub fn fold_into(&self, acc: &mut Accumulator, weight: u64) -> Result<()> {
         let encoding = UpdateEncoding::from_name(&self.encoding)
             .map_err(|e| corrupt(format!("the stored update of '{}': {e}", self.org_id)))?;

@@ -3,24 +3,29 @@
 //!
 //! waiting for participants → collecting statistics (federated scaling) →
 //! for each round: open it → collect updates (folded as they arrive, see
-//! [`super::upload`]) → close it → aggregate → commit → evaluate → record →
-//! completed.
+//! [`super::upload`]) → close it → aggregate ([`super::aggregate`]: robust
+//! rule, server optimiser) → commit → evaluate → record → completed.
 //!
 //! A round with fewer than `min_participants` updates is re-run up to
 //! `limits.round_attempts` times; after that the training fails with a status that
 //! says why, never a silent hang.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sangsaeng_common::aggregation::fedavg::Accumulator;
+use sangsaeng_common::aggregation::server::ServerOptimizer;
 use sangsaeng_common::config::plan::TrainingPlan;
 use sangsaeng_common::learning::model::{ModelSpec, TensorSpec};
 use sangsaeng_common::transfer::weights;
 use sangsaeng_common::transfer::wire::plan_to_proto;
 use sangsaeng_proto::v1 as pb;
 
+use super::aggregate::{
+    RoundInputs, aggregate, load_optimizer, remove_older_optimizer_state, save_optimizer,
+};
 use super::commit::{
     commit_model_off_runtime, model_metadata, publish, remove_spills, remove_spills_later,
     remove_stale_spills,
@@ -33,6 +38,7 @@ use crate::durable::store::{AcceptedUpdate, TrainingRecord};
 use crate::error::{CoordinatorError, Result};
 use crate::state::{Phase, Shared};
 use crate::transfer::PublishedModel;
+use crate::transfer::spill::SpilledUpdate;
 
 /// What every step of one training's rounds needs, fixed once the plan is final.
 struct Run {
@@ -49,6 +55,10 @@ struct Run {
 struct Collected {
     accepted: Vec<AcceptedUpdate>,
     accumulator: Accumulator,
+    /// The accepted updates' spills, when the robust rule reads them back.
+    spilled: Vec<SpilledUpdate>,
+    /// Updates refused this round, with the reason.
+    refused: BTreeMap<String, String>,
     attempts: u32,
     train_phase_secs: f64,
     fold_secs: f64,
@@ -65,6 +75,12 @@ pub(super) async fn drive(
 ) -> Result<()> {
     let (plan, mut published) = prepare_global_model(shared, &mut rec, stored_global).await?;
     let run = Run::new(shared, plan);
+    let mut optimizer = Some(load_optimizer(
+        &run.plan,
+        &run.out_dir,
+        published.params.len(),
+        rec.completed_round,
+    )?);
     let first_round = rec.completed_round + 1;
     tracing::info!(
         training = %run.id,
@@ -76,7 +92,7 @@ pub(super) async fn drive(
     remove_stale_spills(&run.out_dir, first_round);
     evaluate_committed_round(shared, &run, &mut rec, &published).await?;
     for round in first_round..=run.plan.training.rounds {
-        published = run_round(shared, &run, &mut rec, published, round).await?;
+        published = run_round(shared, &run, &mut rec, published, round, &mut optimizer).await?;
     }
     finish_training(shared, &run, &published)
 }
@@ -181,16 +197,35 @@ async fn run_round(
     rec: &mut TrainingRecord,
     published: Arc<PublishedModel>,
     round: u32,
+    optimizer: &mut Option<ServerOptimizer>,
 ) -> Result<Arc<PublishedModel>> {
     let round_start = Instant::now();
-    let collected = collect_updates(shared, run, round, &published).await?;
+    let mut collected = collect_updates(shared, run, round, &published).await?;
     let agg_start = Instant::now();
-    let global = aggregate(shared, &run.plan, published, collected.accumulator).await?;
+    let inputs = RoundInputs {
+        accumulator: collected.accumulator,
+        spilled: std::mem::take(&mut collected.spilled),
+    };
+    let aggregated = aggregate(shared, &run.plan, published, inputs, optimizer).await?;
     let aggregate_secs = agg_start.elapsed().as_secs_f64();
+    if let Some(r) = &aggregated.robust {
+        // An update a rule left out is not a contribution to the model: the
+        // release rules (consent, k contributors, shares) must not count it.
+        collected
+            .accepted
+            .retain(|u| !r.excluded.contains_key(&u.org_id));
+    }
+    save_optimizer(
+        optimizer.as_ref().expect("handed back"),
+        &run.out_dir,
+        round,
+    )?;
     rec.completed_round = round;
     rec.last_updates = collected.accepted.clone();
-    let published = commit_model_off_runtime(shared, &run.plan, &run.layout, rec, global).await?;
+    let published =
+        commit_model_off_runtime(shared, &run.plan, &run.layout, rec, aggregated.global).await?;
     remove_spills_later(&run.out_dir, round);
+    remove_older_optimizer_state(&run.out_dir, round);
 
     let eval_start = Instant::now();
     let evaluations = evaluate(shared, &run.wire_plan, &published, run.deadline).await?;
@@ -213,6 +248,8 @@ async fn run_round(
     );
     record.privacy = spend;
     record.secure = collected.secure;
+    record.robust = aggregated.robust;
+    record.refused = collected.refused;
     record_round(shared, run, rec, &record)?;
     log_round(&run.plan, &record);
     Ok(published)
@@ -245,8 +282,11 @@ async fn collect_updates(
             continue;
         }
         let all = wait_until(shared, Some(deadline), all_answered).await?;
-        let (accepted, accumulator, fold_secs) = close_round(shared, round, all).await?;
-        let accumulator = accumulator.expect("a training round has an accumulator");
+        let closed = close_round(shared, round, all).await?;
+        let (accepted, fold_secs) = (closed.accepted, closed.fold_secs);
+        let accumulator = closed
+            .accumulator
+            .expect("a training round has an accumulator");
         if accepted.len() < min {
             let msg = format!(
                 "only {} of the required {min} updates were accepted",
@@ -276,6 +316,8 @@ async fn collect_updates(
         return Ok(Collected {
             accepted,
             accumulator,
+            spilled: closed.spilled,
+            refused: closed.refused,
             attempts: attempt,
             train_phase_secs: phase_start.elapsed().as_secs_f64(),
             fold_secs,
@@ -327,13 +369,19 @@ fn open_round(
     Ok(())
 }
 
+/// What a closed round hands back.
+struct Closed {
+    accepted: Vec<AcceptedUpdate>,
+    accumulator: Option<Accumulator>,
+    spilled: Vec<SpilledUpdate>,
+    refused: BTreeMap<String, String>,
+    /// CPU seconds of folding.
+    fold_secs: f64,
+}
+
 /// Closes the round to further uploads, undoes the unfinished ones and hands
 /// back what was accepted: the updates, the accumulator and the fold's CPU time.
-async fn close_round(
-    shared: &Arc<Shared>,
-    round: u32,
-    all_answered: bool,
-) -> Result<(Vec<AcceptedUpdate>, Option<Accumulator>, f64)> {
+async fn close_round(shared: &Arc<Shared>, round: u32, all_answered: bool) -> Result<Closed> {
     let waiting: Vec<String> = {
         let mut guard = shared.training();
         let t = guard.as_mut().expect("training");
@@ -367,11 +415,15 @@ async fn close_round(
     }
     let mut guard = shared.training();
     let t = guard.as_mut().expect("training");
-    Ok((
-        t.accepted.values().cloned().collect(),
-        t.accumulator.take(),
-        t.fold_time.as_secs_f64(),
-    ))
+    Ok(Closed {
+        accepted: t.accepted.values().cloned().collect(),
+        accumulator: t.accumulator.take(),
+        // Ordered by organisation (the map's order), as everything a rule
+        // computes must not depend on the order updates arrived in.
+        spilled: std::mem::take(&mut t.spilled).into_values().collect(),
+        refused: t.rejected.clone(),
+        fold_secs: t.fold_time.as_secs_f64(),
+    })
 }
 
 /// A round that could not complete (short of `min_participants`, or a secure
@@ -408,38 +460,6 @@ fn rerun_or_fail_because(
     );
     tracing::warn!("{msg}; re-running the round (attempt {attempt} of {attempts})");
     Ok(())
-}
-
-/// Applies the round's exact mean delta (with client-level DP, after its noise)
-/// to the global model, and keeps the accumulator's memory for the next round.
-async fn aggregate(
-    shared: &Shared,
-    plan: &TrainingPlan,
-    published: Arc<PublishedModel>,
-    mut acc: Accumulator,
-) -> Result<Vec<f32>> {
-    // Off the runtime: one exact sample per parameter (4.5 M/s) takes seconds
-    // at P = 1e7.
-    let noise_plan = plan.clone();
-    acc = tokio::task::spawn_blocking(move || {
-        super::privacy::add_aggregate_noise(&noise_plan, &mut acc).map(|()| acc)
-    })
-    .await
-    .map_err(|e| CoordinatorError::Store(format!("adding the round's noise: {e}")))??;
-    // In place when no download still holds the old model: at 1e9 parameters a
-    // second copy would be another 4 GB of coordinator memory.
-    shared.training().as_mut().expect("training").models.clear();
-    let mut global = match Arc::try_unwrap(published) {
-        Ok(m) => m.into_params(),
-        Err(shared_model) => shared_model.params.clone(),
-    };
-    acc.apply_in_place(&mut global)?;
-    shared
-        .training()
-        .as_mut()
-        .expect("training")
-        .spare_accumulator = Some(acc);
-    Ok(global)
 }
 
 /// Writes the round's metrics line and audit entry, then marks it evaluated in

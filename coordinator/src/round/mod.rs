@@ -9,8 +9,10 @@
 //!    selected participants), collect their updates ([`upload`]: checked, spilled
 //!    and folded into the exact accumulator as they arrive), close it (undo what
 //!    is unfinished), re-run it if too few updates came;
-//! 4. aggregate (the accumulator's mean applied to the model) and [`commit`] it
-//!    (model file fsynced, store commit point, published for download);
+//! 4. [`aggregate`]: the round's aggregate delta (the exact mean, or a robust
+//!    rule's, read back from the spills window by window) stepped into the
+//!    model by the server optimiser, whose state is saved with the round; then
+//!    [`commit`] it (model file fsynced, store commit point, published for download);
 //! 5. [`evaluate`] it on every site's validation split;
 //! 6. [`record`] it: `metrics.jsonl`, the audit entry, the log line.
 //!
@@ -22,9 +24,9 @@
 //! the key exchange after opening the round, and unmasking the sum after
 //! closing it (`crate::secure` keeps the attempt's bookkeeping).
 //!
-//! New round steps plug in here: robust rules in aggregate, metering after
-//! evaluate.
+//! New round steps plug in here: metering after evaluate.
 
+pub mod aggregate;
 pub mod commit;
 pub mod driver;
 pub mod evaluate;

@@ -104,6 +104,7 @@ pub(super) fn open_phase(
         t.round = round;
         t.stats.clear();
         t.accepted.clear();
+        t.spilled.clear();
         t.rejected.clear();
         t.uploading.clear();
         t.evaluations.clear();
@@ -120,10 +121,12 @@ pub(super) fn open_phase(
                 _ => Accumulator::new(n),
             };
             for c in preload {
-                c.fold_into(
-                    &mut acc,
-                    super::privacy::fold_weight(&t.plan, c.num_examples),
-                )?;
+                let weight = super::privacy::fold_weight(&t.plan, c.num_examples);
+                c.fold_into(&mut acc, weight)?;
+                if super::aggregate::keeps_spills(&t.plan) {
+                    t.spilled
+                        .insert(c.org_id.clone(), c.spilled_update(weight)?);
+                }
                 selected.insert(c.org_id.clone());
                 t.accepted.insert(c.org_id.clone(), c.accepted());
             }

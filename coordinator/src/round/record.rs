@@ -31,6 +31,13 @@ pub struct RoundRecord {
     /// How the secure-aggregation round went (absent without it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secure: Option<crate::secure::SecureRecord>,
+    /// What the plan's robust rule did (absent with `robust = "none"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub robust: Option<super::aggregate::RobustRecord>,
+    /// Updates refused this round (a norm bound, a bad chunk, ...), with the
+    /// reason; absent when none was.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub refused: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -89,6 +96,8 @@ pub(super) fn round_record(
         attempts,
         privacy: None,
         secure: None,
+        robust: None,
+        refused: Default::default(),
     }
 }
 
@@ -129,6 +138,12 @@ pub(super) fn audit_round(shared: &Shared, r: &RoundRecord) -> Result<()> {
     // plain ones are as before.
     if let Some(spend) = &r.privacy {
         entry["dp"] = serde_json::to_value(spend).expect("a privacy record serialises");
+    }
+    if let Some(robust) = &r.robust {
+        entry["robust"] = serde_json::to_value(robust).expect("a robust record serialises");
+    }
+    if !r.refused.is_empty() {
+        entry["refused"] = serde_json::to_value(&r.refused).expect("a map of strings serialises");
     }
     if let Some(secure) = &r.secure {
         entry["secure_aggregation"] =

@@ -239,7 +239,7 @@ impl Incoming<'_> {
         };
         let accepted_in_round = self.count_accepted(upload_id, update)?;
         *unfinished = None;
-        if !self.shared.config.durable_updates {
+        if !self.shared.config.durable_updates && !self.keeps_spill() {
             let _ = std::fs::remove_file(spill.path());
         }
         Ok((sha256, accepted_in_round))
@@ -319,6 +319,14 @@ impl Incoming<'_> {
         .map_err(|e| CoordinatorError::Store(format!("recording the update: {e}")))?
     }
 
+    /// Whether the round's robust rule reads this update back from its spill.
+    fn keeps_spill(&self) -> bool {
+        self.shared
+            .training()
+            .as_ref()
+            .is_some_and(|t| super::aggregate::keeps_spills(&t.plan))
+    }
+
     /// Counts a complete, durable update as accepted in its round, if the round
     /// is still open and the upload still this organisation's current one.
     fn count_accepted(&self, upload_id: u64, update: AcceptedUpdate) -> Result<u32> {
@@ -338,7 +346,17 @@ impl Incoming<'_> {
             // began) is undone by the caller, as if it had never arrived.
             attempt.masked_input_accepted(org)?;
         }
-        t.folding.remove(org);
+        if let Some(f) = t.folding.remove(org)
+            && super::aggregate::keeps_spills(&t.plan)
+        {
+            let kept = crate::transfer::spill::SpilledUpdate {
+                org_id: org.to_string(),
+                path: f.spill,
+                encoding: f.encoding,
+                weight: f.weight,
+            };
+            t.spilled.insert(org.to_string(), kept);
+        }
         t.accumulator
             .as_mut()
             .expect("a training round has an accumulator")
@@ -393,6 +411,7 @@ impl Incoming<'_> {
             )));
         }
         let weight = super::privacy::fold_weight(&t.plan, header.num_examples);
+        let norm_bound = super::aggregate::norm_bound(&t.plan);
         let acc = t
             .accumulator
             .as_mut()
@@ -419,9 +438,10 @@ impl Incoming<'_> {
             encoding,
             algorithm,
         );
-        let rx = match header.secure.is_some() {
-            true => rx.masked(),
-            false => rx,
+        let rx = match (header.secure.is_some(), norm_bound) {
+            (true, _) => rx.masked(),
+            (false, Some(bound)) => rx.bounding_norm(bound),
+            (false, None) => rx,
         };
         Ok((rx, spill, upload_id))
     }

@@ -55,6 +55,9 @@ pub struct DeltaReceiver {
     values: Vec<f32>,
     /// Set for a masked upload: chunks are words of Z_2^64, decoded here.
     masked: Option<Vec<i64>>,
+    /// With a norm bound (`aggregation.robust = "norm-bound"`): the bound and
+    /// the running Σ v² of the values received.
+    norm_bound: Option<(f64, f64)>,
 }
 
 impl std::fmt::Debug for DeltaReceiver {
@@ -103,7 +106,21 @@ impl DeltaReceiver {
             hasher: digest::Hasher::new(algorithm),
             values: Vec::new(),
             masked: None,
+            norm_bound: None,
         }
+    }
+
+    /// Refuses the update as soon as the L2 norm of its values passes `bound`
+    /// (`aggregation.robust = "norm-bound"`): the chunk that crosses it is
+    /// never folded, so one oversized update costs the round nothing.
+    pub fn bounding_norm(mut self, bound: f64) -> Self {
+        self.norm_bound = Some((bound, 0.0));
+        self
+    }
+
+    /// The L2 norm of the values received so far (`None` without a bound).
+    pub fn norm(&self) -> Option<f64> {
+        self.norm_bound.map(|(_, sq)| sq.sqrt())
     }
 
     /// A receiver for a masked upload (secure aggregation): its chunks are
@@ -211,6 +228,17 @@ impl DeltaReceiver {
                 "chunk {} takes the delta beyond the model's {} values",
                 chunk.index, self.expected_values
             ));
+        }
+        if let (Some((bound, sq)), Payload::Values(v)) = (&mut self.norm_bound, payload) {
+            let total = *sq + v.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
+            if total.sqrt() > *bound {
+                return bad(format!(
+                    "the update's L2 norm passes aggregation.max_update_norm = {bound} at chunk {} (at least {:.6}): refused by the plan's norm bound",
+                    chunk.index,
+                    total.sqrt()
+                ));
+            }
+            *sq = total;
         }
         self.hasher.update(&chunk.data);
         let offset = self.received_values;

@@ -239,57 +239,143 @@ fn damaged(path: &Path, m: String) -> CoordinatorError {
 pub fn read_spill_raw(
     path: &Path,
     frames: Option<u32>,
-    each: impl FnMut(u32, &[u8]) -> Result<()>,
-) -> Result<()> {
-    let file = File::open(path)
-        .map_err(|e| CoordinatorError::io(format!("opening {}", path.display()), e))?;
-    let mut r = BufReader::with_capacity(1 << 20, file);
-    // The format: padded frames after a header block, or (no magic) the
-    // earlier frames back to back, starting with the bytes just read.
-    let mut first = Vec::with_capacity(SPILL_MAGIC.len());
-    (&mut r)
-        .take(SPILL_MAGIC.len() as u64)
-        .read_to_end(&mut first)
-        .map_err(|e| damaged(path, format!("header block: {e}")))?;
-    if first == SPILL_MAGIC {
-        let mut rest = vec![0u8; SPILL_ALIGN - SPILL_MAGIC.len()];
-        r.read_exact(&mut rest)
-            .map_err(|e| damaged(path, format!("header block: {e}")))?;
-        read_frames(r, frames, true, |m| damaged(path, m), each)
-    } else {
-        let r = std::io::Cursor::new(first).chain(r);
-        read_frames(r, frames, false, |m| damaged(path, m), each)
-    }
-}
-
-fn read_frames(
-    mut r: impl Read,
-    frames: Option<u32>,
-    padded: bool,
-    damaged: impl Fn(String) -> CoordinatorError,
     mut each: impl FnMut(u32, &[u8]) -> Result<()>,
 ) -> Result<()> {
+    let mut r = FrameReader::open(path)?;
     let mut buf = Vec::new();
-    let mut n = 0u32;
-    while frames.is_none_or(|f| n < f) {
+    while frames.is_none_or(|f| r.frame < f) {
+        let n = r.frame;
+        match r.next_frame(&mut buf, frames.is_none())? {
+            Some(len) => each(n, &buf[..len])?,
+            None => break,
+        }
+    }
+    Ok(())
+}
+
+/// A spill file read frame by frame, on demand.
+struct FrameReader {
+    path: PathBuf,
+    r: Box<dyn Read + Send>,
+    padded: bool,
+    /// The number of the next frame.
+    frame: u32,
+}
+
+impl FrameReader {
+    fn open(path: &Path) -> Result<Self> {
+        let damaged = |m: String| damaged(path, m);
+        let file = File::open(path)
+            .map_err(|e| CoordinatorError::io(format!("opening {}", path.display()), e))?;
+        let mut r = BufReader::with_capacity(1 << 20, file);
+        // The format: padded frames after a header block, or (no magic) the
+        // earlier frames back to back, starting with the bytes just read.
+        let mut first = Vec::with_capacity(SPILL_MAGIC.len());
+        (&mut r)
+            .take(SPILL_MAGIC.len() as u64)
+            .read_to_end(&mut first)
+            .map_err(|e| damaged(format!("header block: {e}")))?;
+        let (r, padded): (Box<dyn Read + Send>, bool) = if first == SPILL_MAGIC {
+            let mut rest = vec![0u8; SPILL_ALIGN - SPILL_MAGIC.len()];
+            r.read_exact(&mut rest)
+                .map_err(|e| damaged(format!("header block: {e}")))?;
+            (Box::new(r), true)
+        } else {
+            (Box::new(std::io::Cursor::new(first).chain(r)), false)
+        };
+        Ok(FrameReader {
+            path: path.to_path_buf(),
+            r,
+            padded,
+            frame: 0,
+        })
+    }
+
+    /// The next frame's bytes into `buf` (its length returned; `buf` may hold
+    /// padding beyond it), or `None` at a clean end of the file where
+    /// `end_allowed`.
+    fn next_frame(&mut self, buf: &mut Vec<u8>, end_allowed: bool) -> Result<Option<usize>> {
+        let n = self.frame;
         let mut len = [0u8; 4];
-        match r.read_exact(&mut len) {
+        match self.r.read_exact(&mut len) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && frames.is_none() => break,
-            Err(e) => return Err(damaged(format!("frame {n}: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && end_allowed => {
+                return Ok(None);
+            }
+            Err(e) => return Err(damaged(&self.path, format!("frame {n}: {e}"))),
         }
         let len = u32::from_le_bytes(len) as usize;
         if len > MAX_FRAME {
-            return Err(damaged(format!("frame {n} claims {len} bytes")));
+            return Err(damaged(&self.path, format!("frame {n} claims {len} bytes")));
         }
-        let pad = if padded { frame_padding(len) } else { 0 };
+        let pad = if self.padded { frame_padding(len) } else { 0 };
         buf.resize(len + pad, 0);
-        r.read_exact(&mut buf)
-            .map_err(|e| damaged(format!("frame {n}: {e}")))?;
-        each(n, &buf[..len])?;
-        n += 1;
+        self.r
+            .read_exact(buf)
+            .map_err(|e| damaged(&self.path, format!("frame {n}: {e}")))?;
+        self.frame += 1;
+        Ok(Some(len))
     }
-    Ok(())
+}
+
+/// One accepted update as a robust rule reads it back.
+#[derive(Debug, Clone)]
+pub struct SpilledUpdate {
+    pub org_id: String,
+    pub path: PathBuf,
+    pub encoding: UpdateEncoding,
+    /// Its weight in the accumulator (the example count, or 1 under client-level DP).
+    pub weight: u64,
+}
+
+/// An accepted update's decoded values read back from its spill file a window
+/// at a time: what lets a robust rule look at every update of a round with
+/// one window of each in memory (K windows), never K models.
+pub struct SpilledValues {
+    frames: FrameReader,
+    encoding: UpdateEncoding,
+    raw: Vec<u8>,
+    /// The current frame's decoded values and how many of them were taken.
+    values: Vec<f32>,
+    taken: usize,
+}
+
+impl SpilledValues {
+    pub fn open(path: &Path, encoding: UpdateEncoding) -> Result<Self> {
+        Ok(SpilledValues {
+            frames: FrameReader::open(path)?,
+            encoding,
+            raw: Vec::new(),
+            values: Vec::new(),
+            taken: 0,
+        })
+    }
+
+    /// The next `n` values into `out` (replacing what it held); an update
+    /// that ends before them is damaged.
+    pub fn take(&mut self, n: usize, out: &mut Vec<f32>) -> Result<()> {
+        out.clear();
+        while out.len() < n {
+            if self.taken == self.values.len() {
+                let len = self
+                    .frames
+                    .next_frame(&mut self.raw, false)?
+                    .expect("an end is an error");
+                encoding::decode_chunk_into(&self.raw[..len], self.encoding, &mut self.values)
+                    .map_err(|e| {
+                        damaged(
+                            &self.frames.path,
+                            format!("frame {}: {e}", self.frames.frame - 1),
+                        )
+                    })?;
+                self.taken = 0;
+            }
+            let k = (n - out.len()).min(self.values.len() - self.taken);
+            out.extend_from_slice(&self.values[self.taken..self.taken + k]);
+            self.taken += k;
+        }
+        Ok(())
+    }
 }
 
 /// Where a round's uploads are spilled while they are received.
@@ -306,6 +392,30 @@ pub fn spill_path(output_dir: &Path, round: u32, org: &str, upload_id: u64) -> P
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spilled_values_come_back_in_windows_that_cross_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u").join("w.bin");
+        let v: Vec<f32> = (0..1000).map(|i| i as f32 / 7.0).collect();
+        // Frames of 37 values, windows of 100: every window spans frames.
+        let mut spill = Spill::create(&path, false).unwrap();
+        for c in encoding::encode_chunks(&v, UpdateEncoding::Float32, 37 * 4).unwrap() {
+            spill.append(&c).unwrap();
+        }
+        let mut r = SpilledValues::open(&path, UpdateEncoding::Float32).unwrap();
+        let mut got = Vec::new();
+        let mut w = Vec::new();
+        for _ in 0..10 {
+            r.take(100, &mut w).unwrap();
+            assert_eq!(w.len(), 100);
+            got.extend_from_slice(&w);
+        }
+        assert_eq!(got, v);
+        // Past its end the update is damaged, not silently short.
+        let e = r.take(1, &mut w).unwrap_err();
+        assert!(e.to_string().contains("is damaged"), "{e}");
+    }
 
     #[test]
     fn spill_reads_back_the_chunks_as_written() {

@@ -1,0 +1,203 @@
+//! The plan's `[aggregation]` section: how the round's updates become the next
+//! model. The server optimiser (Reddi et al. 2021, "Adaptive Federated
+//! Optimization") treats the exact FedAvg mean (or a robust rule's aggregate)
+//! as a pseudo-gradient; a robust rule decides which updates, or which values
+//! of them, count at all.
+//!
+//! Only the settings live here; the arithmetic is in
+//! [`crate::aggregation`].
+
+use serde::{Deserialize, Serialize};
+
+/// `[aggregation]`: absent means plain FedAvg over every accepted update.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregationConfig {
+    /// The server optimiser: `"fedavg"` (the mean is the step), `"fedavgm"`
+    /// (with server momentum), `"fedadam"`, `"fedyogi"` or `"fedadagrad"`.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// The server optimiser's step size η. Default: 1.0 for fedavg and fedavgm,
+    /// 0.1 for the adaptive ones (Reddi et al.'s grids centre there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_learning_rate: Option<f64>,
+    /// fedavgm's momentum β, in [0, 1). Default 0.9.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_momentum: Option<f64>,
+    /// First-moment decay β1 of fedadam, fedyogi and fedadagrad, in [0, 1). Default 0.9.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta1: Option<f64>,
+    /// Second-moment decay β2 of fedadam and fedyogi, in [0, 1). Default 0.99.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta2: Option<f64>,
+    /// Adaptivity τ of the adaptive optimisers (added to √v), above 0. Default 1e-3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tau: Option<f64>,
+    /// A rule that keeps one bad supplier from pulling the model anywhere:
+    /// `"none"`, `"norm-bound"` (an update whose L2 norm exceeds
+    /// `max_update_norm` is refused as it streams in), `"trimmed-mean"`,
+    /// `"median"` (coordinate-wise, from the round's spilled updates) or
+    /// `"multi-krum"` (the updates closest to their neighbours are averaged).
+    #[serde(default)]
+    pub robust: RobustRule,
+    /// norm-bound: the largest L2 norm an update may have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_update_norm: Option<f64>,
+    /// trimmed-mean: the fraction of values dropped at each end, per
+    /// coordinate, in [0, 0.5). Default 0.2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trim_fraction: Option<f64>,
+    /// multi-krum: how many hostile updates f to tolerate; the round then
+    /// needs at least 2f + 3 updates and averages the K − f best. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub krum_byzantine: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    #[default]
+    FedAvg,
+    FedAvgM,
+    FedAdam,
+    FedYogi,
+    FedAdagrad,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RobustRule {
+    #[default]
+    None,
+    NormBound,
+    TrimmedMean,
+    Median,
+    MultiKrum,
+}
+
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::FedAvg => "fedavg",
+            Strategy::FedAvgM => "fedavgm",
+            Strategy::FedAdam => "fedadam",
+            Strategy::FedYogi => "fedyogi",
+            Strategy::FedAdagrad => "fedadagrad",
+        }
+    }
+}
+
+impl RobustRule {
+    pub fn name(self) -> &'static str {
+        match self {
+            RobustRule::None => "none",
+            RobustRule::NormBound => "norm-bound",
+            RobustRule::TrimmedMean => "trimmed-mean",
+            RobustRule::Median => "median",
+            RobustRule::MultiKrum => "multi-krum",
+        }
+    }
+
+    /// Whether the rule needs each update on its own (after the round closed).
+    pub fn needs_individual_updates(self) -> bool {
+        matches!(
+            self,
+            RobustRule::TrimmedMean | RobustRule::Median | RobustRule::MultiKrum
+        )
+    }
+}
+
+/// The server optimiser's settings with the defaults filled in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServerSettings {
+    pub strategy: Strategy,
+    pub learning_rate: f64,
+    pub momentum: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub tau: f64,
+}
+
+impl AggregationConfig {
+    pub fn server(&self) -> ServerSettings {
+        let adaptive = !matches!(self.strategy, Strategy::FedAvg | Strategy::FedAvgM);
+        ServerSettings {
+            strategy: self.strategy,
+            learning_rate: self
+                .server_learning_rate
+                .unwrap_or(if adaptive { 0.1 } else { 1.0 }),
+            momentum: self.server_momentum.unwrap_or(0.9),
+            beta1: self.beta1.unwrap_or(0.9),
+            beta2: self.beta2.unwrap_or(0.99),
+            tau: self.tau.unwrap_or(1e-3),
+        }
+    }
+
+    pub fn trim_fraction(&self) -> f64 {
+        self.trim_fraction.unwrap_or(0.2)
+    }
+
+    pub fn krum_byzantine(&self) -> u32 {
+        self.krum_byzantine.unwrap_or(1)
+    }
+
+    /// The fewest updates a round needs under the robust rule.
+    pub fn min_updates(&self) -> usize {
+        match self.robust {
+            RobustRule::MultiKrum => 2 * self.krum_byzantine() as usize + 3,
+            RobustRule::Median | RobustRule::TrimmedMean => 3,
+            _ => 1,
+        }
+    }
+
+    /// Checks every value; the message names the key at fault. `min_participants`
+    /// and `secure` are the plan's, for the rules that depend on them.
+    pub fn validate(&self, min_participants: usize, secure: bool) -> Result<(), String> {
+        let unit = |key: &str, v: Option<f64>, hi_open: f64| match v {
+            Some(v) if !(v.is_finite() && (0.0..hi_open).contains(&v)) => {
+                Err(format!("aggregation.{key}: {v} must lie in [0, {hi_open})"))
+            }
+            _ => Ok(()),
+        };
+        let positive = |key: &str, v: Option<f64>| match v {
+            Some(v) if !(v.is_finite() && v > 0.0) => Err(format!(
+                "aggregation.{key}: {v} must be a finite number above 0"
+            )),
+            _ => Ok(()),
+        };
+        positive("server_learning_rate", self.server_learning_rate)?;
+        positive("tau", self.tau)?;
+        positive("max_update_norm", self.max_update_norm)?;
+        unit("server_momentum", self.server_momentum, 1.0)?;
+        unit("beta1", self.beta1, 1.0)?;
+        unit("beta2", self.beta2, 1.0)?;
+        unit("trim_fraction", self.trim_fraction, 0.5)?;
+        self.validate_rule(min_participants, secure)
+    }
+
+    fn validate_rule(&self, min_participants: usize, secure: bool) -> Result<(), String> {
+        let rule = self.robust.name();
+        if self.robust == RobustRule::NormBound && self.max_update_norm.is_none() {
+            return Err(
+                "aggregation.max_update_norm: required with robust = \"norm-bound\"".into(),
+            );
+        }
+        if secure && self.robust != RobustRule::None {
+            return Err(format!(
+                "aggregation.robust: \"{rule}\" cannot run with privacy.secure_aggregation: it needs each update (or its norm) in the clear, and secure aggregation shows the coordinator only the sum; bound each update's norm at the sites instead (privacy.dp.level = \"record\" clips every example)"
+            ));
+        }
+        if self.robust.needs_individual_updates() && min_participants < self.min_updates() {
+            return Err(format!(
+                "aggregation.robust: \"{rule}\" needs at least {} updates per round{}, but training.min_participants is {min_participants}",
+                self.min_updates(),
+                match self.robust {
+                    RobustRule::MultiKrum =>
+                        format!(" (2 × krum_byzantine {} + 3)", self.krum_byzantine()),
+                    _ => String::new(),
+                }
+            ));
+        }
+        Ok(())
+    }
+}
