@@ -173,6 +173,9 @@ pub fn plan_from_proto(p: &pb::TrainingPlan) -> Result<TrainingPlan> {
             evaluate: !p.skip_evaluation,
         },
         privacy: privacy_from_proto(p)?,
+        // How the coordinator aggregates is its own business: sites train the
+        // same way whatever it is.
+        aggregation: None,
         scaling,
     };
     plan.validate().map_err(bad)?;
