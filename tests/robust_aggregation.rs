@@ -20,10 +20,8 @@ use sangsaeng_common::aggregation::fedavg::Accumulator;
 use sangsaeng_common::aggregation::robust;
 use sangsaeng_common::config::aggregation::{AggregationConfig, RobustRule};
 use sangsaeng_common::config::plan::TrainingPlan;
-use sangsaeng_common::learning::model::ModelSpec;
 use sangsaeng_common::transfer::digest::{self, DigestAlgorithm};
 use sangsaeng_common::transfer::encoding::{self, UpdateEncoding};
-use sangsaeng_common::transfer::weights;
 use sangsaeng_common::transfer::wire::{UpdateUpload, upload_messages};
 use sangsaeng_coordinator::durable::audit;
 use sangsaeng_proto::v1 as pb;
@@ -51,15 +49,6 @@ fn plan_with(robust: RobustRule) -> TrainingPlan {
     });
     plan.validate().unwrap();
     plan
-}
-
-fn model(plan: &TrainingPlan, run: &Path, round: u32) -> Vec<f32> {
-    let layout = ModelSpec::from_plan(plan).layout();
-    weights::load_safetensors(
-        &run.join(format!("model-round-{round:04}.safetensors")),
-        &layout,
-    )
-    .unwrap()
 }
 
 /// What the hostile site's upload was answered with.
@@ -201,25 +190,14 @@ async fn attacked_round(plan: &TrainingPlan) -> Attacked {
     coord.stop().await.unwrap();
     Attacked {
         run: runs.join(&t.training_id),
-        honest: records.iter().map(|r| recorded_delta(plan, r)).collect(),
+        honest: records
+            .iter()
+            .map(|r| support::recorded_delta(plan, r))
+            .collect(),
         runs,
         answer,
         _dir: dir,
     }
-}
-
-fn recorded_delta(plan: &TrainingPlan, record: &Path) -> (Vec<f32>, u64) {
-    let layout = ModelSpec::from_plan(plan).layout();
-    let file = std::fs::read_dir(record)
-        .unwrap()
-        .flatten()
-        .next()
-        .expect("the site recorded its training")
-        .path()
-        .join("delta-round-0001.safetensors");
-    let values = weights::load_safetensors(&file, &layout).unwrap();
-    let meta = weights::safetensors_metadata(&file).unwrap();
-    (values, meta["num_examples"].parse().unwrap())
 }
 
 fn fedavg_of(init: &[f32], updates: &[(Vec<f32>, u64)]) -> Vec<f32> {
@@ -262,7 +240,10 @@ async fn plain_fedavg_is_pulled_away_by_one_hostile_update() {
     let plan = plan_with(RobustRule::None);
     let a = attacked_round(&plan).await;
     a.answer.expect("plain FedAvg takes any plausible update");
-    let (init, got) = (model(&plan, &a.run, 0), model(&plan, &a.run, 1));
+    let (init, got) = (
+        support::model(&plan, &a.run, 0),
+        support::model(&plan, &a.run, 1),
+    );
     let honest = fedavg_of(&init, &a.honest);
     let moved = got
         .iter()
@@ -280,9 +261,9 @@ async fn norm_bound_refuses_the_hostile_update_as_it_streams_in() {
     let refused = a.answer.expect_err("the update is far above the bound");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     assert!(refused.message().contains("max_update_norm"), "{refused:?}");
-    let init = model(&plan, &a.run, 0);
+    let init = support::model(&plan, &a.run, 0);
     assert_eq!(
-        bits(&model(&plan, &a.run, 1)),
+        bits(&support::model(&plan, &a.run, 1)),
         bits(&fedavg_of(&init, &a.honest)),
         "the round is not exactly FedAvg of the four honest updates"
     );
@@ -307,9 +288,9 @@ async fn multi_krum_leaves_the_hostile_update_out_exactly() {
     let a = attacked_round(&plan).await;
     a.answer
         .expect("accepted on arrival: Multi-Krum decides at aggregation");
-    let init = model(&plan, &a.run, 0);
+    let init = support::model(&plan, &a.run, 0);
     assert_eq!(
-        bits(&model(&plan, &a.run, 1)),
+        bits(&support::model(&plan, &a.run, 1)),
         bits(&fedavg_of(&init, &a.honest)),
         "the round is not exactly FedAvg of the four kept updates"
     );
@@ -355,7 +336,10 @@ async fn median_and_trimmed_mean_hold_against_the_hostile_update() {
         a.answer
             .as_ref()
             .expect("coordinate-wise rules take every update");
-        let (init, got) = (model(&plan, &a.run, 0), model(&plan, &a.run, 1));
+        let (init, got) = (
+            support::model(&plan, &a.run, 0),
+            support::model(&plan, &a.run, 1),
+        );
         assert_eq!(
             bits(&got),
             bits(&coordinate_wise(&init, &a, rule)),

@@ -16,10 +16,8 @@ use sangsaeng::localnet::{self, Pki};
 use sangsaeng_common::aggregation::fedavg::{Accumulator, weighted_fixed_point};
 use sangsaeng_common::config::plan::TrainingPlan;
 use sangsaeng_common::config::privacy::PrivacyConfig;
-use sangsaeng_common::learning::model::ModelSpec;
 use sangsaeng_common::transfer::digest::DigestAlgorithm;
 use sangsaeng_common::transfer::encoding::UpdateEncoding;
-use sangsaeng_common::transfer::weights;
 use sangsaeng_common::transfer::wire::{MaskedChunks, UpdateUpload, upload_messages};
 use sangsaeng_coordinator::durable::audit;
 use sangsaeng_participant::secure::{Identity, SecureRound};
@@ -36,15 +34,6 @@ fn secure_plan(rounds: u32, min: usize, deadline: u64) -> TrainingPlan {
     });
     plan.validate().unwrap();
     plan
-}
-
-fn model(plan: &TrainingPlan, run: &Path, round: u32) -> Vec<f32> {
-    let layout = ModelSpec::from_plan(plan).layout();
-    weights::load_safetensors(
-        &run.join(format!("model-round-{round:04}.safetensors")),
-        &layout,
-    )
-    .unwrap()
 }
 
 /// Runs one training of `plan` with the three test sites; returns the run folder.
@@ -97,8 +86,8 @@ async fn the_secure_model_is_bit_identical_to_the_plain_one() {
     let secure_run = train(b.path(), secure.clone()).await;
     for round in 1..=2 {
         let (p, s) = (
-            model(&plain, &plain_run, round),
-            model(&secure, &secure_run, round),
+            support::model(&plain, &plain_run, round),
+            support::model(&secure, &secure_run, round),
         );
         assert!(
             p.iter().zip(&s).all(|(x, y)| x.to_bits() == y.to_bits()),
@@ -145,7 +134,10 @@ async fn int8_updates_on_a_sparse_graph_aggregate_as_the_plain_int8_round() {
     plain.privacy = None;
     let plain_run = train_sites(a.path(), plain.clone(), &extra).await;
     let secure_run = train_sites(b.path(), secure.clone(), &extra).await;
-    let (p, s) = (model(&plain, &plain_run, 1), model(&secure, &secure_run, 1));
+    let (p, s) = (
+        support::model(&plain, &plain_run, 1),
+        support::model(&secure, &secure_run, 1),
+    );
     assert!(
         p.iter().zip(&s).all(|(x, y)| x.to_bits() == y.to_bits()),
         "the secure int8 model differs from the plain int8 one"
@@ -335,20 +327,6 @@ fn spilled_words(path: &Path) -> Vec<i64> {
     words
 }
 
-fn recorded_delta(plan: &TrainingPlan, record: &Path) -> (Vec<f32>, u64) {
-    let layout = ModelSpec::from_plan(plan).layout();
-    let file = std::fs::read_dir(record)
-        .unwrap()
-        .flatten()
-        .next()
-        .expect("the site recorded its training")
-        .path()
-        .join("delta-round-0001.safetensors");
-    let values = weights::load_safetensors(&file, &layout).unwrap();
-    let meta = weights::safetensors_metadata(&file).unwrap();
-    (values, meta["num_examples"].parse().unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_participant_lost_after_the_key_exchange_is_recovered_exactly() {
     support::init_tracing();
@@ -404,10 +382,10 @@ async fn a_participant_lost_after_the_key_exchange_is_recovered_exactly() {
     let t = s.training.unwrap();
     assert_eq!(t.phase, "completed", "{}", t.error);
     let run = runs.join(&t.training_id);
-    let global0 = model(&plan, &run, 0);
+    let global0 = support::model(&plan, &run, 0);
     let mut acc = Accumulator::new(global0.len());
     for record in &records {
-        let (delta, n) = recorded_delta(&plan, record);
+        let (delta, n) = support::recorded_delta(&plan, record);
         let mut plain = vec![0i64; delta.len()];
         weighted_fixed_point(&delta, n, &mut plain).unwrap();
         for masked in &spills {
@@ -421,7 +399,7 @@ async fn a_participant_lost_after_the_key_exchange_is_recovered_exactly() {
         acc.add(&delta, n).unwrap();
     }
     let expected = acc.apply_to(&global0).unwrap();
-    let got = model(&plan, &run, 1);
+    let got = support::model(&plan, &run, 1);
     assert!(
         expected
             .iter()

@@ -163,3 +163,29 @@ pub fn spawn_sites(
         })
         .collect()
 }
+
+/// The global model a run folder holds after `round` (0: the initial one).
+pub fn model(plan: &TrainingPlan, run: &Path, round: u32) -> Vec<f32> {
+    let layout = sangsaeng_common::learning::model::ModelSpec::from_plan(plan).layout();
+    sangsaeng_common::transfer::weights::load_safetensors(
+        &run.join(format!("model-round-{round:04}.safetensors")),
+        &layout,
+    )
+    .unwrap()
+}
+
+/// A site's own copy of its round-1 delta (its `record_dir`) and example count.
+pub fn recorded_delta(plan: &TrainingPlan, record: &Path) -> (Vec<f32>, u64) {
+    use sangsaeng_common::transfer::weights;
+    let layout = sangsaeng_common::learning::model::ModelSpec::from_plan(plan).layout();
+    let file = std::fs::read_dir(record)
+        .unwrap()
+        .flatten()
+        .next()
+        .expect("the site recorded its training")
+        .path()
+        .join("delta-round-0001.safetensors");
+    let values = weights::load_safetensors(&file, &layout).unwrap();
+    let meta = weights::safetensors_metadata(&file).unwrap();
+    (values, meta["num_examples"].parse().unwrap())
+}
