@@ -143,22 +143,8 @@ async fn attacked_round(plan: &TrainingPlan) -> Attacked {
         .await
         .unwrap();
     let stop = CancellationToken::new();
-    let files = support::site_files(dir.path(), HONEST.len());
-    let mut handles = Vec::new();
-    let mut records = Vec::new();
-    for (org, f) in HONEST.iter().zip(files) {
-        let record = dir.path().join(format!("record-{org}"));
-        let cfg = localnet::participant_config(
-            &pki,
-            &coord.url,
-            org,
-            vec![f],
-            "fault",
-            Some(record.clone()),
-        );
-        handles.push(localnet::spawn_participant(cfg, stop.clone()));
-        records.push(record);
-    }
+    let (handles, records) =
+        support::spawn_recording_sites(&pki, &coord.url, dir.path(), &HONEST, &stop);
     let hostile = tokio::spawn(hostile(
         pki.clone(),
         coord.url.clone(),

@@ -340,22 +340,13 @@ async fn a_participant_lost_after_the_key_exchange_is_recovered_exactly() {
             .await
             .unwrap();
     let stop = CancellationToken::new();
-    let files = support::site_files(dir.path(), 4);
-    let mut handles = Vec::new();
-    let mut records = Vec::new();
-    for (org, f) in ["site-a", "site-b", "site-c", "site-d"].iter().zip(files) {
-        let record = dir.path().join(format!("record-{org}"));
-        let cfg = localnet::participant_config(
-            &pki,
-            &coord.url,
-            org,
-            vec![f],
-            "fault",
-            Some(record.clone()),
-        );
-        handles.push(localnet::spawn_participant(cfg, stop.clone()));
-        records.push(record);
-    }
+    let (handles, records) = support::spawn_recording_sites(
+        &pki,
+        &coord.url,
+        dir.path(),
+        &["site-a", "site-b", "site-c", "site-d"],
+        &stop,
+    );
     // site-e advertises and shares its keys, then vanishes before uploading.
     let mut e = Scripted::connect(&pki, &coord.url, "site-e").await;
     let (_, mut attempt) = e.join_round(plan.schema.feature_columns.len()).await;

@@ -164,6 +164,31 @@ pub fn spawn_sites(
         .collect()
 }
 
+/// Participant daemons for `orgs`, each on its own share of the test data
+/// and keeping its own copy of what it sent (`record_dir`, read back by
+/// [`recorded_delta`]); returns their handles and record folders.
+pub fn spawn_recording_sites(
+    pki: &Pki,
+    url: &str,
+    dir: &Path,
+    orgs: &[&str],
+    stop: &CancellationToken,
+) -> (
+    Vec<JoinHandle<sangsaeng_participant::Result<()>>>,
+    Vec<PathBuf>,
+) {
+    site_files(dir, orgs.len())
+        .into_iter()
+        .zip(orgs)
+        .map(|(f, org)| {
+            let record = dir.join(format!("record-{org}"));
+            let cfg =
+                localnet::participant_config(pki, url, org, vec![f], "fault", Some(record.clone()));
+            (localnet::spawn_participant(cfg, stop.clone()), record)
+        })
+        .unzip()
+}
+
 /// The global model a run folder holds after `round` (0: the initial one).
 pub fn model(plan: &TrainingPlan, run: &Path, round: u32) -> Vec<f32> {
     let layout = sangsaeng_common::learning::model::ModelSpec::from_plan(plan).layout();
