@@ -11,6 +11,7 @@ use sangsaeng_common::config::plan::TrainingPlan;
 use sangsaeng_common::config::privacy::{DpConfig, DpLevel};
 use sangsaeng_common::learning::dp_sgd::DpSgd;
 use sangsaeng_common::privacy::dp::budget::plan_budget;
+use sangsaeng_common::privacy::dp::client_noise::{self, NoiseShare};
 use sangsaeng_proto::v1 as pb;
 
 use crate::config::SitePrivacy;
@@ -138,6 +139,38 @@ pub fn finish_update(
         }
         RoundPrivacy::None => None,
     }
+}
+
+/// Client level, secure rounds: the decoded values (what the site's integers
+/// are made of) clipped again, since the plan's encoding can move a clipped
+/// delta's norm past the clip. Without client-level DP, unchanged.
+pub fn clip_decoded(plan: &TrainingPlan, values: &mut [f32]) {
+    if let Some(dp) = client_level(plan) {
+        clip_update(values, dp.clip());
+    }
+}
+
+/// Secure rounds under client-level DP: this site's share of the round's noise,
+/// fresh for the attempt (see `sangsaeng_common::privacy::dp::client_noise`).
+pub fn noise_share(plan: &TrainingPlan, dim: usize) -> Result<Option<NoiseShare>> {
+    let Some(dp) = client_level(plan).filter(|_| plan.secure_aggregation()) else {
+        return Ok(None);
+    };
+    let budget = plan_budget(plan, None)?;
+    let sampler = client_noise::share(
+        budget.noise_multiplier,
+        dp.clip(),
+        dim,
+        plan.training.min_participants,
+    )?;
+    Ok(Some(NoiseShare::fresh(sampler)?))
+}
+
+fn client_level(plan: &TrainingPlan) -> Option<&DpConfig> {
+    plan.privacy
+        .as_ref()
+        .and_then(|p| p.dp.as_ref())
+        .filter(|dp| dp.level == DpLevel::Client)
 }
 
 /// Scales `delta` down to L2 norm `clip` if it is longer (client-level DP: the

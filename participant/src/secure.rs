@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use sangsaeng_common::identity::peer::PeerVerifier;
 use sangsaeng_common::identity::signing::Signer;
 use sangsaeng_common::identity::tls::TlsMaterial;
+use sangsaeng_common::privacy::dp::client_noise::NoiseShare;
 use sangsaeng_common::privacy::secagg::{self, Advert, RoundContext, wire};
 use sangsaeng_common::transfer::digest::{self, DigestAlgorithm};
 use sangsaeng_common::transfer::wire::MaskedChunks;
@@ -58,6 +59,9 @@ pub struct SecureRound {
     /// The sealed shares once made: sent again (never made again) if asked twice.
     outbox: Option<Vec<Vec<u8>>>,
     inbox_received: bool,
+    /// This site's share of the client-level noise, drawn once per attempt so
+    /// that the digest pass, the upload and a resumed upload add the same.
+    noise: Option<Option<NoiseShare>>,
 }
 
 impl SecureRound {
@@ -96,6 +100,7 @@ impl SecureRound {
             advert,
             outbox: None,
             inbox_received: false,
+            noise: None,
         })
     }
 
@@ -193,10 +198,17 @@ impl SecureRound {
         Ok(())
     }
 
+    /// The attempt's noise share (`None`: the plan adds none); only the first
+    /// call of an attempt counts, so every pass masks with the same noise.
+    pub fn set_noise_once(&mut self, noise: Option<NoiseShare>) {
+        self.noise.get_or_insert(noise);
+    }
+
     /// Step 3 (second half): what masks this site's update, movable to a
     /// blocking thread.
     pub fn masker(&self) -> Masker {
         Masker {
+            noise: self.noise.clone().flatten(),
             me: self.me.clone(),
             input: pb::SecureInput {
                 attempt: self.ctx.attempt(),
@@ -224,6 +236,7 @@ impl SecureRound {
 #[derive(Clone)]
 pub struct Masker {
     me: Arc<Mutex<secagg::Participant>>,
+    noise: Option<NoiseShare>,
     input: pb::SecureInput,
 }
 
@@ -242,13 +255,19 @@ impl Masker {
     ) -> Result<(MaskedChunks, String)> {
         let per = wire::words_per_chunk(chunk_bytes);
         let count = values.len().div_ceil(per);
-        let me = self.me;
+        let (me, noise) = (self.me, self.noise);
         let make = move |i: usize| -> sangsaeng_common::Result<bytes::Bytes> {
             let start = i * per;
             let end = (start + per).min(values.len());
             let me = me.lock().expect("the round's state");
-            wire::masked_chunk(&me, &values[start..end], start as u64, weight)
-                .map(bytes::Bytes::from)
+            wire::masked_chunk(
+                &me,
+                &values[start..end],
+                start as u64,
+                weight,
+                noise.as_ref(),
+            )
+            .map(bytes::Bytes::from)
         };
         let mut hasher = digest::Hasher::new(algorithm);
         for i in 0..count {

@@ -112,9 +112,6 @@ impl PrivacyConfig {
                 ));
             }
         }
-        if self.dp.as_ref().is_some_and(|d| d.level == DpLevel::Client) {
-            return Err("privacy.secure_aggregation: not yet combined with privacy.dp.level = \"client\": its noise is added by the coordinator to the opened sum, which secure aggregation is meant to keep from it (distributed noise at the sites is not built yet); use level = \"record\", whose noise is added at each site".into());
-        }
         Ok(())
     }
 }

@@ -16,9 +16,12 @@
 //! Gaussian noise of std `noise_multiplier × clip_norm` to the round's sum, in
 //! the accumulator's fixed-point integers (exact, drawn from an OS-seeded
 //! ChaCha20, never from the plan's seed). Every participant takes part in every
-//! round, so each round is one Gaussian mechanism (q = 1). The guarantee holds
-//! against whoever sees the released models, not against the coordinator: it
-//! sees the sum before the noise.
+//! round, so each round is one Gaussian mechanism (q = 1). On a plain round the
+//! guarantee holds against whoever sees the released models, not against the
+//! coordinator: it sees the sum before the noise. With secure aggregation the
+//! sites add the noise, each its share before masking
+//! (`sangsaeng_common::privacy::dp::client_noise`), and the coordinator adds
+//! none: it never sees a noise-free sum.
 
 use std::collections::BTreeMap;
 
@@ -26,12 +29,13 @@ use serde::Serialize;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
-use sangsaeng_common::aggregation::fedavg::{Accumulator, FRACTION_BITS};
+use sangsaeng_common::aggregation::fedavg::Accumulator;
 use sangsaeng_common::config::plan::TrainingPlan;
 use sangsaeng_common::config::privacy::{DpConfig, DpLevel};
 use sangsaeng_common::learning::data::FeatureStats;
+use sangsaeng_common::learning::model::ModelSpec;
 use sangsaeng_common::privacy::dp::budget::plan_budget;
-use sangsaeng_common::privacy::dp::discrete_gaussian::{DiscreteGaussian, fixed_point_sigma};
+use sangsaeng_common::privacy::dp::client_noise;
 use sangsaeng_proto::v1 as pb;
 
 use crate::durable::store::AcceptedUpdate;
@@ -46,6 +50,9 @@ const REPORT_TOLERANCE: f64 = 1e-9;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RoundSpend {
     pub mechanism: &'static str,
+    /// `"sites"` (DP-SGD, or client-level shares under secure aggregation) or
+    /// `"coordinator"` (client-level noise on the opened sum).
+    pub noise_added_by: &'static str,
     pub level: &'static str,
     pub delta: f64,
     pub target_epsilon: f64,
@@ -73,23 +80,30 @@ fn client_dp(plan: &TrainingPlan) -> Option<&DpConfig> {
 /// The weight an update is folded with: its example count, or 1 under
 /// client-level DP (equal weights bound each firm's influence on the sum).
 pub fn fold_weight(plan: &TrainingPlan, num_examples: u64) -> u64 {
-    if client_dp(plan).is_some() {
-        1
-    } else {
-        num_examples
-    }
+    client_noise::fold_weight(plan, num_examples)
 }
 
-/// Client level: the round's noise, added to the accumulator's sum before its
-/// mean is applied. Without client-level DP, nothing.
+/// Who adds client-level noise: the sites under secure aggregation (each its
+/// share, before masking), otherwise the coordinator.
+fn noise_at_sites(plan: &TrainingPlan) -> bool {
+    plan.secure_aggregation()
+}
+
+/// Client level without secure aggregation: the round's noise, added to the
+/// accumulator's sum before its mean is applied. With secure aggregation the
+/// opened sum already carries the sites' shares, and nothing more is added
+/// (twice the noise would be accounted as once). Without client-level DP,
+/// nothing.
 pub fn add_aggregate_noise(plan: &TrainingPlan, acc: &mut Accumulator) -> Result<()> {
     let Some(dp) = client_dp(plan) else {
         return Ok(());
     };
+    if noise_at_sites(plan) {
+        return Ok(());
+    }
     let budget = plan_budget(plan, None).map_err(refused)?;
-    let std_units =
-        fixed_point_sigma(budget.noise_multiplier * dp.clip(), FRACTION_BITS).map_err(refused)?;
-    let sampler = DiscreteGaussian::from_sigma(std_units).map_err(refused)?;
+    let sampler = client_noise::central(budget.noise_multiplier, dp.clip(), acc.num_params())
+        .map_err(refused)?;
     let mut rng = ChaCha20Rng::try_from_os_rng().map_err(|e| {
         CoordinatorError::Store(format!(
             "the OS random source failed while drawing noise: {e}"
@@ -144,9 +158,20 @@ pub fn check_site_budgets(
     Ok(())
 }
 
-/// Client level: the model's budget must last every round.
+/// Client level: the model's budget must last every round, and with secure
+/// aggregation each site's share of the noise must be large enough to account.
 fn check_client_budget(plan: &TrainingPlan, dp: &DpConfig) -> Result<()> {
     let budget = plan_budget(plan, None).map_err(refused)?;
+    if noise_at_sites(plan) {
+        let dim = ModelSpec::from_plan(plan).num_params();
+        client_noise::share(
+            budget.noise_multiplier,
+            dp.clip(),
+            dim,
+            plan.training.min_participants,
+        )
+        .map_err(refused)?;
+    }
     match budget
         .epsilon_by_round
         .iter()
@@ -214,8 +239,21 @@ pub fn round_spend(
 ) -> Result<Option<RoundSpend>> {
     if let Some(dp) = client_dp(plan) {
         let budget = plan_budget(plan, None).map_err(refused)?;
+        let mechanism = match noise_at_sites(plan) {
+            true => {
+                "DP-FedAvg with distributed noise (clipped updates, equal weights, a discrete Gaussian share added by each site before masking, Kairouz-Liu-Steinke 2021; RDP accountant)"
+            }
+            false => {
+                "DP-FedAvg (clipped updates, equal weights, discrete Gaussian noise on the sum, RDP accountant)"
+            }
+        };
         return Ok(Some(RoundSpend {
-            mechanism: "DP-FedAvg (clipped updates, equal weights, discrete Gaussian noise on the sum, RDP accountant)",
+            mechanism,
+            noise_added_by: if noise_at_sites(plan) {
+                "sites"
+            } else {
+                "coordinator"
+            },
             level: dp.level.name(),
             delta: dp.delta,
             target_epsilon: dp.target_epsilon,
@@ -242,6 +280,7 @@ pub fn round_spend(
     let model_epsilon = sites.values().map(|s| s.epsilon).fold(0.0, f64::max);
     Ok(Some(RoundSpend {
         mechanism: "DP-SGD (Poisson-subsampled Gaussian, RDP accountant)",
+        noise_added_by: "sites",
         level: dp.level.name(),
         delta: dp.delta,
         target_epsilon: dp.target_epsilon,
@@ -276,6 +315,28 @@ mod tests {
         });
         plan.validate().unwrap();
         plan
+    }
+
+    /// With secure aggregation each of min_participants sites adds a share; a
+    /// share too small to account as a discrete Gaussian stops the training
+    /// before its first round, naming the key.
+    #[test]
+    fn a_distributed_noise_share_too_small_to_account_is_refused_before_training() {
+        let mut plan = client_plan(1.0);
+        plan.training.min_participants = 3;
+        let p = plan.privacy.as_mut().unwrap();
+        p.secure_aggregation = true;
+        // 4 parameters clipped to 1e-8: a share of std 0.7 fixed-point units.
+        p.dp.as_mut().unwrap().clip_norm = Some(1e-8);
+        plan.validate().unwrap();
+        let e = check_site_budgets(&plan, &BTreeMap::new()).unwrap_err();
+        assert!(
+            e.to_string().contains("privacy.dp.noise_multiplier")
+                && e.to_string().contains("each of 3 sites' share"),
+            "{e}"
+        );
+        plan.privacy.as_mut().unwrap().secure_aggregation = false;
+        check_site_budgets(&plan, &BTreeMap::new()).expect("central noise has no share");
     }
 
     #[test]

@@ -79,6 +79,9 @@ struct PendingUpload {
     /// Digest id of all chunks' bytes (`sangsaeng_common::transfer::digest`).
     delta_digest: String,
     num_examples: u64,
+    /// The weight the update is folded with: its example count, or 1 under
+    /// client-level DP. A secure round's site weights its own integers.
+    weight: u64,
     train_loss: f64,
     /// What record-level DP-SGD spent, reported with the update.
     dp: Option<pb::DpSpend>,
@@ -459,6 +462,7 @@ impl Session {
             algorithm,
             delta_digest,
             num_examples: n,
+            weight: sangsaeng_common::privacy::dp::client_noise::fold_weight(plan, n),
             train_loss: loss,
             dp,
         })

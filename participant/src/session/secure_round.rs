@@ -68,10 +68,19 @@ impl Session {
             for c in pending.chunks.iter() {
                 values.extend(encoding::decode_chunk(c, pending.encoding)?);
             }
+            // Client-level DP bounds what is summed: the decoded values, whose
+            // norm the encoding may have moved past the clip.
+            crate::privacy::clip_decoded(plan, &mut values);
             pending.chunks = Arc::from(Vec::new());
             pending.values = Some(Arc::new(values));
             self.pending = Some(pending);
         }
+        let dim = self.pending.as_ref().map_or(0, |p| p.num_params as usize);
+        let noise = crate::privacy::noise_share(plan, dim)?;
+        self.secure
+            .as_mut()
+            .expect("set above")
+            .set_noise_once(noise);
         Ok(())
     }
 
@@ -132,7 +141,7 @@ impl Session {
             .clone()
             .ok_or_else(|| protocol("the update was not prepared for masking".into()))?;
         let chunk_bytes = self.cfg.upload_chunk_bytes;
-        let (algorithm, weight) = (p.algorithm, p.num_examples);
+        let (algorithm, weight) = (p.algorithm, p.weight);
         let masker = attempt.masker();
         let (masked, digest) = tokio::task::spawn_blocking(move || {
             masker.chunks(values, weight, chunk_bytes, algorithm)

@@ -19,6 +19,7 @@ use super::shamir::Share;
 use crate::aggregation::fedavg::weighted_fixed_point;
 use crate::identity::peer::PeerVerifier;
 use crate::identity::signing::Signer;
+use crate::privacy::dp::client_noise::NoiseShare;
 use crate::{Error, Result};
 
 /// Bytes per masked value on the wire: one little-endian word of Z_2^64.
@@ -215,16 +216,22 @@ pub fn words_per_chunk(chunk_bytes: usize) -> usize {
 }
 
 /// One masked chunk as sent: the values of parameters `offset..` (already
-/// quantised by the plan's encoding) as fixed-point words at `weight`,
-/// masked by `participant`, little-endian.
+/// quantised by the plan's encoding) as fixed-point words at `weight`, plus
+/// the site's share of client-level noise if the plan has one (added before
+/// the masks, so it survives unmasking and no one sees the update without
+/// it), masked by `participant`, little-endian.
 pub fn masked_chunk(
     participant: &Participant,
     values: &[f32],
     offset: u64,
     weight: u64,
+    noise: Option<&NoiseShare>,
 ) -> Result<Vec<u8>> {
     let mut words = vec![0i64; values.len()];
     weighted_fixed_point(values, weight, &mut words)?;
+    if let Some(noise) = noise {
+        noise.add_to(offset, &mut words);
+    }
     participant.mask_chunk(&mut words, offset)?;
     let mut out = Vec::with_capacity(words.len() * WORD_BYTES);
     for w in &words {
