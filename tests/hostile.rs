@@ -3071,3 +3071,60 @@ async fn a_dp_update_claiming_more_noise_than_it_used_is_invalid_argument() {
     )
     .await;
 }
+
+/// Client-level DP: the noise is calibrated to `clip_norm`, so the coordinator
+/// checks the bound rather than trusting the sites to clip. An update above it
+/// is refused at the chunk that crosses it, naming the key, and the site is out
+/// of the round (as under `norm-bound`); the round completes with the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_level_dp_update_above_the_clip_is_refused_naming_clip_norm() {
+    use sangsaeng_common::config::privacy::{DpConfig, DpLevel, PrivacyConfig};
+    let mut plan = TrainingPlan::from_toml(&raw_plan(1, 1), "hostile plan").unwrap();
+    let probe = delta(4_000, 11);
+    let norm = |d: &[f32]| d.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
+    let clip = norm(&probe) / 2.0;
+    plan.privacy = Some(PrivacyConfig {
+        dp: Some(DpConfig {
+            level: DpLevel::Client,
+            target_epsilon: 50.0,
+            delta: 1e-5,
+            noise_multiplier: Some(1.0),
+            max_grad_norm: None,
+            clip_norm: Some(clip),
+        }),
+        ..Default::default()
+    });
+    plan.validate().unwrap();
+    let (mut fed, mut a, mut b, r) = two_sites_in_round_of(limits(), plan.to_toml()).await;
+    let (da, db) = (delta(r.n(), 11), delta(r.n(), 22));
+    assert!(
+        norm(&da) > 1.5 * clip,
+        "the model is as large as the clip assumed"
+    );
+    let clipped = |d: &[f32]| {
+        let f = (clip / norm(d) * 0.999) as f32;
+        d.iter().map(|v| v * f).collect::<Vec<f32>>()
+    };
+    let needle = "passes privacy.dp.clip_norm";
+    assert_refused(
+        a.upload(parts(&r, &da, 300)).await,
+        Code::InvalidArgument,
+        needle,
+    );
+    fed.after_refusal("site-a", needle, Then::NotWaitedFor)
+        .await;
+    b.upload(parts(&r, &clipped(&db), 500))
+        .await
+        .expect("another site's clipped update is accepted");
+    evaluate_all(&mut [&mut a, &mut b]).await;
+    let out = fed.completed().await;
+    let line = &metrics(&out)[0];
+    assert_eq!(line["privacy"]["noise_added_by"], "coordinator", "{line}");
+    let refused = line["refused"].to_string();
+    assert!(
+        refused.contains("site-a") && refused.contains(needle),
+        "{line}"
+    );
+    drop((a, b));
+    fed.stop().await;
+}

@@ -12,6 +12,7 @@ use sangsaeng_common::config::privacy::{DpConfig, DpLevel};
 use sangsaeng_common::learning::dp_sgd::DpSgd;
 use sangsaeng_common::privacy::dp::budget::plan_budget;
 use sangsaeng_common::privacy::dp::client_noise::{self, NoiseShare};
+use sangsaeng_common::transfer::encoding;
 use sangsaeng_proto::v1 as pb;
 
 use crate::config::SitePrivacy;
@@ -140,6 +141,48 @@ pub fn finish_update(
         RoundPrivacy::None => None,
     }
 }
+
+/// The delta in the plan's encoding. Under client-level DP the *decoded*
+/// values (what the coordinator sums and checks against the clip) must stay
+/// within `clip_norm`, and fp16/int8 rounding can move a clipped delta past
+/// it: the delta is then scaled down by the excess and encoded again. Both
+/// encodings scale with their input (int8 keeps one scale per chunk), so one
+/// or two passes settle it.
+pub fn encode_within_clip(
+    plan: &TrainingPlan,
+    delta: &mut [f32],
+    chunk_bytes: usize,
+) -> Result<Vec<Vec<u8>>> {
+    let encoding = plan.training.update_encoding;
+    let mut chunks = encoding::encode_chunks(delta, encoding, chunk_bytes)?;
+    let Some(dp) = client_level(plan) else {
+        return Ok(chunks);
+    };
+    let clip = dp.clip();
+    for _ in 0..MAX_CLIP_PASSES {
+        let mut sq = 0.0f64;
+        for c in &chunks {
+            sq += encoding::decode_chunk(c, encoding)?
+                .iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>();
+        }
+        let norm = sq.sqrt();
+        if norm <= clip {
+            return Ok(chunks);
+        }
+        let factor = (clip / norm * (1.0 - 1e-6)) as f32;
+        delta.iter_mut().for_each(|v| *v *= factor);
+        chunks = encoding::encode_chunks(delta, encoding, chunk_bytes)?;
+    }
+    Err(refuse(format!(
+        "the update encoded as {encoding:?} stays above privacy.dp.clip_norm = {clip} after {MAX_CLIP_PASSES} passes; use update_encoding = \"float32\""
+    )))
+}
+
+/// Bound on the re-encoding passes of [`encode_within_clip`]: rounding moves
+/// a norm by a relative 2^-8 at most (int8), so more passes mean a bug.
+const MAX_CLIP_PASSES: usize = 8;
 
 /// Client level, secure rounds: the decoded values (what the site's integers
 /// are made of) clipped again, since the plan's encoding can move a clipped
@@ -274,6 +317,49 @@ mod tests {
         let p = plan(Some(record(Some(0.7))));
         let e = for_round(&SitePrivacy::default(), &p, 5_000, 4).unwrap_err();
         assert!(e.to_string().contains("above the plan's target 4"), "{e}");
+    }
+
+    /// int8 keeps one scale per chunk and rounds each value to it, which can
+    /// take a clipped delta past the clip; what is sent must decode within it.
+    #[test]
+    fn the_encoded_update_decodes_within_the_clip() {
+        use sangsaeng_common::config::plan::UpdateEncoding;
+        let mut p = plan(Some(DpConfig {
+            level: DpLevel::Client,
+            target_epsilon: 4.0,
+            delta: 1e-5,
+            noise_multiplier: Some(1.0),
+            max_grad_norm: None,
+            clip_norm: Some(1.0),
+        }));
+        let decoded_norm = |chunks: &[Vec<u8>], enc| {
+            chunks
+                .iter()
+                .flat_map(|c| encoding::decode_chunk(c, enc).unwrap())
+                .map(|v| f64::from(v).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        };
+        for enc in [
+            UpdateEncoding::Int8,
+            UpdateEncoding::Float16,
+            UpdateEncoding::Float32,
+        ] {
+            p.training.update_encoding = enc;
+            // Values just below each int8 rounding step: rounding goes up.
+            let mut delta: Vec<f32> = (0..10_000).map(|i| 0.5 + (i % 127) as f32 * 1e-3).collect();
+            clip_update(&mut delta, 1.0);
+            let plain = encoding::encode_chunks(&delta, enc, 4096).unwrap();
+            if enc == UpdateEncoding::Int8 {
+                assert!(
+                    decoded_norm(&plain, enc) > 1.0,
+                    "int8 rounding alone passes the clip"
+                );
+            }
+            let chunks = encode_within_clip(&p, &mut delta, 4096).unwrap();
+            let norm = decoded_norm(&chunks, enc);
+            assert!(norm <= 1.0 && norm > 0.99, "{enc:?}: {norm}");
+        }
     }
 
     #[test]

@@ -34,6 +34,7 @@ use sangsaeng_common::aggregation::server::ServerOptimizer;
 use sangsaeng_common::config::aggregation::{AggregationConfig, RobustRule};
 use sangsaeng_common::config::plan::TrainingPlan;
 use sangsaeng_common::learning::model::TensorSpec;
+use sangsaeng_common::privacy::dp::client_noise;
 use sangsaeng_common::transfer::weights;
 
 use crate::error::{CoordinatorError, Result};
@@ -45,12 +46,33 @@ use crate::transfer::spill::{SpilledUpdate, SpilledValues};
 /// of f32 per update, so K = 32 updates hold 8 MiB, whatever the model's size.
 const WINDOW: usize = 1 << 16;
 
-/// The plan's per-update L2 bound, enforced on each upload as it streams in.
-pub fn norm_bound(plan: &TrainingPlan) -> Option<f64> {
+/// The plan's per-update L2 bound, enforced on each upload as it streams in,
+/// with the key that sets it: `aggregation.max_update_norm` (norm-bound), or
+/// under client-level DP `privacy.dp.clip_norm` (the sites clip, and the
+/// coordinator checks it, so the noise is calibrated to a bound that holds,
+/// not to a claim). The smaller when both apply.
+pub fn norm_bound(plan: &TrainingPlan) -> Option<(f64, &'static str)> {
     let a = plan.aggregation();
-    match a.robust {
-        RobustRule::NormBound => a.max_update_norm,
+    let robust = match a.robust {
+        RobustRule::NormBound => a
+            .max_update_norm
+            .map(|b| (b, "aggregation.max_update_norm")),
         _ => None,
+    };
+    let clip = plan
+        .privacy
+        .as_ref()
+        .and_then(|p| p.dp.as_ref())
+        .filter(|_| plan.client_level_dp())
+        .map(|dp| {
+            (
+                client_noise::accepted_norm(dp.clip()),
+                "privacy.dp.clip_norm",
+            )
+        });
+    match (robust, clip) {
+        (Some(r), Some(c)) => Some(if c.0 < r.0 { c } else { r }),
+        (r, c) => r.or(c),
     }
 }
 

@@ -440,7 +440,7 @@ impl Incoming<'_> {
         );
         let rx = match (header.secure.is_some(), norm_bound) {
             (true, _) => rx.masked(),
-            (false, Some(bound)) => rx.bounding_norm(bound),
+            (false, Some((bound, key))) => rx.bounding_norm(bound, key),
             (false, None) => rx,
         };
         Ok((rx, spill, upload_id))

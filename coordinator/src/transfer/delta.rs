@@ -57,7 +57,8 @@ pub struct DeltaReceiver {
     masked: Option<Vec<i64>>,
     /// With a norm bound (`aggregation.robust = "norm-bound"`): the bound and
     /// the running Σ v² of the values received.
-    norm_bound: Option<(f64, f64)>,
+    /// (bound, the plan key that sets it, sum of squares so far).
+    norm_bound: Option<(f64, &'static str, f64)>,
 }
 
 impl std::fmt::Debug for DeltaReceiver {
@@ -113,14 +114,14 @@ impl DeltaReceiver {
     /// Refuses the update as soon as the L2 norm of its values passes `bound`
     /// (`aggregation.robust = "norm-bound"`): the chunk that crosses it is
     /// never folded, so one oversized update costs the round nothing.
-    pub fn bounding_norm(mut self, bound: f64) -> Self {
-        self.norm_bound = Some((bound, 0.0));
+    pub fn bounding_norm(mut self, bound: f64, key: &'static str) -> Self {
+        self.norm_bound = Some((bound, key, 0.0));
         self
     }
 
     /// The L2 norm of the values received so far (`None` without a bound).
     pub fn norm(&self) -> Option<f64> {
-        self.norm_bound.map(|(_, sq)| sq.sqrt())
+        self.norm_bound.map(|(_, _, sq)| sq.sqrt())
     }
 
     /// A receiver for a masked upload (secure aggregation): its chunks are
@@ -229,11 +230,11 @@ impl DeltaReceiver {
                 chunk.index, self.expected_values
             ));
         }
-        if let (Some((bound, sq)), Payload::Values(v)) = (&mut self.norm_bound, payload) {
+        if let (Some((bound, key, sq)), Payload::Values(v)) = (&mut self.norm_bound, payload) {
             let total = *sq + v.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
             if total.sqrt() > *bound {
                 return bad(format!(
-                    "the update's L2 norm passes aggregation.max_update_norm = {bound} at chunk {} (at least {:.6}): refused by the plan's norm bound",
+                    "the update's L2 norm passes {key} = {bound} at chunk {} (at least {:.6}): refused by the plan's norm bound",
                     chunk.index,
                     total.sqrt()
                 ));

@@ -435,7 +435,7 @@ impl Session {
         let encoding = plan.training.update_encoding;
         let num_params = delta.len() as u64;
         let chunks: Arc<[bytes::Bytes]> =
-            encoding::encode_chunks(&delta, encoding, self.cfg.upload_chunk_bytes)?
+            crate::privacy::encode_within_clip(plan, &mut delta, self.cfg.upload_chunk_bytes)?
                 .into_iter()
                 .map(bytes::Bytes::from)
                 .collect();

@@ -62,6 +62,13 @@ pub fn sensitivity_units(clip: f64, dim: usize) -> f64 {
 /// 2^-22 covers it with room.
 const CLIP_SLACK: f64 = 1.0 + 1.0 / (1u32 << 22) as f64;
 
+/// The largest update norm the coordinator accepts under a clip: the clip
+/// with the slack the sensitivity is computed with, so whatever it accepts
+/// is covered by the noise.
+pub fn accepted_norm(clip: f64) -> f64 {
+    clip * CLIP_SLACK
+}
+
 /// Under client-level DP every update folds with weight 1, so one firm moves
 /// the sum by at most its clip, whatever its size; otherwise by its example
 /// count. The site (which weights its own masked integers) and the coordinator
