@@ -58,6 +58,21 @@ pub struct Metrics {
     pub last_train_loss: Gauge<f64, AtomicU64>,
     pub last_macro_f1: Gauge<f64, AtomicU64>,
     audit_entries: Gauge,
+    secure: SecureMetrics,
+    /// ε the released model has spent so far (0 without differential privacy).
+    privacy_epsilon: Gauge<f64, AtomicU64>,
+}
+
+/// What secure-aggregation rounds leave: how many, and how many sites each
+/// lost at which step (a rising dropped count is the first sign of sites that
+/// cannot finish the protocol in time).
+#[derive(Default)]
+struct SecureMetrics {
+    rounds: Counter,
+    survivors: Gauge,
+    dropped: Counter,
+    excluded: Counter,
+    suspect_shares: Counter,
 }
 
 const PHASES: &[Phase] = &[
@@ -95,6 +110,8 @@ impl Metrics {
             last_train_loss: Gauge::default(),
             last_macro_f1: Gauge::default(),
             audit_entries: Gauge::default(),
+            secure: SecureMetrics::default(),
+            privacy_epsilon: Gauge::default(),
             registry: Registry::default(),
         };
         register(&mut registry, &m);
@@ -155,6 +172,21 @@ impl Metrics {
         if let Some(f1) = r.eval_macro_f1 {
             self.last_macro_f1.set(f1);
         }
+        if let Some(s) = &r.secure {
+            self.secure_recorded(s);
+        }
+        if let Some(p) = &r.privacy {
+            self.privacy_epsilon.set(p.model_epsilon);
+        }
+    }
+
+    fn secure_recorded(&self, s: &crate::secure::SecureRecord) {
+        let m = &self.secure;
+        m.rounds.inc();
+        m.survivors.set(s.survivors.len() as i64);
+        m.dropped.inc_by(s.dropped.len() as u64);
+        m.excluded.inc_by(s.excluded.len() as u64);
+        m.suspect_shares.inc_by(s.suspect_shares.len() as u64);
     }
 
     /// Counts a refused update under a bounded reason, the gRPC status it got.
@@ -278,6 +310,40 @@ fn register(r: &mut Registry, m: &Metrics) {
         "Entries in the signed audit log",
         m.audit_entries.clone(),
     );
+    r.register(
+        "privacy_epsilon",
+        "Differential-privacy epsilon the current training's model has spent so far",
+        m.privacy_epsilon.clone(),
+    );
+    register_secure(r, &m.secure);
+}
+
+fn register_secure(r: &mut Registry, m: &SecureMetrics) {
+    r.register(
+        "secure_rounds",
+        "Rounds committed with secure aggregation",
+        m.rounds.clone(),
+    );
+    r.register(
+        "secure_last_round_survivors",
+        "Sites whose masked update is in the last secure round's sum",
+        m.survivors.clone(),
+    );
+    r.register(
+        "secure_dropped",
+        "Sites that shared keys but whose update is not in the sum (their masks removed from neighbours' shares)",
+        m.dropped.clone(),
+    );
+    r.register(
+        "secure_excluded",
+        "Sites left out of a secure attempt before masking (no advert, missing or bad shares)",
+        m.excluded.clone(),
+    );
+    r.register(
+        "secure_suspect_shares",
+        "Shamir shares that did not fit their secret and were left out",
+        m.suspect_shares.clone(),
+    );
 }
 
 /// Serves `/metrics` on `addr` until `shutdown`; a port in use is an error
@@ -346,5 +412,39 @@ mod tests {
             assert!(out.contains(name), "{name} in:\n{out}");
         }
         assert!(!out.contains("# UNIT") && !out.contains("# EOF"), "{out}");
+    }
+
+    #[test]
+    fn a_secure_round_counts_its_survivors_and_dropouts() {
+        let m = Metrics::new();
+        let mut excluded = std::collections::BTreeMap::new();
+        excluded.insert("site-d".to_string(), "no advert".to_string());
+        let record = crate::secure::SecureRecord {
+            secure_aggregation: true,
+            attempt: 1,
+            participants: 4,
+            degree: 3,
+            threshold: 2,
+            survivors: vec!["site-a".into(), "site-b".into()],
+            dropped: vec!["site-c".into()],
+            excluded,
+            suspect_shares: vec![],
+            recorded_after_restart: false,
+        };
+        m.secure_recorded(&record);
+        m.secure_recorded(&record);
+        let mut om = String::new();
+        prometheus_client::encoding::text::encode(&mut om, &m.registry).unwrap();
+        let out = text_format(&om);
+        for line in [
+            "sangsaeng_secure_rounds_total 2",
+            "sangsaeng_secure_last_round_survivors 2",
+            "sangsaeng_secure_dropped_total 2",
+            "sangsaeng_secure_excluded_total 2",
+            "sangsaeng_secure_suspect_shares_total 0",
+            "sangsaeng_privacy_epsilon 0.0",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} in:\n{out}");
+        }
     }
 }
