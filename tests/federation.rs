@@ -337,13 +337,23 @@ fn eight_chunk_plan() -> sangsaeng_common::config::plan::TrainingPlan {
 /// about 3.5 KB (TLS handshake with its certificate, subscription, statistics,
 /// download and progress requests), so once 60 % of the delta could have gone too.
 async fn reference_and_cut_point() -> (Vec<f32>, u64, u64) {
+    reference_and_cut_point_of(eight_chunk_plan(), 4, 6_000).await
+}
+
+/// [`reference_and_cut_point`] for `plan`, whose updates take
+/// `bytes_per_value` on the wire, after about `before_upload` bytes.
+async fn reference_and_cut_point_of(
+    plan: sangsaeng_common::config::plan::TrainingPlan,
+    bytes_per_value: u64,
+    before_upload: u64,
+) -> (Vec<f32>, u64, u64) {
     support::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let files = support::site_files(dir.path(), 3);
-    let out = run_federation_with(dir.path(), eight_chunk_plan(), files, false).await;
+    let out = run_federation_with(dir.path(), plan, files, false).await;
     let reference = final_model(&out);
-    let delta_bytes = reference.len() as u64 * 4;
-    (reference, delta_bytes, 6_000 + delta_bytes * 6 / 10)
+    let delta_bytes = reference.len() as u64 * bytes_per_value;
+    (reference, delta_bytes, before_upload + delta_bytes * 6 / 10)
 }
 
 fn final_model(out: &Path) -> Vec<f32> {
@@ -356,6 +366,15 @@ fn final_model(out: &Path) -> Vec<f32> {
 /// Runs the one-round federation with site-a behind a cutting relay; returns the
 /// final model and the relay's per-connection byte counts.
 async fn run_with_site_a_cut(cut: Cut, cut_after: u64, cuts: usize) -> (Vec<f32>, Vec<u64>) {
+    run_plan_with_site_a_cut(eight_chunk_plan(), cut, cut_after, cuts).await
+}
+
+async fn run_plan_with_site_a_cut(
+    plan: sangsaeng_common::config::plan::TrainingPlan,
+    cut: Cut,
+    cut_after: u64,
+    cuts: usize,
+) -> (Vec<f32>, Vec<u64>) {
     let dir = tempfile::tempdir().unwrap();
     let files = support::site_files(dir.path(), 3);
     let relay = std::sync::Mutex::new(None);
@@ -367,24 +386,17 @@ async fn run_with_site_a_cut(cut: Cut, cut_after: u64, cuts: usize) -> (Vec<f32>
         max_chunk_bytes: 16 << 10,
         ..Default::default()
     };
-    let out = run_federation_via(
-        dir.path(),
-        eight_chunk_plan(),
-        files,
-        false,
-        limits,
-        |org, url| {
-            // Every site sends 4 KiB chunks; only site-a goes through the relay.
-            if org != support::SITES[0] {
-                return Some((url.to_string(), 4096));
-            }
-            let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
-            let target = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-            let (relay_port, sent) = cutting_relay(target, cut_after, cut, cuts);
-            *relay.lock().unwrap() = Some(sent);
-            Some((format!("https://127.0.0.1:{relay_port}"), 4096))
-        },
-    )
+    let out = run_federation_via(dir.path(), plan, files, false, limits, |org, url| {
+        // Every site sends 4 KiB chunks; only site-a goes through the relay.
+        if org != support::SITES[0] {
+            return Some((url.to_string(), 4096));
+        }
+        let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+        let target = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let (relay_port, sent) = cutting_relay(target, cut_after, cut, cuts);
+        *relay.lock().unwrap() = Some(sent);
+        Some((format!("https://127.0.0.1:{relay_port}"), 4096))
+    })
     .await;
     let sent = relay.lock().unwrap().take().unwrap();
     let sent = sent.lock().unwrap().clone();
@@ -414,6 +426,39 @@ async fn a_daemon_whose_upload_is_cut_resumes_it_from_the_chunks_kept() {
     assert!(
         after < delta_bytes,
         "{after} bytes after the cut, the delta is {delta_bytes}: the upload started again ({sent:?})"
+    );
+}
+
+/// The same for a masked upload of a secure round: the site keeps its
+/// attempt's keys and noise-free masks across the reconnect, sends only the
+/// rest of the same masked words (their digest was declared up front), and the
+/// round's sum unmasks to the model of an uncut run, bit for bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_masked_upload_cut_midway_resumes_and_unmasks_to_the_same_model() {
+    let mut plan = eight_chunk_plan();
+    plan.privacy = Some(sangsaeng_common::config::privacy::PrivacyConfig {
+        secure_aggregation: true,
+        ..Default::default()
+    });
+    plan.validate().unwrap();
+    // Before its masked upload a site also sends its signed advert (with its
+    // certificate) and its sealed shares: about 3 KB more.
+    let (reference, masked_bytes, cut_after) =
+        reference_and_cut_point_of(plan.clone(), 8, 9_000).await;
+    let (global, sent) = run_plan_with_site_a_cut(plan, Cut::PacedThenDropped, cut_after, 1).await;
+    assert!(
+        sent.len() >= 2,
+        "the participant never reconnected: {sent:?}"
+    );
+    assert!(
+        sent[0] >= cut_after,
+        "the first connection was not cut: {sent:?}"
+    );
+    assert_eq!(global, reference, "the cut changed the secure model");
+    let after: u64 = sent[1..].iter().sum();
+    assert!(
+        after < masked_bytes,
+        "{after} bytes after the cut, the masked update is {masked_bytes}: the upload started again ({sent:?})"
     );
 }
 
