@@ -412,6 +412,13 @@ async fn a_daemon_whose_upload_is_cut_resumes_it_from_the_chunks_kept() {
     let (reference, delta_bytes, cut_after) = reference_and_cut_point().await;
     let (global, sent) = run_with_site_a_cut(Cut::PacedThenDropped, cut_after, 1).await;
     assert_eq!(global, reference, "the cut changed the final model");
+    assert_resumed(&sent, cut_after, delta_bytes);
+}
+
+/// The first connection was cut, the site reconnected, and what it sent after
+/// the cut (the rest of the upload, the evaluation and a new handshake) is less
+/// than the update itself, which a restarted upload would have sent in full.
+fn assert_resumed(sent: &[u64], cut_after: u64, update_bytes: u64) {
     assert!(
         sent.len() >= 2,
         "the participant never reconnected: {sent:?}"
@@ -420,17 +427,15 @@ async fn a_daemon_whose_upload_is_cut_resumes_it_from_the_chunks_kept() {
         sent[0] >= cut_after,
         "the first connection was not cut: {sent:?}"
     );
-    // The rest of the upload, the evaluation and a new handshake: less than the
-    // delta itself, which a restarted upload would have sent again in full.
     let after: u64 = sent[1..].iter().sum();
     assert!(
-        after < delta_bytes,
-        "{after} bytes after the cut, the delta is {delta_bytes}: the upload started again ({sent:?})"
+        after < update_bytes,
+        "{after} bytes after the cut, the update is {update_bytes}: the upload started again ({sent:?})"
     );
 }
 
 /// The same for a masked upload of a secure round: the site keeps its
-/// attempt's keys and noise-free masks across the reconnect, sends only the
+/// attempt's keys (and any noise share) across the reconnect, sends only the
 /// rest of the same masked words (their digest was declared up front), and the
 /// round's sum unmasks to the model of an uncut run, bit for bit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -446,20 +451,8 @@ async fn a_masked_upload_cut_midway_resumes_and_unmasks_to_the_same_model() {
     let (reference, masked_bytes, cut_after) =
         reference_and_cut_point_of(plan.clone(), 8, 9_000).await;
     let (global, sent) = run_plan_with_site_a_cut(plan, Cut::PacedThenDropped, cut_after, 1).await;
-    assert!(
-        sent.len() >= 2,
-        "the participant never reconnected: {sent:?}"
-    );
-    assert!(
-        sent[0] >= cut_after,
-        "the first connection was not cut: {sent:?}"
-    );
     assert_eq!(global, reference, "the cut changed the secure model");
-    let after: u64 = sent[1..].iter().sum();
-    assert!(
-        after < masked_bytes,
-        "{after} bytes after the cut, the masked update is {masked_bytes}: the upload started again ({sent:?})"
-    );
+    assert_resumed(&sent, cut_after, masked_bytes);
 }
 
 /// Connections that end cleanly just as an upload gets going, up to four times
