@@ -155,7 +155,7 @@ pub fn encode_within_clip(
 ) -> Result<Vec<Vec<u8>>> {
     let encoding = plan.training.update_encoding;
     let mut chunks = encoding::encode_chunks(delta, encoding, chunk_bytes)?;
-    let Some(dp) = client_level(plan) else {
+    let Some(dp) = plan.client_dp() else {
         return Ok(chunks);
     };
     let clip = dp.clip();
@@ -188,7 +188,7 @@ const MAX_CLIP_PASSES: usize = 8;
 /// are made of) clipped again, since the plan's encoding can move a clipped
 /// delta's norm past the clip. Without client-level DP, unchanged.
 pub fn clip_decoded(plan: &TrainingPlan, values: &mut [f32]) {
-    if let Some(dp) = client_level(plan) {
+    if let Some(dp) = plan.client_dp() {
         clip_update(values, dp.clip());
     }
 }
@@ -196,7 +196,7 @@ pub fn clip_decoded(plan: &TrainingPlan, values: &mut [f32]) {
 /// Secure rounds under client-level DP: this site's share of the round's noise,
 /// fresh for the attempt (see `sangsaeng_common::privacy::dp::client_noise`).
 pub fn noise_share(plan: &TrainingPlan, dim: usize) -> Result<Option<NoiseShare>> {
-    let Some(dp) = client_level(plan).filter(|_| plan.secure_aggregation()) else {
+    let Some(dp) = plan.client_dp().filter(|_| plan.secure_aggregation()) else {
         return Ok(None);
     };
     let budget = plan_budget(plan, None)?;
@@ -207,13 +207,6 @@ pub fn noise_share(plan: &TrainingPlan, dim: usize) -> Result<Option<NoiseShare>
         plan.training.min_participants,
     )?;
     Ok(Some(NoiseShare::fresh(sampler)?))
-}
-
-fn client_level(plan: &TrainingPlan) -> Option<&DpConfig> {
-    plan.privacy
-        .as_ref()
-        .and_then(|p| p.dp.as_ref())
-        .filter(|dp| dp.level == DpLevel::Client)
 }
 
 /// Scales `delta` down to L2 norm `clip` if it is longer (client-level DP: the

@@ -196,12 +196,17 @@ impl TrainingPlan {
         self.aggregation.clone().unwrap_or_default()
     }
 
-    /// Whether the plan asks for client-level differential privacy.
-    pub fn client_level_dp(&self) -> bool {
+    /// The plan's `[privacy.dp]` when it is at client level.
+    pub fn client_dp(&self) -> Option<&crate::config::privacy::DpConfig> {
         self.privacy
             .as_ref()
             .and_then(|p| p.dp.as_ref())
-            .is_some_and(|d| d.level == crate::config::privacy::DpLevel::Client)
+            .filter(|d| d.level == crate::config::privacy::DpLevel::Client)
+    }
+
+    /// Whether the plan asks for client-level differential privacy.
+    pub fn client_level_dp(&self) -> bool {
+        self.client_dp().is_some()
     }
 
     /// Whether rounds run with secure aggregation (`[privacy] secure_aggregation`).

@@ -59,17 +59,12 @@ pub fn norm_bound(plan: &TrainingPlan) -> Option<(f64, &'static str)> {
             .map(|b| (b, "aggregation.max_update_norm")),
         _ => None,
     };
-    let clip = plan
-        .privacy
-        .as_ref()
-        .and_then(|p| p.dp.as_ref())
-        .filter(|_| plan.client_level_dp())
-        .map(|dp| {
-            (
-                client_noise::accepted_norm(dp.clip()),
-                "privacy.dp.clip_norm",
-            )
-        });
+    let clip = plan.client_dp().map(|dp| {
+        (
+            client_noise::accepted_norm(dp.clip()),
+            "privacy.dp.clip_norm",
+        )
+    });
     match (robust, clip) {
         (Some(r), Some(c)) => Some(if c.0 < r.0 { c } else { r }),
         (r, c) => r.or(c),

@@ -74,7 +74,7 @@ fn plan_dp(plan: &TrainingPlan) -> Option<&DpConfig> {
 }
 
 fn client_dp(plan: &TrainingPlan) -> Option<&DpConfig> {
-    plan_dp(plan).filter(|dp| dp.level == DpLevel::Client)
+    plan.client_dp()
 }
 
 /// The weight an update is folded with: its example count, or 1 under

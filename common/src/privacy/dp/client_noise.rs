@@ -44,7 +44,6 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 use super::discrete_gaussian::DiscreteGaussian;
 use crate::aggregation::fedavg::FRACTION_BITS;
 use crate::config::plan::TrainingPlan;
-use crate::config::privacy::DpLevel;
 use crate::{Error, Result};
 
 /// The smallest per-site noise std, in integer units, a distributed round
@@ -74,12 +73,11 @@ pub fn accepted_norm(clip: f64) -> f64 {
 /// count. The site (which weights its own masked integers) and the coordinator
 /// both use this.
 pub fn fold_weight(plan: &TrainingPlan, num_examples: u64) -> u64 {
-    let client = plan
-        .privacy
-        .as_ref()
-        .and_then(|p| p.dp.as_ref())
-        .is_some_and(|dp| dp.level == DpLevel::Client);
-    if client { 1 } else { num_examples }
+    if plan.client_level_dp() {
+        1
+    } else {
+        num_examples
+    }
 }
 
 /// The noise of the whole sum: `N_Z(0, (σ · Δ)²)` with Δ from
@@ -214,7 +212,7 @@ mod tests {
         assert_eq!(fold_weight(&plan, 99), 99);
         plan.privacy = Some(crate::config::privacy::PrivacyConfig {
             dp: Some(crate::config::privacy::DpConfig {
-                level: DpLevel::Client,
+                level: crate::config::privacy::DpLevel::Client,
                 target_epsilon: 5.0,
                 delta: 1e-5,
                 noise_multiplier: Some(1.0),
