@@ -198,10 +198,16 @@ impl SecureRound {
         Ok(())
     }
 
-    /// The attempt's noise share (`None`: the plan adds none); only the first
-    /// call of an attempt counts, so every pass masks with the same noise.
-    pub fn set_noise_once(&mut self, noise: Option<NoiseShare>) {
-        self.noise.get_or_insert(noise);
+    /// Draws the attempt's noise share (`None`: the plan adds none) on the
+    /// first call only, so every pass masks with the same noise.
+    pub fn draw_noise_once(
+        &mut self,
+        draw: impl FnOnce() -> Result<Option<NoiseShare>>,
+    ) -> Result<()> {
+        if self.noise.is_none() {
+            self.noise = Some(draw()?);
+        }
+        Ok(())
     }
 
     /// Step 3 (second half): what masks this site's update, movable to a

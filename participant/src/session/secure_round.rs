@@ -76,11 +76,10 @@ impl Session {
             self.pending = Some(pending);
         }
         let dim = self.pending.as_ref().map_or(0, |p| p.num_params as usize);
-        let noise = crate::privacy::noise_share(plan, dim)?;
         self.secure
             .as_mut()
             .expect("set above")
-            .set_noise_once(noise);
+            .draw_noise_once(|| crate::privacy::noise_share(plan, dim))?;
         Ok(())
     }
 
