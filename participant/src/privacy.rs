@@ -184,15 +184,6 @@ pub fn encode_within_clip(
 /// a norm by a relative 2^-8 at most (int8), so more passes mean a bug.
 const MAX_CLIP_PASSES: usize = 8;
 
-/// Client level, secure rounds: the decoded values (what the site's integers
-/// are made of) clipped again, since the plan's encoding can move a clipped
-/// delta's norm past the clip. Without client-level DP, unchanged.
-pub fn clip_decoded(plan: &TrainingPlan, values: &mut [f32]) {
-    if let Some(dp) = plan.client_dp() {
-        clip_update(values, dp.clip());
-    }
-}
-
 /// Secure rounds under client-level DP: this site's share of the round's noise,
 /// fresh for the attempt (see `sangsaeng_common::privacy::dp::client_noise`).
 pub fn noise_share(plan: &TrainingPlan, dim: usize) -> Result<Option<NoiseShare>> {

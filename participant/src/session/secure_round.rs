@@ -68,9 +68,6 @@ impl Session {
             for c in pending.chunks.iter() {
                 values.extend(encoding::decode_chunk(c, pending.encoding)?);
             }
-            // Client-level DP bounds what is summed: the decoded values, whose
-            // norm the encoding may have moved past the clip.
-            crate::privacy::clip_decoded(plan, &mut values);
             pending.chunks = Arc::from(Vec::new());
             pending.values = Some(Arc::new(values));
             self.pending = Some(pending);
