@@ -25,7 +25,6 @@ use sangsaeng_common::transfer::encoding::{self, UpdateEncoding};
 use sangsaeng_common::transfer::wire::{UpdateUpload, upload_messages};
 use sangsaeng_coordinator::durable::audit;
 use sangsaeng_proto::v1 as pb;
-use sangsaeng_proto::v1::admin_client::AdminClient;
 use sangsaeng_proto::v1::federation_client::FederationClient;
 use tokio_util::sync::CancellationToken;
 
@@ -150,21 +149,7 @@ async fn attacked_round(plan: &TrainingPlan) -> Attacked {
         coord.url.clone(),
         plan.schema.feature_columns.len(),
     ));
-    let admin = pki.material("ops-admin");
-    localnet::wait_for_status(&coord.url, &admin, Duration::from_secs(60), |s| {
-        s.participants.iter().filter(|p| p.connected).count() == HONEST.len() + 1
-    })
-    .await
-    .expect("all five connect");
-    let ch = sangsaeng_common::identity::channel::connect(&coord.url, &admin, "localhost")
-        .await
-        .unwrap();
-    AdminClient::new(ch)
-        .start_training(pb::StartTrainingRequest {
-            plan_toml: plan.to_toml(),
-        })
-        .await
-        .unwrap();
+    support::start_when_connected(&pki, &coord.url, HONEST.len() + 1, plan).await;
     let answer = hostile.await.unwrap();
     let s = support::training_ended(&coord.url, &pki.material("ops-admin")).await;
     let t = s.training.unwrap();

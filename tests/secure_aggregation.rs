@@ -335,10 +335,9 @@ async fn a_participant_lost_after_the_key_exchange_is_recovered_exactly() {
     let pki = support::pki(dir.path(), &roster);
     let runs = dir.path().join("runs");
     let plan = secure_plan(1, 3, 10);
-    let coord =
-        localnet::start_coordinator(&pki, roster, Some(plan.clone()), &runs, Default::default())
-            .await
-            .unwrap();
+    let coord = localnet::start_coordinator(&pki, roster, None, &runs, Default::default())
+        .await
+        .unwrap();
     let stop = CancellationToken::new();
     let (handles, records) = support::spawn_recording_sites(
         &pki,
@@ -349,6 +348,7 @@ async fn a_participant_lost_after_the_key_exchange_is_recovered_exactly() {
     );
     // site-e advertises and shares its keys, then vanishes before uploading.
     let mut e = Scripted::connect(&pki, &coord.url, "site-e").await;
+    support::start_when_connected(&pki, &coord.url, 5, &plan).await;
     let (_, mut attempt) = e.join_round(plan.schema.feature_columns.len()).await;
     e.send(attempt.advert_message()).await.unwrap();
     let pb::secure_aggregation_task::Step::ShareKeys(share) = e.step().await.step.unwrap() else {

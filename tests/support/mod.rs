@@ -214,3 +214,25 @@ pub fn recorded_delta(plan: &TrainingPlan, record: &Path) -> (Vec<f32>, u64) {
     let meta = weights::safetensors_metadata(&file).unwrap();
     (values, meta["num_examples"].parse().unwrap())
 }
+
+/// Starts `plan` on a coordinator started without one, once `n` participants
+/// are connected, so that every one of them is selected for the first round
+/// (a plan given at start opens as soon as `min_participants` are there, and
+/// who else is selected then depends on timing).
+pub async fn start_when_connected(pki: &Pki, url: &str, n: usize, plan: &TrainingPlan) {
+    let admin = pki.material("ops-admin");
+    localnet::wait_for_status(url, &admin, Duration::from_secs(60), |s| {
+        s.participants.iter().filter(|p| p.connected).count() == n
+    })
+    .await
+    .unwrap_or_else(|| panic!("all {n} connect"));
+    let ch = sangsaeng_common::identity::channel::connect(url, &admin, "localhost")
+        .await
+        .unwrap();
+    sangsaeng_proto::v1::admin_client::AdminClient::new(ch)
+        .start_training(sangsaeng_proto::v1::StartTrainingRequest {
+            plan_toml: plan.to_toml(),
+        })
+        .await
+        .unwrap();
+}
