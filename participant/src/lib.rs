@@ -11,6 +11,8 @@
 //!   noise it derives from its rows, and what it reports having spent.
 //! - [`secure`]: this site's side of secure aggregation (keys, checked
 //!   adverts, masked upload, unmasking answers).
+//! - [`spill`]: the masked upload kept in a temporary file between its digest
+//!   pass and the upload, so it is masked once.
 //! - [`session`]: the conversation with the coordinator: subscribe, statistics,
 //!   chunked model download with resume, local burn training, delta upload, evaluation.
 //!
@@ -26,6 +28,7 @@ pub mod privacy;
 pub mod secure;
 pub mod session;
 pub mod site;
+pub mod spill;
 
 use tokio_util::sync::CancellationToken;
 

@@ -24,6 +24,7 @@ use sangsaeng_common::transfer::wire::MaskedChunks;
 use sangsaeng_proto::v1 as pb;
 
 use crate::error::{ParticipantError, Result};
+use crate::spill::MaskedSpill;
 
 /// Who this site is in secure rounds: its organisation (from its certificate),
 /// the key it signs adverts with (its TLS key), and the CA it checks peers by.
@@ -247,11 +248,12 @@ pub struct Masker {
 }
 
 impl Masker {
-    /// The masked upload's chunks, made on demand from the update's values
-    /// (after the plan's encoding) at `weight`, and the digest of all of them:
-    /// one pass of masking before the upload, so that the digest can be
-    /// declared up front and a broken upload resumed, without holding the
-    /// masked update (twice the model's size) in memory.
+    /// The masked upload's chunks and the digest of all of them: one pass of
+    /// masking before the upload, so that the digest can be declared up front
+    /// and a broken upload resumed. The pass keeps what it masked in a
+    /// [`MaskedSpill`], so the upload reads the chunks back rather than masking
+    /// twice, without holding the masked update (twice the model's size) in
+    /// memory.
     pub fn chunks(
         self,
         values: Arc<Vec<f32>>,
@@ -276,16 +278,30 @@ impl Masker {
             .map(bytes::Bytes::from)
         };
         let mut hasher = digest::Hasher::new(algorithm);
+        let mut spill = MaskedSpill::new(per * wire::WORD_BYTES);
         for i in 0..count {
-            hasher.update(&make(i)?);
+            let c = make(i)?;
+            hasher.update(&c);
+            spill.push(&c);
         }
-        let chunk = Arc::new(move |i: usize| match make(i) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                tracing::error!("cannot mask chunk {i}: {e}");
-                None
-            }
-        });
+        let chunk: Arc<dyn Fn(usize) -> Option<bytes::Bytes> + Send + Sync> = match spill.finish() {
+            Some(kept) => Arc::new(move |i: usize| match kept.read(i) {
+                Ok(b) => Some(bytes::Bytes::from(b)),
+                Err(e) => {
+                    tracing::error!(
+                        "cannot read masked chunk {i} back from its temporary file: {e}"
+                    );
+                    None
+                }
+            }),
+            None => Arc::new(move |i: usize| match make(i) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::error!("cannot mask chunk {i}: {e}");
+                    None
+                }
+            }),
+        };
         let masked = MaskedChunks {
             input: self.input,
             count,
