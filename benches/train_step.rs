@@ -57,6 +57,7 @@ fn main() {
         seed: 3,
         dp: None,
         dp_noise: DpNoise::SnappedGaussian,
+        proximal_mu: 0.0,
     };
     let dp_cfg = LocalTraining {
         dp: Some(DP),

@@ -30,6 +30,7 @@ use crate::learning::dp_sgd::{DpEngine, DpNoise, DpReport, DpSgd};
 use crate::learning::metrics::{self, Evaluation};
 use crate::learning::mlp::{Mlp, read_vec};
 use crate::learning::model::{ModelSpec, check_params};
+use crate::learning::proximal::Proximal;
 use crate::{Error, Result};
 
 /// Rows per forward pass in evaluation and prediction: bounds memory on large
@@ -51,6 +52,9 @@ pub struct LocalTraining {
     pub dp: Option<DpSgd>,
     /// The sampler of DP-SGD's noise (ignored without [`LocalTraining::dp`]).
     pub dp_noise: DpNoise,
+    /// FedProx's μ (`training.proximal_mu`): the weight of the pull towards
+    /// the starting (global) model; 0 is plain local training.
+    pub proximal_mu: f64,
 }
 
 impl LocalTraining {
@@ -70,6 +74,7 @@ impl LocalTraining {
             seed: round_seed(t.seed, round),
             dp: None,
             dp_noise: DpNoise::default(),
+            proximal_mu: t.proximal_mu,
         }
     }
 
@@ -92,6 +97,12 @@ impl LocalTraining {
             return Err(Error::Model(format!(
                 "dropout {} is outside [0, 1)",
                 self.dropout
+            )));
+        }
+        if !(self.proximal_mu.is_finite() && self.proximal_mu >= 0.0) {
+            return Err(Error::Model(format!(
+                "proximal_mu {} must be finite and not negative",
+                self.proximal_mu
             )));
         }
         if let Some(dp) = &self.dp {
@@ -195,6 +206,7 @@ pub struct LocalTrainer {
     shuffle_rng: ChaCha8Rng,
     dropout_rng: ChaCha8Rng,
     dp: Option<DpEngine>,
+    proximal: Option<Proximal>,
     /// The rows of the current DP-SGD step (reused buffer).
     sample: Vec<usize>,
 }
@@ -214,6 +226,7 @@ impl LocalTrainer {
         };
         let device = kind.autodiff_device()?;
         let model = Mlp::from_flat(&spec, start, &device)?;
+        let proximal = Proximal::new(cfg.proximal_mu, &spec, start, &device)?;
         let optimizer = match cfg.optimizer {
             Optimizer::Adam => AdamConfig::new().init(),
             Optimizer::Sgd => SgdConfig::new().init(),
@@ -239,6 +252,7 @@ impl LocalTrainer {
             shuffle_rng,
             dropout_rng,
             dp,
+            proximal,
             sample: Vec::new(),
         })
     }
@@ -343,7 +357,7 @@ impl LocalTrainer {
     /// One DP-SGD step on the sampled rows; returns the sum of their losses.
     fn dp_step(&mut self, features: &[f32], labels: &[u32]) -> Result<f64> {
         let engine = self.dp.as_mut().expect("dp_step runs with DP-SGD only");
-        let (grads, loss_sum) = engine.gradient(
+        let (mut grads, loss_sum) = engine.gradient(
             &self.model,
             features,
             labels,
@@ -351,6 +365,7 @@ impl LocalTrainer {
             &mut self.dropout_rng,
             &self.device,
         )?;
+        self.pull_towards_global(&mut grads);
         self.model = self
             .optimizer
             .step(self.learning_rate, self.model.clone(), grads);
@@ -377,11 +392,19 @@ impl LocalTrainer {
                 "training diverged (loss {value}); lower the learning rate"
             )));
         }
-        let grads = GradientsParams::from_grads(loss.backward(), &self.model);
+        let mut grads = GradientsParams::from_grads(loss.backward(), &self.model);
+        self.pull_towards_global(&mut grads);
         self.model = self
             .optimizer
             .step(self.learning_rate, self.model.clone(), grads);
         Ok(value)
+    }
+
+    /// FedProx: the proximal term's gradient, when the plan has one.
+    fn pull_towards_global(&self, grads: &mut GradientsParams) {
+        if let Some(p) = &self.proximal {
+            p.add_gradient(&self.model, grads);
+        }
     }
 }
 
@@ -557,6 +580,7 @@ mod tests {
             seed: 42,
             dp: None,
             dp_noise: DpNoise::default(),
+            proximal_mu: 0.0,
         }
     }
 
@@ -746,6 +770,84 @@ seed = 9
             let err = result.unwrap_err().to_string();
             assert!(err.contains("rebuild with --features flex"), "{err}");
         }
+    }
+
+    #[test]
+    fn fedprox_adds_mu_times_the_distance_to_the_global_model_to_each_gradient() {
+        // Plain SGD is stateless, so the second proximal step from w0 must be
+        // a plain step from w1 minus lr·μ·(w1 − w0), and the first (w = w0)
+        // must be exactly the plain one.
+        let s = spec();
+        let data = blobs(32, 4);
+        let (x, y) = (&data.features[..], &data.labels[..]);
+        let mu = 0.5;
+        let plain = LocalTraining {
+            learning_rate: 0.1,
+            ..cfg(Optimizer::Sgd, 0.0)
+        };
+        let prox = LocalTraining {
+            proximal_mu: mu,
+            ..plain.clone()
+        };
+        let w0 = s.init_params(3);
+        let mut t = LocalTrainer::new(BackendKind::NdArray, &s, &w0, &prox).unwrap();
+        t.step(x, y).unwrap();
+        let w1 = t.params();
+        let mut p = LocalTrainer::new(BackendKind::NdArray, &s, &w0, &plain).unwrap();
+        p.step(x, y).unwrap();
+        assert_eq!(w1, p.params(), "the pull is zero at the global model");
+        t.step(x, y).unwrap();
+        let w2 = t.params();
+        let mut p = LocalTrainer::new(BackendKind::NdArray, &s, &w1, &plain).unwrap();
+        p.step(x, y).unwrap();
+        let moved = w1.iter().zip(&w0).any(|(a, b)| a != b);
+        assert!(moved, "the first step moved the model");
+        for (i, ((got, plain), (a, b))) in w2
+            .iter()
+            .zip(p.params())
+            .zip(w1.iter().zip(&w0))
+            .enumerate()
+        {
+            let want = plain - (0.1 * mu) as f32 * (a - b);
+            assert!((got - want).abs() < 1e-6, "parameter {i}: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn fedprox_keeps_local_training_closer_to_the_global_model_and_still_learns() {
+        let s = spec();
+        let data = blobs(200, 5);
+        let w0 = s.init_params(9);
+        let distance = |mu: f64| {
+            let c = LocalTraining {
+                proximal_mu: mu,
+                ..cfg(Optimizer::Sgd, 0.0)
+            };
+            let out = train_local(BackendKind::NdArray, &s, &w0, &data, &c).unwrap();
+            let d: f64 = out
+                .params
+                .iter()
+                .zip(&w0)
+                .map(|(a, b)| f64::from(a - b).powi(2))
+                .sum();
+            (d.sqrt(), *out.epoch_losses.last().unwrap())
+        };
+        let (free, free_loss) = distance(0.0);
+        let (pulled, pulled_loss) = distance(1.0);
+        assert!(
+            pulled < 0.8 * free,
+            "μ = 1 moved {pulled}, μ = 0 moved {free}"
+        );
+        let start_loss = evaluate(BackendKind::NdArray, &s, &w0, &data).unwrap().loss;
+        assert!(
+            pulled_loss < start_loss,
+            "{pulled_loss} vs {start_loss} (free: {free_loss})"
+        );
+        let bad = LocalTraining {
+            proximal_mu: -1.0,
+            ..cfg(Optimizer::Sgd, 0.0)
+        };
+        assert!(train_local(BackendKind::NdArray, &s, &w0, &data, &bad).is_err());
     }
 
     #[test]

@@ -47,6 +47,7 @@ pub fn plan_to_proto(p: &TrainingPlan) -> pb::TrainingPlan {
         round_deadline_secs: p.training.round_deadline_secs,
         update_encoding: p.training.update_encoding.name().into(),
         skip_evaluation: !p.training.evaluate,
+        proximal_mu: p.training.proximal_mu,
         dp: p
             .privacy
             .as_ref()
@@ -171,6 +172,7 @@ pub fn plan_from_proto(p: &pb::TrainingPlan) -> Result<TrainingPlan> {
             )
             .map_err(|e| bad(e.to_string()))?,
             evaluate: !p.skip_evaluation,
+            proximal_mu: p.proximal_mu,
         },
         privacy: privacy_from_proto(p)?,
         // How the coordinator aggregates is its own business: sites train the
@@ -313,6 +315,7 @@ learning_rate = 0.5
 optimizer = "sgd"
 min_participants = 1
 seed = 42
+proximal_mu = 0.01
 "#,
             "t",
         )
@@ -344,6 +347,17 @@ seed = 42
                 .to_string()
                 .contains("swish")
         );
+        let mut good = plan_to_proto(&TrainingPlan::from_toml(
+            "[schema]\nfeature_columns = [\"a\"]\nlabel_column = \"y\"\nclasses = [\"0\", \"1\"]\n\
+             [model]\nhidden_layers = [2]\n[training]\nrounds = 1\nlearning_rate = 0.1\nmin_participants = 1\n",
+            "t",
+        )
+        .unwrap());
+        for mu in [f64::NAN, -0.1, 1e6] {
+            good.proximal_mu = mu;
+            let err = plan_from_proto(&good).unwrap_err().to_string();
+            assert!(err.contains("training.proximal_mu"), "{mu}: {err}");
+        }
     }
 
     #[test]
