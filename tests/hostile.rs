@@ -287,7 +287,7 @@ impl Site {
             "{}: expected a statistics task, got {t:?}",
             self.org
         );
-        let stats = site_stats(seed);
+        let stats = site_stats_of(&self.org, seed);
         self.client
             .submit_stats(stats_report(&t.training_id, &stats))
             .await
@@ -406,10 +406,29 @@ async fn two_sites_in_round_of(limits: Limits, plan_toml: String) -> (Fed, Site,
 // Messages, valid and otherwise
 // ---------------------------------------------------------------------------
 
+/// The training rows each raw site declares in its statistics, and so the
+/// example count its updates must claim (the coordinator binds the two).
+fn declared_rows(org: &str) -> usize {
+    match org {
+        "site-a" => 300,
+        "site-b" => 500,
+        "site-c" => 400,
+        _ => 20,
+    }
+}
+
+/// [`site_stats`] with the rows `org` declares.
+fn site_stats_of(org: &str, seed: u64) -> FeatureStats {
+    site_stats_rows(declared_rows(org), seed)
+}
+
 /// Statistics of a small synthetic dataset with the plan's 52 features.
 fn site_stats(seed: u64) -> FeatureStats {
+    site_stats_rows(20, seed)
+}
+
+fn site_stats_rows(rows: usize, seed: u64) -> FeatureStats {
     let n_features = support::columns().len();
-    let rows = 20;
     let features = (0..rows * n_features)
         .map(|i| ((i as u64 * 37 + seed * 11) % 101) as f32 * 0.1)
         .collect();
@@ -1272,6 +1291,58 @@ async fn update_claiming_more_examples_than_the_limit_is_invalid_argument() {
     .await;
 }
 
+/// Issue 21 (d): FedAvg weighs an update by its example count, so a site that
+/// claims 100x the training rows its statistics declared is refused at the
+/// header, named in metrics.jsonl; its honest retry and the other site make
+/// the round, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_claiming_more_examples_than_its_declared_rows_is_invalid_argument() {
+    refused_upload(
+        limits(),
+        edited(parts, |_, h| h.num_examples = 30_000),
+        Code::InvalidArgument,
+        "num_examples 30000 differs from the 300 training rows this site declared in the statistics phase",
+        Then::StillWaitedFor,
+    )
+    .await;
+}
+
+/// A site that connects after the statistics phase declared no rows: it is not
+/// selected for the rounds that follow (its weight could not be checked), but
+/// it evaluates, and the training completes with the sites that declared theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_joining_after_the_statistics_phase_is_not_selected() {
+    let (fed, mut a, mut b, r1) = two_sites_in_round(limits(), 2).await;
+    let mut c = Site::join(&fed, "site-c").await;
+    fed.wait_connected(&["site-a", "site-b", "site-c"]).await;
+    let (da, db) = (delta(r1.n(), 11), delta(r1.n(), 22));
+    a.upload(parts(&r1, &da, 300)).await.unwrap();
+    b.upload(parts(&r1, &db, 500)).await.unwrap();
+    // It still evaluates: a score carries no weight in the model.
+    evaluate_all(&mut [&mut a, &mut b, &mut c]).await;
+    let r2 = a.expect_train().await;
+    b.expect_train().await;
+    assert_refused(
+        c.upload(parts(&r2, &delta(r2.n(), 3), 400)).await,
+        Code::FailedPrecondition,
+        "this organisation was not selected for round 2",
+    );
+    a.upload(parts(&r2, &delta(r2.n(), 12), 300)).await.unwrap();
+    b.upload(parts(&r2, &delta(r2.n(), 23), 500)).await.unwrap();
+    evaluate_all(&mut [&mut a, &mut b, &mut c]).await;
+    let out = fed.completed().await;
+    let rec = &metrics(&out)[1];
+    let orgs: Vec<&str> = rec["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["org_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(orgs, ["site-a", "site-b"]);
+    drop((a, b, c));
+    fed.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_without_a_header_is_invalid_argument() {
     refused_upload(
@@ -1534,12 +1605,13 @@ async fn a_broken_off_upload_replaced_by_a_new_one_leaves_no_trace_in_the_aggreg
         .unwrap();
     assert_refused(cut, Code::Aborted, "idle");
     drop(tx);
-    // ...and the site sends a different delta, with another weight, from chunk 0.
+    // ...and the site sends a different delta from chunk 0 (at its declared
+    // weight, the only one the coordinator takes).
     let da = delta(r.n(), 11);
-    a.upload(parts(&r, &da, 200))
+    a.upload(parts(&r, &da, 300))
         .await
         .expect("a new upload replaces the kept part");
-    finish_with_site_b(fed, a, b, &r, Some((&da, 200))).await;
+    finish_with_site_b(fed, a, b, &r, Some((&da, 300))).await;
 }
 
 /// The participant cancels its upload call after three chunks were folded in
@@ -1561,12 +1633,12 @@ async fn an_upload_cancelled_by_its_caller_leaves_no_trace_in_the_aggregate() {
     pending.abort();
     let _ = pending.await;
     drop(tx);
-    // The site sends a different delta, with another weight, from chunk 0 (its
-    // first attempt may find the cancelled one still being wound up).
+    // The site sends a different delta from chunk 0 (its first attempt may
+    // find the cancelled one still being wound up).
     let da = delta(r.n(), 11);
     let mut accepted = false;
     for _ in 0..50 {
-        match a.upload(parts(&r, &da, 200)).await {
+        match a.upload(parts(&r, &da, 300)).await {
             Ok(_) => {
                 accepted = true;
                 break;
@@ -1578,7 +1650,7 @@ async fn an_upload_cancelled_by_its_caller_leaves_no_trace_in_the_aggregate() {
         }
     }
     assert!(accepted, "the cancelled upload was never wound up");
-    finish_with_site_b(fed, a, b, &r, Some((&da, 200))).await;
+    finish_with_site_b(fed, a, b, &r, Some((&da, 300))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1977,7 +2049,7 @@ async fn bad_statistics_are_refused_and_the_global_scaling_uses_only_valid_ones(
     let t = a.task().await;
     assert!(matches!(t.kind, Some(pb::task::Kind::Stats(_))));
 
-    let good = site_stats(0);
+    let good = site_stats_of("site-a", 0);
     let short = FeatureStats {
         sum: good.sum[..51].to_vec(),
         sum_sq: good.sum_sq[..51].to_vec(),
@@ -2103,11 +2175,11 @@ async fn statistics_that_would_break_the_merge_are_refused_and_the_training_goes
         );
     }
     a.client
-        .submit_stats(stats_report(&tid, &site_stats(0)))
+        .submit_stats(stats_report(&tid, &site_stats_of("site-a", 0)))
         .await
         .unwrap();
     b.client
-        .submit_stats(stats_report(&tid, &site_stats(1)))
+        .submit_stats(stats_report(&tid, &site_stats_of("site-b", 1)))
         .await
         .unwrap();
     let r = a.expect_train().await;
@@ -3126,5 +3198,77 @@ async fn a_client_level_dp_update_above_the_clip_is_refused_naming_clip_norm() {
         "{line}"
     );
     drop((a, b));
+    fed.stop().await;
+}
+
+/// Issue 21 (e): a site reports macro-F1 1.0 for a model the two others score
+/// at 0.4. It is flagged (metrics.jsonl, audit log), the audit entry keeps
+/// each site's own report, and a release policy whose quality floor trusts
+/// only site-b is not fooled, while one that averages every report would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inflated_evaluation_is_flagged_and_trusted_evaluators_are_not_fooled() {
+    let mut fed = Fed::start(limits()).await;
+    let mut a = Site::join(&fed, "site-a").await;
+    let mut b = Site::join(&fed, "site-b").await;
+    let mut c = Site::join(&fed, "site-c").await;
+    fed.wait_connected(&["site-a", "site-b", "site-c"]).await;
+    let r = open_round(&mut fed, &mut [&mut a, &mut b, &mut c], raw_plan(1, 3)).await;
+    for (s, seed, n) in [(&mut a, 11, 300), (&mut b, 22, 500), (&mut c, 33, 400)] {
+        s.upload(parts(&r, &delta(r.n(), seed), n)).await.unwrap();
+    }
+    let t = a.task().await;
+    assert!(matches!(t.kind, Some(pb::task::Kind::Evaluate(_))));
+    let inflated = pb::EvaluationReport {
+        macro_f1: 1.0,
+        accuracy: 1.0,
+        ..evaluation(&t.training_id, 1)
+    };
+    a.client.submit_evaluation(inflated).await.unwrap();
+    b.evaluate().await; // 0.4
+    c.evaluate().await; // 0.4
+    let out = fed.completed().await;
+    let line = &metrics(&out)[0];
+    assert_eq!(line["eval_outliers"][0]["org_id"], "site-a", "{line}");
+    assert_eq!(line["eval_outliers"].as_array().unwrap().len(), 1, "{line}");
+
+    let policy = |trusted: &str| {
+        include_str!("../examples/release-policy.toml").replace(
+            "min_macro_f1 = 0.6",
+            &format!("min_macro_f1 = 0.5\n{trusted}"),
+        )
+    };
+    let quality = |r: pb::ReleaseResponse| {
+        r.rules
+            .into_iter()
+            .find(|x| x.rule == "min_macro_f1")
+            .expect("the quality rule is evaluated")
+    };
+    let release = |p: String| pb::ReleaseRequest {
+        training_id: r.tid.clone(),
+        policy_toml: p,
+        ..Default::default()
+    };
+    let every = quality(
+        fed.admin
+            .release(release(policy("")))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert!(every.passed, "(1.0 + 0.4 + 0.4) / 3 = 0.6: {every:?}");
+    assert!(
+        every.actual.contains("the 3 sites' own reports"),
+        "{every:?}"
+    );
+    let trusted = quality(
+        fed.admin
+            .release(release(policy("trusted_evaluators = [\"site-b\"]")))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert!(!trusted.passed, "{trusted:?}");
+    assert_eq!(trusted.actual, "0.4000, from site-b (40 rows)");
+    drop((a, b, c));
     fed.stop().await;
 }

@@ -74,12 +74,14 @@ async fn hostile(pki: Pki, url: String, features: usize) -> Answer {
             .expect("the task stream is open");
         match task.kind {
             Some(pb::task::Kind::Stats(_)) => {
+                // It declares the rows it will claim (an update's count must
+                // equal them): a liar consistent from the start.
                 let _ = client
                     .submit_stats(pb::StatsReport {
                         training_id: task.training_id.clone(),
-                        count: 1,
+                        count: HOSTILE_EXAMPLES,
                         sum: vec![0.0; features],
-                        sum_sq: vec![1.0; features],
+                        sum_sq: vec![HOSTILE_EXAMPLES as f64; features],
                     })
                     .await;
             }
@@ -350,4 +352,44 @@ async fn median_and_trimmed_mean_hold_against_the_hostile_update() {
         }
         assert_eq!(left(), 0, "{}: spill folders left behind", rule.name());
     }
+}
+
+/// `[aggregation] max_weight_share`: the hostile site's 10,000 declared rows
+/// fold with the capped weight (computed from every site's declared rows),
+/// exactly, and the audit entry names the weight folded and the rows claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_weight_share_caps_the_hostile_weight_in_the_fold_exactly() {
+    use sangsaeng_common::aggregation::weight_cap::{capped, weight_cap};
+    let mut plan = plan_with(RobustRule::None);
+    plan.aggregation.as_mut().unwrap().max_weight_share = Some(0.25);
+    plan.validate().unwrap();
+    let a = attacked_round(&plan).await;
+    a.answer.expect("a capped update is taken");
+    let mut rows: Vec<u64> = a.honest.iter().map(|(_, n)| *n).collect();
+    rows.push(HOSTILE_EXAMPLES);
+    let cap = weight_cap(&rows, 0.25).expect("10,000 rows against a few hundred");
+    let init = support::model(&plan, &a.run, 0);
+    let mut updates: Vec<(Vec<f32>, u64)> = a
+        .honest
+        .iter()
+        .map(|(d, n)| (d.clone(), capped(*n, Some(cap))))
+        .collect();
+    updates.push((vec![HOSTILE_VALUE; init.len()], cap));
+    assert_eq!(
+        bits(&support::model(&plan, &a.run, 1)),
+        bits(&fedavg_of(&init, &updates)),
+        "the round is not exactly FedAvg with the capped weights"
+    );
+    let total: u64 = updates.iter().map(|(_, w)| w).sum();
+    assert!(cap as f64 <= 0.25 * total as f64, "cap {cap} of {total}");
+    let entry = round_entry(&a.runs);
+    let hostile = entry["contributions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["org"] == "site-e")
+        .unwrap()
+        .clone();
+    assert_eq!(hostile["weight"], cap, "{entry}");
+    assert_eq!(hostile["examples"], HOSTILE_EXAMPLES, "{entry}");
 }

@@ -452,19 +452,17 @@ async fn with_scripted(
 ) {
     let roster = support::roster(&["site-e"]);
     let pki = support::pki(dir, &roster);
-    let coord = localnet::start_coordinator(
-        &pki,
-        roster,
-        Some(plan),
-        &dir.join("runs"),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    // The plan starts once all four are connected: a site that missed the
+    // statistics phase declared no rows and is never selected to train.
+    let coord =
+        localnet::start_coordinator(&pki, roster, None, &dir.join("runs"), Default::default())
+            .await
+            .unwrap();
     let stop = CancellationToken::new();
     let files = support::site_files(dir, 3);
     drop(support::spawn_sites(&pki, &coord.url, files, &stop));
     let e = Scripted::connect(&pki, &coord.url, "site-e").await;
+    support::start_when_connected(&pki, &coord.url, 4, &plan).await;
     (coord, pki, stop, e)
 }
 

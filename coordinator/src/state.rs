@@ -127,6 +127,14 @@ pub struct Training {
     /// Participants that reported they cannot take part, with their reason; excluded for the rest of the training.
     pub declined: BTreeMap<String, String>,
     pub stats: BTreeMap<String, FeatureStats>,
+    /// Each site's training rows as its statistics declared them (stored, so
+    /// a restart keeps them): an update's example count must equal them, and
+    /// only these sites are selected for rounds. Empty before the statistics
+    /// phase ends, and for a training resumed from a store that predates them.
+    pub declared_rows: BTreeMap<String, u64>,
+    /// `[aggregation] max_weight_share`'s cap on any update's weight, from
+    /// the declared rows (`None`: uncapped).
+    pub weight_cap: Option<u64>,
     pub accumulator: Option<Accumulator>,
     /// The last round's accumulator, zeroed and reused by the next round: its
     /// pages are already mapped, so folding into it takes no page faults.
@@ -170,6 +178,28 @@ pub struct Training {
 }
 
 impl Training {
+    /// Binds each site's update weight to its declared training rows, and
+    /// derives `max_weight_share`'s cap from them.
+    pub fn declare_rows(&mut self, rows: BTreeMap<String, u64>) {
+        let counts: Vec<u64> = rows.values().copied().collect();
+        self.weight_cap = self
+            .plan
+            .aggregation
+            .as_ref()
+            .and_then(|a| a.max_weight_share)
+            .and_then(|share| {
+                sangsaeng_common::aggregation::weight_cap::weight_cap(&counts, share)
+            });
+        self.declared_rows = rows;
+    }
+
+    /// The weight an update of `num_examples` is folded with: its example
+    /// count (1 under client-level DP), capped by `max_weight_share`.
+    pub fn fold_weight(&self, num_examples: u64) -> u64 {
+        let w = sangsaeng_common::privacy::dp::client_noise::fold_weight(&self.plan, num_examples);
+        sangsaeng_common::aggregation::weight_cap::capped(w, self.weight_cap)
+    }
+
     pub fn new(id: String, plan: TrainingPlan, output_dir: PathBuf) -> Self {
         Training {
             id,
@@ -181,6 +211,8 @@ impl Training {
             selected: BTreeSet::new(),
             declined: BTreeMap::new(),
             stats: BTreeMap::new(),
+            declared_rows: BTreeMap::new(),
+            weight_cap: None,
             accumulator: None,
             spare_accumulator: None,
             accepted: BTreeMap::new(),

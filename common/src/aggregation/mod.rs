@@ -9,7 +9,9 @@
 //! - [`server`]: FedAvgM, FedAdam, FedYogi, FedAdagrad on the aggregate delta.
 //! - [`robust`]: coordinate-wise median and trimmed mean over a window of
 //!   every update's values, and Multi-Krum's selection.
+//! - [`weight_cap`]: `max_weight_share`, the cap on any one firm's weight.
 
 pub mod fedavg;
 pub mod robust;
 pub mod server;
+pub mod weight_cap;

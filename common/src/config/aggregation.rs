@@ -51,6 +51,11 @@ pub struct AggregationConfig {
     /// needs at least 2f + 3 updates and averages the K − f best. Default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub krum_byzantine: Option<u32>,
+    /// The largest share of the federation's FedAvg weight any one firm may
+    /// have, in (0, 1]: a firm declaring more rows folds with a capped weight
+    /// (see `crate::aggregation::weight_cap`). Absent: weights are the rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_weight_share: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,7 +177,29 @@ impl AggregationConfig {
         unit("beta1", self.beta1, 1.0)?;
         unit("beta2", self.beta2, 1.0)?;
         unit("trim_fraction", self.trim_fraction, 0.5)?;
+        self.validate_weight_share(min_participants, secure)?;
         self.validate_rule(min_participants, secure)
+    }
+
+    fn validate_weight_share(&self, min_participants: usize, secure: bool) -> Result<(), String> {
+        let Some(s) = self.max_weight_share else {
+            return Ok(());
+        };
+        if !(s.is_finite() && s > 0.0 && s <= 1.0) {
+            return Err(format!(
+                "aggregation.max_weight_share: {s} must lie in (0, 1]"
+            ));
+        }
+        if s * (min_participants as f64) < 1.0 {
+            return Err(format!(
+                "aggregation.max_weight_share: {s} cannot be met by training.min_participants = {min_participants} firms (each has at least 1/{min_participants} of the weight); raise it to at least {:.4}",
+                1.0 / min_participants as f64
+            ));
+        }
+        if secure {
+            return Err("aggregation.max_weight_share: cannot run with privacy.secure_aggregation: each site applies its weight inside its masks, so the coordinator cannot cap it".into());
+        }
+        Ok(())
     }
 
     fn validate_rule(&self, min_participants: usize, secure: bool) -> Result<(), String> {
@@ -199,5 +226,77 @@ impl AggregationConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::plan::TrainingPlan;
+
+    fn plan_with(min_participants: usize, extra: &str) -> crate::Result<TrainingPlan> {
+        TrainingPlan::from_toml(
+            &format!(
+                "[schema]\nfeature_columns = [\"a\", \"b\"]\nlabel_column = \"y\"\nclasses = [\"0\", \"1\"]\n\
+                 [model]\nhidden_layers = [4]\n\
+                 [training]\nrounds = 2\nlearning_rate = 0.1\nmin_participants = {min_participants}\n{extra}"
+            ),
+            "plan.toml",
+        )
+    }
+
+    #[test]
+    fn impossible_aggregation_settings_are_refused_with_the_key() {
+        for (min, extra, needle) in [
+            (
+                5,
+                "[aggregation]\nrobust = \"trimmed-mean\"\ntrim_fraction = 0.5",
+                "aggregation.trim_fraction",
+            ),
+            (
+                4,
+                "[aggregation]\nrobust = \"multi-krum\"\nkrum_byzantine = 1",
+                "needs at least 5 updates per round",
+            ),
+            (
+                3,
+                "[aggregation]\nrobust = \"norm-bound\"",
+                "aggregation.max_update_norm: required",
+            ),
+            (
+                3,
+                "[aggregation]\nrobust = \"median\"\n[privacy]\nsecure_aggregation = true",
+                "cannot run with privacy.secure_aggregation",
+            ),
+            (
+                4,
+                "[aggregation]\nmax_weight_share = 0",
+                "aggregation.max_weight_share: 0 must lie in (0, 1]",
+            ),
+            (
+                4,
+                "[aggregation]\nmax_weight_share = 1.5",
+                "aggregation.max_weight_share",
+            ),
+            (
+                4,
+                "[aggregation]\nmax_weight_share = nan",
+                "aggregation.max_weight_share",
+            ),
+            (
+                4,
+                "[aggregation]\nmax_weight_share = 0.2",
+                "cannot be met by training.min_participants = 4",
+            ),
+            (
+                3,
+                "[aggregation]\nmax_weight_share = 0.5\n[privacy]\nsecure_aggregation = true",
+                "max_weight_share: cannot run with privacy.secure_aggregation",
+            ),
+        ] {
+            let err = plan_with(min, extra).unwrap_err().to_string();
+            assert!(err.contains(needle), "{extra}: {err}");
+        }
+        let ok = plan_with(4, "[aggregation]\nmax_weight_share = 0.25").unwrap();
+        assert_eq!(ok.aggregation().max_weight_share, Some(0.25));
     }
 }

@@ -37,6 +37,8 @@ use sangsaeng_common::transfer::encoding::UpdateEncoding;
 use sangsaeng_common::transfer::weights;
 
 use crate::error::{CoordinatorError, Result};
+use std::collections::BTreeMap;
+
 use crate::transfer::read_spill;
 
 /// An update that passed every check and was folded into the round's accumulator.
@@ -52,6 +54,11 @@ pub struct AcceptedUpdate {
 const TRAININGS: TableDefinition<&str, &[u8]> = TableDefinition::new("trainings");
 /// training id → bincode [`StoredModel`]: where the global model after `completed_round` is.
 const MODELS: TableDefinition<&str, &[u8]> = TableDefinition::new("models");
+/// (training id, organisation) → the training rows the site declared in the
+/// statistics phase: what its updates' weights are checked against, also after
+/// a restart. A separate table rather than a field of [`TrainingRecord`], so
+/// that stores written before it still decode (their trainings resume unbound).
+const DECLARED_ROWS: TableDefinition<(&str, &str), u64> = TableDefinition::new("declared_rows");
 /// (training id, round, organisation) → bincode [`StoredContribution`].
 const CONTRIBUTIONS: TableDefinition<(&str, u32, &str), &[u8]> =
     TableDefinition::new("contributions");
@@ -251,6 +258,7 @@ impl Store {
         tx.open_table(TRAININGS).map_err(db_err)?;
         tx.open_table(MODELS).map_err(db_err)?;
         tx.open_table(CONTRIBUTIONS).map_err(db_err)?;
+        tx.open_table(DECLARED_ROWS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Store { db })
     }
@@ -331,6 +339,34 @@ impl Store {
     }
 
     /// Durably records an accepted update of `round` (commit point 1).
+    /// Records each site's declared training rows, all in one transaction.
+    pub fn put_declared_rows(&self, id: &str, rows: &BTreeMap<String, u64>) -> Result<()> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = tx.open_table(DECLARED_ROWS).map_err(db_err)?;
+            for (org, n) in rows {
+                t.insert((id, org.as_str()), *n).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// The rows each site declared for training `id` (empty if none were recorded).
+    pub fn declared_rows(&self, id: &str) -> Result<BTreeMap<String, u64>> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(DECLARED_ROWS).map_err(db_err)?;
+        let mut out = BTreeMap::new();
+        for entry in t.range((id, "")..).map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            let (kid, org) = k.value();
+            if kid != id {
+                break;
+            }
+            out.insert(org.to_string(), v.value());
+        }
+        Ok(out)
+    }
+
     pub fn put_contribution(&self, id: &str, round: u32, c: &StoredContribution) -> Result<()> {
         let tx = self.db.begin_write().map_err(db_err)?;
         tx.open_table(CONTRIBUTIONS)
@@ -472,6 +508,23 @@ mod tests {
         assert_eq!(acc, before);
         s.clear_contributions("t-1", 2).unwrap();
         assert!(s.contributions("t-1", 2).unwrap().is_empty());
+    }
+
+    #[test]
+    fn declared_rows_survive_reopening_per_training() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let rows: BTreeMap<String, u64> = [("site-a".into(), 300), ("site-b".into(), 500)].into();
+        {
+            let s = Store::open(&path).unwrap();
+            s.put_declared_rows("t-1", &rows).unwrap();
+            s.put_declared_rows("t-2", &[("site-a".into(), 7)].into())
+                .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.declared_rows("t-1").unwrap(), rows);
+        assert_eq!(s.declared_rows("t-2").unwrap()["site-a"], 7);
+        assert!(s.declared_rows("t-0").unwrap().is_empty());
     }
 
     #[test]

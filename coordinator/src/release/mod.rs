@@ -98,6 +98,18 @@ pub fn rounds_from_audit(entries: &[Entry], training: &str) -> Vec<RoundFact> {
                 dp_epsilon: e.data["dp"]["model_epsilon"].as_f64(),
                 secure_aggregation: e.data["secure_aggregation"]["secure_aggregation"]
                     == json!(true),
+                evaluations: e.data["evaluations"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| {
+                        Some(policy::EvaluationFact {
+                            org: v["org"].as_str()?.to_string(),
+                            examples: v["examples"].as_u64()?,
+                            macro_f1: v["macro_f1"].as_f64()?,
+                        })
+                    })
+                    .collect(),
             },
         );
     }

@@ -44,6 +44,13 @@ pub struct Rules {
     pub min_rounds: u32,
     /// Federated macro-F1 of the final global model at least this, in [0, 1].
     pub min_macro_f1: f64,
+    /// Whose evaluations count for `min_macro_f1`: these organisations'
+    /// reports on the final model, weighted by their validation rows (e.g. the
+    /// anchor's or a government test site's). Empty (the default): every
+    /// site's own report. A listed organisation that did not evaluate the final
+    /// model fails the rule closed, as does an audit log without per-site reports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_evaluators: Vec<String>,
     /// When true, only a model trained with differential privacy within
     /// `max_epsilon` may be released; a model trained without it fails closed.
     pub require_differential_privacy: bool,
@@ -118,6 +125,11 @@ impl Policy {
                 r.min_macro_f1
             ));
         }
+        if r.trusted_evaluators.iter().any(|o| o.trim().is_empty()) {
+            return Err(
+                "rules.trusted_evaluators must name organisations (an entry is empty)".into(),
+            );
+        }
         if r.min_contributors == 0 {
             return Err("rules.min_contributors must be at least 1".into());
         }
@@ -149,6 +161,14 @@ pub struct Contribution {
     pub weight: u64,
 }
 
+/// One site's report of a round's model, as the audit log records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvaluationFact {
+    pub org: String,
+    pub examples: u64,
+    pub macro_f1: f64,
+}
+
 /// One completed round as the audit log records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundFact {
@@ -163,6 +183,9 @@ pub struct RoundFact {
     /// The round's audit entry records secure aggregation.
     #[serde(default)]
     pub secure_aggregation: bool,
+    /// Each site's own report (empty in entries written before they were recorded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evaluations: Vec<EvaluationFact>,
 }
 
 /// What is known about a training when a release is requested.
@@ -387,19 +410,66 @@ fn min_rounds_rule(r: &Rules, facts: &Facts) -> RuleResult {
 /// `min_macro_f1`: the final model's federated score is the one released, so
 /// only the last round counts; a missing evaluation fails.
 fn min_macro_f1_rule(r: &Rules, facts: &Facts) -> RuleResult {
-    let f1 = facts.rounds.last().and_then(|r| r.eval_macro_f1);
-    rule(
-        "min_macro_f1",
+    let last = facts.rounds.last();
+    let (f1, source) = if r.trusted_evaluators.is_empty() {
+        let n = last.map_or(0, |l| l.evaluations.len());
+        let whose = match n {
+            0 => "every site's own report".to_string(),
+            n => format!("the {n} sites' own reports"),
+        };
+        (last.and_then(|l| l.eval_macro_f1), whose)
+    } else {
+        trusted_macro_f1(&r.trusted_evaluators, last)
+    };
+    let wanted = if r.trusted_evaluators.is_empty() {
         format!(
             "federated macro-F1 of the final model at least {:.4}",
             r.min_macro_f1
-        ),
+        )
+    } else {
+        format!(
+            "macro-F1 of the final model on the validation data of {} at least {:.4}",
+            r.trusted_evaluators.join(", "),
+            r.min_macro_f1
+        )
+    };
+    rule(
+        "min_macro_f1",
+        wanted,
         match f1 {
-            Some(v) => format!("{v:.4}"),
-            None => "no federated evaluation of the final model".into(),
+            Some(v) => format!("{v:.4}, from {source}"),
+            None => format!("no evaluation of the final model to use ({source})"),
         },
         f1.is_some_and(|v| v >= r.min_macro_f1),
     )
+}
+
+/// The trusted organisations' macro-F1 of the final model, weighted by their
+/// rows, and whose figures these are; `None` (failing the rule) unless every
+/// trusted organisation reported on it.
+fn trusted_macro_f1(trusted: &[String], last: Option<&RoundFact>) -> (Option<f64>, String) {
+    let evals = last.map(|l| l.evaluations.as_slice()).unwrap_or_default();
+    let missing: Vec<&str> = trusted
+        .iter()
+        .filter(|o| !evals.iter().any(|e| &e.org == *o))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        return (None, format!("no report from {}", missing.join(", ")));
+    }
+    let used: Vec<&EvaluationFact> = evals.iter().filter(|e| trusted.contains(&e.org)).collect();
+    let rows: u64 = used.iter().map(|e| e.examples).sum();
+    let f1 = used
+        .iter()
+        .map(|e| e.macro_f1 * e.examples as f64)
+        .sum::<f64>()
+        / rows.max(1) as f64;
+    let whose = used
+        .iter()
+        .map(|e| format!("{} ({} rows)", e.org, e.examples))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (Some(f1), whose)
 }
 
 /// `require_differential_privacy`: fails closed, a model trained without it
@@ -493,11 +563,52 @@ terms = "For defect detection research within the AI Factory programme."
                     eval_accuracy: f1,
                     dp_epsilon: None,
                     secure_aggregation: false,
+                    evaluations: vec![],
                 })
                 .collect(),
             epsilon: None,
             privacy: None,
         }
+    }
+
+    /// Issue 21 (e): site "a" reports macro-F1 1.0 for a model the others score
+    /// at 0.4. Every site's report together passes a 0.5 floor; the anchor's
+    /// own figures do not, and the rule says whose it used.
+    #[test]
+    fn trusted_evaluators_decide_the_quality_floor_and_are_named() {
+        let mut f = facts(&[("a", 1), ("b", 1), ("c", 1)], 2, Some(0.6));
+        let last = f.rounds.last_mut().unwrap();
+        last.evaluations = [("a", 100, 1.0), ("b", 100, 0.4), ("c", 50, 0.4)]
+            .iter()
+            .map(|(o, n, v)| EvaluationFact {
+                org: o.to_string(),
+                examples: *n,
+                macro_f1: *v,
+            })
+            .collect();
+        let mut p = Policy::from_toml(POLICY, "test").unwrap();
+        p.rules.min_macro_f1 = 0.5;
+        let all = outcome(&p, &f, &roster(&[]), "min_macro_f1");
+        assert!(all.passed, "{all:?}");
+        assert!(all.actual.contains("the 3 sites' own reports"), "{all:?}");
+        p.rules.trusted_evaluators = vec!["b".into(), "c".into()];
+        let trusted = outcome(&p, &f, &roster(&[]), "min_macro_f1");
+        assert!(!trusted.passed, "{trusted:?}");
+        assert!(
+            trusted
+                .actual
+                .starts_with("0.4000, from b (100 rows), c (50 rows)"),
+            "{trusted:?}"
+        );
+        p.rules.trusted_evaluators = vec!["gov-test-site".into()];
+        let absent = outcome(&p, &f, &roster(&[]), "min_macro_f1");
+        assert!(!absent.passed);
+        assert!(
+            absent.actual.contains("no report from gov-test-site"),
+            "{absent:?}"
+        );
+        p.rules.trusted_evaluators = vec![" ".into()];
+        assert!(p.validate().unwrap_err().contains("trusted_evaluators"));
     }
 
     #[test]

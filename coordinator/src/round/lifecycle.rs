@@ -67,11 +67,16 @@ pub fn resume(shared: &Arc<Shared>, rec: TrainingRecord) -> Result<()> {
         rounds = plan.training.rounds,
         "resuming the unfinished training"
     );
-    *shared.training() = Some(Training::new(
-        rec.id.clone(),
-        plan,
-        rec.output_dir.clone().into(),
-    ));
+    let declared_rows = shared.store.declared_rows(&rec.id)?;
+    if declared_rows.is_empty() && global.is_some() {
+        tracing::warn!(
+            training = %rec.id,
+            "this training's declared rows are not in the store (it began before they were recorded): its updates' example counts are bounded by limits.max_examples_per_update only"
+        );
+    }
+    let mut t = Training::new(rec.id.clone(), plan, rec.output_dir.clone().into());
+    t.declare_rows(declared_rows);
+    *shared.training() = Some(t);
     spawn_driver(shared, rec, global);
     Ok(())
 }

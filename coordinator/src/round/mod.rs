@@ -14,7 +14,8 @@
 //!    model by the server optimiser, whose state is saved with the round; then
 //!    [`commit`] it (model file fsynced, store commit point, published for download);
 //! 5. [`evaluate`] it on every site's validation split;
-//! 6. [`record`] it: `metrics.jsonl`, the audit entry, the log line.
+//! 6. [`record`] it: `metrics.jsonl`, the audit entry, the log line, with
+//!    [`outliers`]: evaluations that lie far from the other sites' reports.
 //!
 //! [`privacy`] holds the differential-privacy checks of these steps: every
 //! site's budget after the statistics, each update's reported spend as it
@@ -31,6 +32,7 @@ pub mod commit;
 pub mod driver;
 pub mod evaluate;
 pub mod lifecycle;
+pub mod outliers;
 pub mod phase;
 pub mod privacy;
 pub mod record;

@@ -65,6 +65,16 @@ pub(super) fn eligible(shared: &Shared) -> BTreeSet<String> {
         .collect()
 }
 
+/// Who may train this round: the eligible sites that declared their rows in
+/// the statistics phase. A site that joined later has no declared weight to
+/// check its updates by; it still evaluates (a score carries no weight).
+fn may_train(t: &Training, mut eligible: BTreeSet<String>) -> BTreeSet<String> {
+    if !t.declared_rows.is_empty() {
+        eligible.retain(|o| t.declared_rows.contains_key(o));
+    }
+    eligible
+}
+
 pub(super) fn set_phase(shared: &Shared, phase: Phase) {
     if let Some(t) = shared.training().as_mut() {
         t.phase = phase;
@@ -100,6 +110,9 @@ pub(super) fn open_phase(
     let task = {
         let mut guard = shared.training();
         let t = guard.as_mut().expect("a driver runs only with a training");
+        if phase == Phase::Training {
+            selected = may_train(t, selected);
+        }
         t.phase = phase;
         t.round = round;
         t.stats.clear();
@@ -121,7 +134,7 @@ pub(super) fn open_phase(
                 _ => Accumulator::new(n),
             };
             for c in preload {
-                let weight = super::privacy::fold_weight(&t.plan, c.num_examples);
+                let weight = t.fold_weight(c.num_examples);
                 c.fold_into(&mut acc, weight)?;
                 if super::aggregate::keeps_spills(&t.plan) {
                     t.spilled

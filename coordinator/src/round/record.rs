@@ -38,6 +38,9 @@ pub struct RoundRecord {
     /// reason; absent when none was.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub refused: std::collections::BTreeMap<String, String>,
+    /// Evaluations far from the other sites' on the same model (absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub eval_outliers: Vec<super::outliers::EvalOutlier>,
 }
 
 #[derive(Debug, Serialize)]
@@ -78,7 +81,18 @@ pub(super) fn round_record(
                 / eval_n as f64
         })
     };
+    let eval_outliers = super::outliers::flag_outliers(&evaluations);
+    for o in &eval_outliers {
+        tracing::warn!(
+            org = %o.org_id,
+            round,
+            macro_f1 = o.macro_f1,
+            others_median = o.others_median,
+            "a site's evaluation lies far from the other sites' on the same model (flagged in metrics.jsonl and the audit log)"
+        );
+    }
     RoundRecord {
+        eval_outliers,
         training_id: id.to_string(),
         round,
         finished_at: time::OffsetDateTime::now_utc()
@@ -120,10 +134,20 @@ pub(super) fn append_jsonl(path: &std::path::Path, record: &RoundRecord) -> Resu
 /// Written after the round is committed and its metrics line written, so a
 /// restart that re-evaluates a committed round also writes its entry.
 pub(super) fn audit_round(shared: &Shared, r: &RoundRecord) -> Result<()> {
+    // The weight each update was folded with (what the release rule
+    // max_weight_share checks), and the examples it declared when they differ.
+    let weight_of = |n: u64| shared.training().as_ref().map_or(n, |t| t.fold_weight(n));
     let contributions: Vec<serde_json::Value> = r
         .participants
         .iter()
-        .map(|p| serde_json::json!({"org": p.org_id, "sha256": p.sha256, "weight": p.num_examples}))
+        .map(|p| {
+            let weight = weight_of(p.num_examples);
+            let mut c = serde_json::json!({"org": p.org_id, "sha256": p.sha256, "weight": weight});
+            if weight != p.num_examples {
+                c["examples"] = p.num_examples.into();
+            }
+            c
+        })
         .collect();
     let mut entry = serde_json::json!({
             "training": r.training_id,
@@ -133,7 +157,18 @@ pub(super) fn audit_round(shared: &Shared, r: &RoundRecord) -> Result<()> {
             "eval_macro_f1": r.eval_macro_f1,
             "eval_accuracy": r.eval_accuracy,
             "eval_examples": r.evaluations.iter().map(|e| e.num_examples).sum::<u64>(),
+            // Each site's own report, so a release rule can choose whose count.
+            "evaluations": r.evaluations.iter().map(|e| serde_json::json!({
+                "org": e.org_id,
+                "examples": e.num_examples,
+                "macro_f1": e.macro_f1,
+                "accuracy": e.accuracy,
+            })).collect::<Vec<_>>(),
     });
+    if !r.eval_outliers.is_empty() {
+        entry["eval_outliers"] =
+            serde_json::to_value(&r.eval_outliers).expect("outliers serialise");
+    }
     // Only differentially private trainings carry the key, so the entries of
     // plain ones are as before.
     if let Some(spend) = &r.privacy {

@@ -13,6 +13,23 @@ use super::phase::{all_answered, open_phase, task, wait_for_participants, wait_u
 use crate::error::{CoordinatorError, Result};
 use crate::state::{Phase, Shared};
 
+/// Binds each site's update weight to the rows its statistics counted, before
+/// round 1 (stored first: a restart must check the same claims).
+fn declare_rows(shared: &Shared, stats: &BTreeMap<String, FeatureStats>) -> Result<()> {
+    let rows: BTreeMap<String, u64> = stats.iter().map(|(o, s)| (o.clone(), s.count)).collect();
+    let mut guard = shared.training();
+    let t = guard.as_mut().expect("a driver runs only with a training");
+    shared.store.put_declared_rows(&t.id, &rows)?;
+    t.declare_rows(rows);
+    if let Some(cap) = t.weight_cap {
+        tracing::info!(
+            cap,
+            "aggregation.max_weight_share: updates fold with at most this weight"
+        );
+    }
+    Ok(())
+}
+
 /// Federated feature scaling: only counts, sums and sums of squares leave a site.
 pub(super) async fn collect_scaling(
     shared: &Shared,
@@ -63,6 +80,7 @@ pub(super) async fn collect_scaling(
             );
             super::privacy::check_site_budgets(&plan, &stats)?;
             plan.scaling = Some(total.to_scaling()?);
+            declare_rows(shared, &stats)?;
             return Ok(plan);
         }
         let msg = format!(

@@ -144,9 +144,30 @@ fn admit(shared: &Shared, org: &str, header: &pb::UpdateHeader) -> Result<(usize
             header.num_examples, limits.max_examples_per_update
         )));
     }
+    check_declared_rows(t, org, header.num_examples)?;
     t.next_upload_id += 1;
     t.uploading.insert(org.to_string(), t.next_upload_id);
     Ok((n, t.next_upload_id))
+}
+
+/// FedAvg weighs an update by its example count, so a count is a claim on the
+/// model: it must be the training rows the site's statistics counted (each
+/// daemon trains on exactly those rows). A site claiming more would take the
+/// weight of firms it is not.
+fn check_declared_rows(t: &Training, org: &str, num_examples: u64) -> Result<()> {
+    match t.declared_rows.get(org) {
+        Some(&rows) if rows == num_examples => Ok(()),
+        Some(&rows) => Err(CoordinatorError::InvalidArgument(format!(
+            "num_examples {num_examples} differs from the {rows} training rows this site declared \
+             in the statistics phase: an update weighs what the site declared (if its data \
+             changed since, it takes part in the next training)"
+        ))),
+        // A training resumed from a store that predates declared rows (warned at resume).
+        None if t.declared_rows.is_empty() => Ok(()),
+        None => Err(CoordinatorError::FailedPrecondition(
+            "this site sent no statistics for this training, so no weight was declared for its updates".into(),
+        )),
+    }
 }
 
 /// A secure round takes masked updates only, each under the attempt and index
@@ -410,7 +431,7 @@ impl Incoming<'_> {
                 header.round
             )));
         }
-        let weight = super::privacy::fold_weight(&t.plan, header.num_examples);
+        let weight = t.fold_weight(header.num_examples);
         let norm_bound = super::aggregate::norm_bound(&t.plan);
         let acc = t
             .accumulator
