@@ -136,12 +136,22 @@ pub(super) fn append_jsonl(path: &std::path::Path, record: &RoundRecord) -> Resu
 pub(super) fn audit_round(shared: &Shared, r: &RoundRecord) -> Result<()> {
     // The weight each update was folded with (what the release rule
     // max_weight_share checks), and the examples it declared when they differ.
-    let weight_of = |n: u64| shared.training().as_ref().map_or(n, |t| t.fold_weight(n));
+    let weights: Vec<u64> = {
+        let guard = shared.training();
+        r.participants
+            .iter()
+            .map(|p| {
+                guard
+                    .as_ref()
+                    .map_or(p.num_examples, |t| t.fold_weight(p.num_examples))
+            })
+            .collect()
+    };
     let contributions: Vec<serde_json::Value> = r
         .participants
         .iter()
-        .map(|p| {
-            let weight = weight_of(p.num_examples);
+        .zip(weights)
+        .map(|(p, weight)| {
             let mut c = serde_json::json!({"org": p.org_id, "sha256": p.sha256, "weight": weight});
             if weight != p.num_examples {
                 c["examples"] = p.num_examples.into();
