@@ -1307,38 +1307,32 @@ async fn update_claiming_more_examples_than_its_declared_rows_is_invalid_argumen
     .await;
 }
 
-/// A site that connects after the statistics phase declared no rows: it is not
-/// selected for the rounds that follow (its weight could not be checked), but
-/// it evaluates, and the training completes with the sites that declared theirs.
+/// A site that connects after the statistics phase declared no rows: it is
+/// selected from the next round, the count its first update claims is
+/// recorded, and a later update claiming another is refused naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_site_joining_after_the_statistics_phase_is_not_selected() {
-    let (fed, mut a, mut b, r1) = two_sites_in_round(limits(), 2).await;
+async fn a_late_joiner_is_bound_to_the_count_of_its_first_update() {
+    let (fed, mut a, mut b, r1) = two_sites_in_round(limits(), 3).await;
     let mut c = Site::join(&fed, "site-c").await;
     fed.wait_connected(&["site-a", "site-b", "site-c"]).await;
-    let (da, db) = (delta(r1.n(), 11), delta(r1.n(), 22));
-    a.upload(parts(&r1, &da, 300)).await.unwrap();
-    b.upload(parts(&r1, &db, 500)).await.unwrap();
-    // It still evaluates: a score carries no weight in the model.
+    a.upload(parts(&r1, &delta(r1.n(), 11), 300)).await.unwrap();
+    b.upload(parts(&r1, &delta(r1.n(), 22), 500)).await.unwrap();
     evaluate_all(&mut [&mut a, &mut b, &mut c]).await;
     let r2 = a.expect_train().await;
     b.expect_train().await;
-    assert_refused(
-        c.upload(parts(&r2, &delta(r2.n(), 3), 400)).await,
-        Code::FailedPrecondition,
-        "this organisation was not selected for round 2",
-    );
-    a.upload(parts(&r2, &delta(r2.n(), 12), 300)).await.unwrap();
-    b.upload(parts(&r2, &delta(r2.n(), 23), 500)).await.unwrap();
+    c.expect_train().await;
+    for (s, seed, n) in [(&mut a, 12, 300), (&mut b, 23, 500), (&mut c, 34, 40)] {
+        s.upload(parts(&r2, &delta(r2.n(), seed), n)).await.unwrap();
+    }
     evaluate_all(&mut [&mut a, &mut b, &mut c]).await;
-    let out = fed.completed().await;
-    let rec = &metrics(&out)[1];
-    let orgs: Vec<&str> = rec["participants"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["org_id"].as_str().unwrap())
-        .collect();
-    assert_eq!(orgs, ["site-a", "site-b"]);
+    let r3 = a.expect_train().await;
+    b.expect_train().await;
+    c.expect_train().await;
+    assert_refused(
+        c.upload(parts(&r3, &delta(r3.n(), 35), 4_000)).await,
+        Code::InvalidArgument,
+        "num_examples 4000 differs from the 40 examples this site claimed with its first update",
+    );
     drop((a, b, c));
     fed.stop().await;
 }

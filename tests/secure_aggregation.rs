@@ -452,8 +452,8 @@ async fn with_scripted(
 ) {
     let roster = support::roster(&["site-e"]);
     let pki = support::pki(dir, &roster);
-    // The plan starts once all four are connected: a site that missed the
-    // statistics phase declared no rows and is never selected to train.
+    // The plan starts once all four are connected, so all four are in the
+    // statistics phase and in round 1.
     let coord =
         localnet::start_coordinator(&pki, roster, None, &dir.join("runs"), Default::default())
             .await

@@ -128,10 +128,13 @@ pub struct Training {
     pub declined: BTreeMap<String, String>,
     pub stats: BTreeMap<String, FeatureStats>,
     /// Each site's training rows as its statistics declared them (stored, so
-    /// a restart keeps them): an update's example count must equal them, and
-    /// only these sites are selected for rounds. Empty before the statistics
-    /// phase ends, and for a training resumed from a store that predates them.
+    /// a restart keeps them): an update's example count must equal them.
+    /// Empty before the statistics phase ends, and for a training resumed
+    /// from a store that predates them.
     pub declared_rows: BTreeMap<String, u64>,
+    /// Sites that joined after the statistics phase: the count each claimed
+    /// with its first update (stored), which its later updates must repeat.
+    pub claimed_rows: BTreeMap<String, u64>,
     /// `[aggregation] max_weight_share`'s cap on any update's weight, from
     /// the declared rows (`None`: uncapped).
     pub weight_cap: Option<u64>,
@@ -212,6 +215,7 @@ impl Training {
             declined: BTreeMap::new(),
             stats: BTreeMap::new(),
             declared_rows: BTreeMap::new(),
+            claimed_rows: BTreeMap::new(),
             weight_cap: None,
             accumulator: None,
             spare_accumulator: None,

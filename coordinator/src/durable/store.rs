@@ -59,6 +59,12 @@ const MODELS: TableDefinition<&str, &[u8]> = TableDefinition::new("models");
 /// a restart. A separate table rather than a field of [`TrainingRecord`], so
 /// that stores written before it still decode (their trainings resume unbound).
 const DECLARED_ROWS: TableDefinition<(&str, &str), u64> = TableDefinition::new("declared_rows");
+/// (training id, organisation) → the example count a site that joined after
+/// the statistics phase claimed with its first update: its later updates must
+/// claim the same. Kept apart from [`DECLARED_ROWS`] so that
+/// `max_weight_share`'s cap, computed from the statistics phase's rows only,
+/// is the same after a restart.
+const CLAIMED_ROWS: TableDefinition<(&str, &str), u64> = TableDefinition::new("claimed_rows");
 /// (training id, round, organisation) → bincode [`StoredContribution`].
 const CONTRIBUTIONS: TableDefinition<(&str, u32, &str), &[u8]> =
     TableDefinition::new("contributions");
@@ -259,6 +265,7 @@ impl Store {
         tx.open_table(MODELS).map_err(db_err)?;
         tx.open_table(CONTRIBUTIONS).map_err(db_err)?;
         tx.open_table(DECLARED_ROWS).map_err(db_err)?;
+        tx.open_table(CLAIMED_ROWS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Store { db })
     }
@@ -341,9 +348,33 @@ impl Store {
     /// Durably records an accepted update of `round` (commit point 1).
     /// Records each site's declared training rows, all in one transaction.
     pub fn put_declared_rows(&self, id: &str, rows: &BTreeMap<String, u64>) -> Result<()> {
+        self.put_rows(DECLARED_ROWS, id, rows)
+    }
+
+    /// The rows each site declared for training `id` (empty if none were recorded).
+    pub fn declared_rows(&self, id: &str) -> Result<BTreeMap<String, u64>> {
+        self.rows(DECLARED_ROWS, id)
+    }
+
+    /// Records the first claim of a site that joined after the statistics phase.
+    pub fn put_claimed_rows(&self, id: &str, org: &str, n: u64) -> Result<()> {
+        self.put_rows(CLAIMED_ROWS, id, &[(org.to_string(), n)].into())
+    }
+
+    /// The first claims of late joiners of training `id`.
+    pub fn claimed_rows(&self, id: &str) -> Result<BTreeMap<String, u64>> {
+        self.rows(CLAIMED_ROWS, id)
+    }
+
+    fn put_rows(
+        &self,
+        table: TableDefinition<(&str, &str), u64>,
+        id: &str,
+        rows: &BTreeMap<String, u64>,
+    ) -> Result<()> {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
-            let mut t = tx.open_table(DECLARED_ROWS).map_err(db_err)?;
+            let mut t = tx.open_table(table).map_err(db_err)?;
             for (org, n) in rows {
                 t.insert((id, org.as_str()), *n).map_err(db_err)?;
             }
@@ -351,10 +382,13 @@ impl Store {
         tx.commit().map_err(db_err)
     }
 
-    /// The rows each site declared for training `id` (empty if none were recorded).
-    pub fn declared_rows(&self, id: &str) -> Result<BTreeMap<String, u64>> {
+    fn rows(
+        &self,
+        table: TableDefinition<(&str, &str), u64>,
+        id: &str,
+    ) -> Result<BTreeMap<String, u64>> {
         let tx = self.db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(DECLARED_ROWS).map_err(db_err)?;
+        let t = tx.open_table(table).map_err(db_err)?;
         let mut out = BTreeMap::new();
         for entry in t.range((id, "")..).map_err(db_err)? {
             let (k, v) = entry.map_err(db_err)?;
@@ -525,6 +559,13 @@ mod tests {
         assert_eq!(s.declared_rows("t-1").unwrap(), rows);
         assert_eq!(s.declared_rows("t-2").unwrap()["site-a"], 7);
         assert!(s.declared_rows("t-0").unwrap().is_empty());
+        s.put_claimed_rows("t-1", "site-c", 40).unwrap();
+        assert_eq!(s.claimed_rows("t-1").unwrap()["site-c"], 40);
+        assert_eq!(
+            s.declared_rows("t-1").unwrap(),
+            rows,
+            "claims are kept apart"
+        );
     }
 
     #[test]

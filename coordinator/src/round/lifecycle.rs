@@ -76,6 +76,7 @@ pub fn resume(shared: &Arc<Shared>, rec: TrainingRecord) -> Result<()> {
     }
     let mut t = Training::new(rec.id.clone(), plan, rec.output_dir.clone().into());
     t.declare_rows(declared_rows);
+    t.claimed_rows = shared.store.claimed_rows(&rec.id)?;
     *shared.training() = Some(t);
     spawn_driver(shared, rec, global);
     Ok(())

@@ -65,16 +65,6 @@ pub(super) fn eligible(shared: &Shared) -> BTreeSet<String> {
         .collect()
 }
 
-/// Who may train this round: the eligible sites that declared their rows in
-/// the statistics phase. A site that joined later has no declared weight to
-/// check its updates by; it still evaluates (a score carries no weight).
-fn may_train(t: &Training, mut eligible: BTreeSet<String>) -> BTreeSet<String> {
-    if !t.declared_rows.is_empty() {
-        eligible.retain(|o| t.declared_rows.contains_key(o));
-    }
-    eligible
-}
-
 pub(super) fn set_phase(shared: &Shared, phase: Phase) {
     if let Some(t) = shared.training().as_mut() {
         t.phase = phase;
@@ -110,9 +100,6 @@ pub(super) fn open_phase(
     let task = {
         let mut guard = shared.training();
         let t = guard.as_mut().expect("a driver runs only with a training");
-        if phase == Phase::Training {
-            selected = may_train(t, selected);
-        }
         t.phase = phase;
         t.round = round;
         t.stats.clear();

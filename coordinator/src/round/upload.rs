@@ -144,7 +144,7 @@ fn admit(shared: &Shared, org: &str, header: &pb::UpdateHeader) -> Result<(usize
             header.num_examples, limits.max_examples_per_update
         )));
     }
-    check_declared_rows(t, org, header.num_examples)?;
+    check_declared_rows(&shared.store, t, org, header.num_examples)?;
     t.next_upload_id += 1;
     t.uploading.insert(org.to_string(), t.next_upload_id);
     Ok((n, t.next_upload_id))
@@ -153,21 +153,45 @@ fn admit(shared: &Shared, org: &str, header: &pb::UpdateHeader) -> Result<(usize
 /// FedAvg weighs an update by its example count, so a count is a claim on the
 /// model: it must be the training rows the site's statistics counted (each
 /// daemon trains on exactly those rows). A site claiming more would take the
-/// weight of firms it is not.
-fn check_declared_rows(t: &Training, org: &str, num_examples: u64) -> Result<()> {
-    match t.declared_rows.get(org) {
-        Some(&rows) if rows == num_examples => Ok(()),
-        Some(&rows) => Err(CoordinatorError::InvalidArgument(format!(
-            "num_examples {num_examples} differs from the {rows} training rows this site declared \
-             in the statistics phase: an update weighs what the site declared (if its data \
-             changed since, it takes part in the next training)"
-        ))),
+/// weight of firms it is not. A site that joined after the statistics phase
+/// declared nothing: its first update's count is recorded (trust on first
+/// use, bounded by `limits.max_examples_per_update`) and its later ones must
+/// repeat it.
+fn check_declared_rows(
+    store: &crate::durable::store::Store,
+    t: &mut Training,
+    org: &str,
+    num_examples: u64,
+) -> Result<()> {
+    let (rows, source) = match (t.declared_rows.get(org), t.claimed_rows.get(org)) {
+        (Some(&r), _) => (
+            r,
+            "training rows this site declared in the statistics phase",
+        ),
+        (None, Some(&r)) => (
+            r,
+            "examples this site claimed with its first update (it joined after the statistics phase)",
+        ),
         // A training resumed from a store that predates declared rows (warned at resume).
-        None if t.declared_rows.is_empty() => Ok(()),
-        None => Err(CoordinatorError::FailedPrecondition(
-            "this site sent no statistics for this training, so no weight was declared for its updates".into(),
-        )),
+        (None, None) if t.declared_rows.is_empty() => return Ok(()),
+        (None, None) => {
+            store.put_claimed_rows(&t.id, org, num_examples)?;
+            t.claimed_rows.insert(org.to_string(), num_examples);
+            tracing::warn!(
+                org,
+                num_examples,
+                "a site that joined after the statistics phase claims this many examples; its later updates must claim the same"
+            );
+            return Ok(());
+        }
+    };
+    if rows == num_examples {
+        return Ok(());
     }
+    Err(CoordinatorError::InvalidArgument(format!(
+        "num_examples {num_examples} differs from the {rows} {source}: an update weighs what \
+         the site declared (if its data changed since, it takes part in the next training)"
+    )))
 }
 
 /// A secure round takes masked updates only, each under the attempt and index
