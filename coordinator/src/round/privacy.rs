@@ -77,12 +77,6 @@ fn client_dp(plan: &TrainingPlan) -> Option<&DpConfig> {
     plan.client_dp()
 }
 
-/// The weight an update is folded with: its example count, or 1 under
-/// client-level DP (equal weights bound each firm's influence on the sum).
-pub fn fold_weight(plan: &TrainingPlan, num_examples: u64) -> u64 {
-    client_noise::fold_weight(plan, num_examples)
-}
-
 /// Who adds client-level noise: the sites under secure aggregation (each its
 /// share, before masking), otherwise the coordinator.
 fn noise_at_sites(plan: &TrainingPlan) -> bool {
@@ -337,15 +331,6 @@ mod tests {
         );
         plan.privacy.as_mut().unwrap().secure_aggregation = false;
         check_site_budgets(&plan, &BTreeMap::new()).expect("central noise has no share");
-    }
-
-    #[test]
-    fn client_level_updates_fold_with_equal_weights() {
-        let plan = client_plan(1.0);
-        assert_eq!(fold_weight(&plan, 12_345), 1);
-        let mut plain = plan.clone();
-        plain.privacy = None;
-        assert_eq!(fold_weight(&plain, 12_345), 12_345);
     }
 
     /// The noise added to a sum of K = 4 equally weighted zero updates moves the
