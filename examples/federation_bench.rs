@@ -50,6 +50,7 @@ use rand_chacha::ChaCha8Rng;
 use tokio_util::sync::CancellationToken;
 
 use sangsaeng::localnet;
+use sangsaeng_common::aggregation::robust;
 use sangsaeng_common::config::plan::TrainingPlan;
 use sangsaeng_common::config::roster::Roster;
 use sangsaeng_common::learning::model::ModelSpec;
@@ -111,6 +112,13 @@ struct Args {
     /// absent: every participant is every other's neighbour).
     #[arg(long, requires = "secure")]
     secure_degree: Option<u32>,
+    /// The coordinator's robust rule (`[aggregation] robust`): none,
+    /// norm-bound (with a bound no update reaches, so the result is still
+    /// FedAvg's and the cost is the streaming norm check), trimmed-mean
+    /// (trim_fraction 0.2), median or multi-krum (krum_byzantine 1).
+    #[arg(long, default_value = "none", conflicts_with = "secure",
+          value_parser = ["none", "norm-bound", "trimmed-mean", "median", "multi-krum"])]
+    robust: String,
 }
 
 #[derive(Subcommand)]
@@ -165,14 +173,20 @@ fn shape_for(p: usize) -> Vec<usize> {
     vec![h, h]
 }
 
-fn plan_toml(p: usize, k: usize, encoding: &str, secure: Option<Option<u32>>) -> String {
+fn plan_toml(
+    p: usize,
+    k: usize,
+    encoding: &str,
+    secure: Option<Option<u32>>,
+    robust: &str,
+) -> String {
     let cols: Vec<String> = (0..N_FEATURES).map(|i| format!("\"f{i}\"")).collect();
     let hidden = shape_for(p);
     format!(
         "[schema]\nfeature_columns = [{}]\nlabel_column = \"y\"\nclasses = [\"ok\", \"fault\"]\n\n\
          [model]\nhidden_layers = [{}, {}]\n\n\
          [training]\nrounds = {ROUNDS}\nlearning_rate = 0.01\nmin_participants = {k}\n\
-         round_deadline_secs = 3600\nseed = {SEED}\nupdate_encoding = \"{encoding}\"\nevaluate = false\n{}",
+         round_deadline_secs = 3600\nseed = {SEED}\nupdate_encoding = \"{encoding}\"\nevaluate = false\n{}{}",
         cols.join(", "),
         hidden[0],
         hidden[1],
@@ -181,8 +195,73 @@ fn plan_toml(p: usize, k: usize, encoding: &str, secure: Option<Option<u32>>) ->
             Some(None) => "\n[privacy]\nsecure_aggregation = true\n".into(),
             Some(Some(d)) =>
                 format!("\n[privacy]\nsecure_aggregation = true\nsecure_aggregation_degree = {d}\n"),
-        }
+        },
+        robust_section(robust),
     )
+}
+
+/// The plan's `[aggregation]` for `--robust` (nothing for "none").
+fn robust_section(robust: &str) -> String {
+    let extra = match robust {
+        "none" => return String::new(),
+        // Far above any workload delta's norm (at most 1e-3 × sqrt(P)).
+        "norm-bound" => "max_update_norm = 1e6\n",
+        "trimmed-mean" => "trim_fraction = 0.2\n",
+        "multi-krum" => "krum_byzantine = 1\n",
+        _ => "",
+    };
+    format!("\n[aggregation]\nrobust = \"{robust}\"\n{extra}")
+}
+
+/// Round `r`'s aggregate step per array, from the workload alone: each
+/// participant's delta is one value per array, so every rule reduces to that
+/// rule over K scalars (Multi-Krum's distances to array-length-weighted sums).
+fn expected_step(k: usize, r: u32, robust: &str, p: usize) -> anyhow::Result<[f64; N_ARRAYS]> {
+    let deltas: Vec<[f32; N_ARRAYS]> = (0..k).map(|i| client_deltas(i, r)).collect();
+    let weighted_mean = |kept: &[usize]| -> [f64; N_ARRAYS] {
+        let total: f64 = kept.iter().map(|&i| num_examples(i) as f64).sum();
+        std::array::from_fn(|a| {
+            kept.iter()
+                .map(|&i| num_examples(i) as f64 / total * deltas[i][a] as f64)
+                .sum()
+        })
+    };
+    let sorted = |a: usize| {
+        let mut v: Vec<f64> = deltas.iter().map(|d| d[a] as f64).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    Ok(match robust {
+        "median" => std::array::from_fn(|a| {
+            let v = sorted(a);
+            match k % 2 {
+                1 => v[k / 2],
+                _ => (v[k / 2 - 1] + v[k / 2]) / 2.0,
+            }
+        }),
+        "trimmed-mean" => {
+            let t = robust::trimmed(k, 0.2);
+            std::array::from_fn(|a| {
+                let v = sorted(a);
+                v[t..k - t].iter().sum::<f64>() / (k - 2 * t) as f64
+            })
+        }
+        "multi-krum" => {
+            let len: Vec<f64> = (0..N_ARRAYS)
+                .map(|a| (array_end(a, p) - if a == 0 { 0 } else { array_end(a - 1, p) }) as f64)
+                .collect();
+            let mut dist = vec![0f64; k * k];
+            for x in 0..k {
+                for y in 0..k {
+                    dist[x * k + y] = (0..N_ARRAYS)
+                        .map(|a| len[a] * (deltas[x][a] as f64 - deltas[y][a] as f64).powi(2))
+                        .sum();
+                }
+            }
+            weighted_mean(&robust::multi_krum_keep(&dist, k, 1)?)
+        }
+        _ => weighted_mean(&(0..k).collect::<Vec<_>>()),
+    })
 }
 
 fn org(i: usize) -> String {
@@ -336,12 +415,14 @@ async fn participate(dir: &Path, url: &str, index: usize, sha256: bool) -> anyho
             Some(pb::task::Kind::Stats(s)) => {
                 stats_sent = true;
                 let n = s.plan.map(|p| p.feature_columns.len()).unwrap_or(0);
+                // The rows declared here are the weight every update must claim.
+                let rows = num_examples(index);
                 client
                     .submit_stats(pb::StatsReport {
                         training_id: task.training_id,
-                        count: 100,
+                        count: rows,
                         sum: vec![0.0; n],
-                        sum_sq: vec![100.0; n],
+                        sum_sq: vec![rows as f64; n],
                     })
                     .await?;
             }
@@ -756,7 +837,12 @@ fn print_row(r: &serde_json::Value) {
                 g("encoding").as_str().unwrap_or("-")
             ),
             (Some(true), None) => format!("{}, secure", g("encoding").as_str().unwrap_or("-")),
-            _ => g("encoding").as_str().unwrap_or("-").to_string(),
+            _ => match g("robust").as_str() {
+                Some(rule) if rule != "none" => {
+                    format!("{}, {rule}", g("encoding").as_str().unwrap_or("-"))
+                }
+                _ => g("encoding").as_str().unwrap_or("-").to_string(),
+            },
         },
         f("median_round_secs", 3),
         rounds,
@@ -777,10 +863,11 @@ fn print_row(r: &serde_json::Value) {
 fn run_point(args: &Args, pt: &Point) -> anyhow::Result<serde_json::Value> {
     let bandwidth = sangsaeng::membw::read_bandwidth_gbs();
     let dir = args.work.join(format!(
-        "P{}-K{}{}",
+        "P{}-K{}{}-{}",
         pt.p,
         pt.k,
-        if args.secure { "-secure" } else { "" }
+        if args.secure { "-secure" } else { "" },
+        args.robust
     ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -790,6 +877,7 @@ fn run_point(args: &Args, pt: &Point) -> anyhow::Result<serde_json::Value> {
         pt.k,
         &args.encoding,
         args.secure.then_some(args.secure_degree),
+        &args.robust,
     );
     let plan = TrainingPlan::from_toml(&plan_text, "benchmark plan")?;
     let spec = ModelSpec::from_plan(&plan);
@@ -933,14 +1021,11 @@ fn run_point(args: &Args, pt: &Point) -> anyhow::Result<serde_json::Value> {
         Err(e) => return Err(e.into()),
     };
     let init = spec.init_params(SEED);
-    let total: f64 = (0..pt.k).map(|i| num_examples(i) as f64).sum();
     let mut offset = [0f64; N_ARRAYS];
     for r in 1..=ROUNDS {
-        for i in 0..pt.k {
-            let d = client_deltas(i, r);
-            for a in 0..N_ARRAYS {
-                offset[a] += num_examples(i) as f64 / total * d[a] as f64;
-            }
+        let step = expected_step(pt.k, r, &args.robust, p)?;
+        for a in 0..N_ARRAYS {
+            offset[a] += step[a];
         }
     }
     let enc = UpdateEncoding::from_name(&args.encoding)?;
@@ -966,6 +1051,7 @@ fn run_point(args: &Args, pt: &Point) -> anyhow::Result<serde_json::Value> {
         "encoding": args.encoding,
         "secure": args.secure,
         "secure_degree": args.secure_degree,
+        "robust": args.robust,
         "digest": args.digest,
         "durable_updates": args.durable_updates,
         "max_concurrent_uploads": args.max_concurrent_uploads,
