@@ -93,6 +93,14 @@ pub fn decode_chunk(data: &[u8], enc: UpdateEncoding) -> Result<Vec<f32>> {
 /// coordinator an allocation and a page fault per 4 KiB of every upload.
 pub fn decode_chunk_into(data: &[u8], enc: UpdateEncoding, out: &mut Vec<f32>) -> Result<()> {
     out.clear();
+    let n = chunk_values(data, enc)?;
+    decode_range_into(data, enc, 0..n, out);
+    Ok(())
+}
+
+/// Checks one chunk's framing (length, int8 scale) and returns how many
+/// values it holds.
+pub fn chunk_values(data: &[u8], enc: UpdateEncoding) -> Result<usize> {
     let bad = |m: String| Err(Error::Protocol(m));
     match enc {
         UpdateEncoding::Float32 => {
@@ -102,10 +110,7 @@ pub fn decode_chunk_into(data: &[u8], enc: UpdateEncoding, out: &mut Vec<f32>) -
                     data.len()
                 ));
             }
-            out.extend(
-                data.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
+            Ok(data.len() / 4)
         }
         UpdateEncoding::Float16 => {
             if data.is_empty() || !data.len().is_multiple_of(2) {
@@ -114,10 +119,7 @@ pub fn decode_chunk_into(data: &[u8], enc: UpdateEncoding, out: &mut Vec<f32>) -
                     data.len()
                 ));
             }
-            out.extend(
-                data.chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-            );
+            Ok(data.len() / 2)
         }
         UpdateEncoding::Int8 => {
             if data.len() <= SCALE_BYTES {
@@ -126,20 +128,50 @@ pub fn decode_chunk_into(data: &[u8], enc: UpdateEncoding, out: &mut Vec<f32>) -
                     data.len()
                 ));
             }
-            let scale = f32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            let scale = int8_scale(data);
             if !(scale.is_finite() && scale >= 0.0) {
                 return bad(format!(
                     "int8 chunk scale {scale} is not a finite non-negative number"
                 ));
             }
-            out.extend(
-                data[SCALE_BYTES..]
-                    .iter()
-                    .map(|&b| f32::from(b as i8) * scale),
-            );
+            Ok(data.len() - SCALE_BYTES)
         }
     }
-    Ok(())
+}
+
+fn int8_scale(data: &[u8]) -> f32 {
+    f32::from_le_bytes([data[0], data[1], data[2], data[3]])
+}
+
+/// Appends the values at `range` of a chunk [`chunk_values`] accepted, so a
+/// reader can take a window of a chunk without decoding all of it (the
+/// coordinator's robust rules hold K chunks' bytes, not K decoded chunks too).
+pub fn decode_range_into(
+    data: &[u8],
+    enc: UpdateEncoding,
+    range: std::ops::Range<usize>,
+    out: &mut Vec<f32>,
+) {
+    match enc {
+        UpdateEncoding::Float32 => out.extend(
+            data[range.start * 4..range.end * 4]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+        UpdateEncoding::Float16 => out.extend(
+            data[range.start * 2..range.end * 2]
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        UpdateEncoding::Int8 => {
+            let scale = int8_scale(data);
+            out.extend(
+                data[SCALE_BYTES + range.start..SCALE_BYTES + range.end]
+                    .iter()
+                    .map(|&b| f32::from(b as i8) * scale),
+            )
+        }
+    }
 }
 
 /// What the coordinator will aggregate for `values` sent this way (for a site's own record).

@@ -253,6 +253,12 @@ pub fn read_spill_raw(
     Ok(())
 }
 
+/// The read buffer of a spill file. Frames are up to a chunk (1 MiB by
+/// default) and are read straight into the caller's buffer past this much, so
+/// a larger one would only add a chunk per reader to the robust rules' K open
+/// readers.
+const READ_BUFFER: usize = 64 << 10;
+
 /// A spill file read frame by frame, on demand.
 struct FrameReader {
     path: PathBuf,
@@ -267,7 +273,7 @@ impl FrameReader {
         let damaged = |m: String| damaged(path, m);
         let file = File::open(path)
             .map_err(|e| CoordinatorError::io(format!("opening {}", path.display()), e))?;
-        let mut r = BufReader::with_capacity(1 << 20, file);
+        let mut r = BufReader::with_capacity(READ_BUFFER, file);
         // The format: padded frames after a header block, or (no magic) the
         // earlier frames back to back, starting with the bytes just read.
         let mut first = Vec::with_capacity(SPILL_MAGIC.len());
@@ -334,9 +340,11 @@ pub struct SpilledUpdate {
 pub struct SpilledValues {
     frames: FrameReader,
     encoding: UpdateEncoding,
+    /// The current frame's bytes, its value count and how many were taken:
+    /// values are decoded from the bytes as a window takes them, so a reader
+    /// holds one chunk, not a chunk and its decoded copy (K readers at once).
     raw: Vec<u8>,
-    /// The current frame's decoded values and how many of them were taken.
-    values: Vec<f32>,
+    len: usize,
     taken: usize,
 }
 
@@ -346,7 +354,7 @@ impl SpilledValues {
             frames: FrameReader::open(path)?,
             encoding,
             raw: Vec::new(),
-            values: Vec::new(),
+            len: 0,
             taken: 0,
         })
     }
@@ -356,22 +364,22 @@ impl SpilledValues {
     pub fn take(&mut self, n: usize, out: &mut Vec<f32>) -> Result<()> {
         out.clear();
         while out.len() < n {
-            if self.taken == self.values.len() {
-                let len = self
+            if self.taken == self.len {
+                let bytes = self
                     .frames
                     .next_frame(&mut self.raw, false)?
                     .expect("an end is an error");
-                encoding::decode_chunk_into(&self.raw[..len], self.encoding, &mut self.values)
-                    .map_err(|e| {
-                        damaged(
-                            &self.frames.path,
-                            format!("frame {}: {e}", self.frames.frame - 1),
-                        )
-                    })?;
+                self.raw.truncate(bytes);
+                self.len = encoding::chunk_values(&self.raw, self.encoding).map_err(|e| {
+                    damaged(
+                        &self.frames.path,
+                        format!("frame {}: {e}", self.frames.frame - 1),
+                    )
+                })?;
                 self.taken = 0;
             }
-            let k = (n - out.len()).min(self.values.len() - self.taken);
-            out.extend_from_slice(&self.values[self.taken..self.taken + k]);
+            let k = (n - out.len()).min(self.len - self.taken);
+            encoding::decode_range_into(&self.raw, self.encoding, self.taken..self.taken + k, out);
             self.taken += k;
         }
         Ok(())
