@@ -58,6 +58,7 @@ fn main() {
         dp: None,
         dp_noise: DpNoise::SnappedGaussian,
         proximal_mu: 0.0,
+        scaffold_correction: None,
     };
     let dp_cfg = LocalTraining {
         dp: Some(DP),

@@ -614,6 +614,7 @@ async fn stream_download(
             training_id: training_id.into(),
             model_round: info.round,
             start_chunk: 0,
+            control_variate: false,
         })
         .await?
         .into_inner();

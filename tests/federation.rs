@@ -513,3 +513,65 @@ async fn fedprox_in_the_plan_reaches_every_site_and_shortens_its_delta() {
         );
     }
 }
+
+/// SCAFFOLD over mTLS, 2 rounds of three sites: each site keeps its control
+/// variate c_i under its state_dir, and the coordinator's server control
+/// variate (saved with the round, as optimiser state) is the example-weighted
+/// mean of the sites' c_i, as the algorithm's invariant c = Σ (n_i / n) c_i
+/// says when every site takes part in every round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scaffold_keeps_each_control_variate_at_its_site_and_the_server_one_is_their_weighted_mean()
+{
+    use sangsaeng_common::config::aggregation::{AggregationConfig, Strategy};
+    support::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let files = support::site_files(dir.path(), 3);
+    let mut plan = support::plan(2, 3);
+    plan.aggregation = Some(AggregationConfig {
+        strategy: Strategy::Scaffold,
+        ..Default::default()
+    });
+    plan.validate().unwrap();
+    let out = run_federation_with(dir.path(), plan.clone(), files, true).await;
+    let tid = out.file_name().unwrap().to_str().unwrap().to_string();
+    let layout = ModelSpec::from_plan(&plan).layout();
+    let mut weighted = vec![0f64; ModelSpec::from_plan(&plan).num_params()];
+    let mut total = 0f64;
+    let mut controls = vec![];
+    for org in support::SITES {
+        let state = dir
+            .path()
+            .join(format!("{org}-state"))
+            .join(&tid)
+            .join("scaffold-control.safetensors");
+        let c_i = weights::load_safetensors(&state, &layout).unwrap();
+        assert_eq!(weights::safetensors_metadata(&state).unwrap()["round"], "2");
+        let (_, n) = support::recorded_delta(&plan, &dir.path().join("sent").join(org));
+        for (w, c) in weighted.iter_mut().zip(&c_i) {
+            *w += n as f64 * *c as f64;
+        }
+        total += n as f64;
+        controls.push(c_i);
+    }
+    assert!(
+        controls[0].iter().any(|v| *v != 0.0),
+        "a control variate was learnt"
+    );
+    assert_ne!(controls[0], controls[1], "each site has its own");
+    let server = weights::load_safetensors(
+        &out.join("server-optimizer-round-0002.safetensors"),
+        &[sangsaeng_common::learning::model::TensorSpec {
+            name: "m".into(),
+            shape: vec![weighted.len()],
+        }],
+    )
+    .unwrap();
+    for (i, (c, w)) in server.iter().zip(&weighted).enumerate() {
+        let want = w / total;
+        // The accumulator's fixed point holds each change to 2^-24 (6e-8).
+        assert!(
+            (*c as f64 - want).abs() <= 2e-7 + 1e-5 * want.abs(),
+            "value {i}: server {c}, weighted mean of the sites' {want}"
+        );
+    }
+}

@@ -2316,7 +2316,18 @@ async fn downloads_of_missing_rounds_or_chunks_are_refused_and_resume_works() {
         training_id: r.tid.clone(),
         model_round,
         start_chunk,
+        control_variate: false,
     };
+    assert_refused(
+        a.client
+            .download_model(pb::DownloadRequest {
+                control_variate: true,
+                ..request(0, 0)
+            })
+            .await,
+        Code::NotFound,
+        "the SCAFFOLD control variate of round 0 is not available (current round: 1; the plan has no SCAFFOLD)",
+    );
     assert_refused(
         a.client.download_model(request(7, 0)).await,
         Code::NotFound,
@@ -2712,6 +2723,7 @@ async fn organisation_removed_from_the_roster_gets_permission_denied_on_every_rp
             training_id: r.tid.clone(),
             model_round: 0,
             start_chunk: 0,
+            control_variate: false,
         })
         .await,
         Code::PermissionDenied,

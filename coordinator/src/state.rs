@@ -122,6 +122,9 @@ pub struct Training {
     pub round: u32,
     /// Global models that may still be downloaded, by round (0 = initial).
     pub models: BTreeMap<u32, Arc<PublishedModel>>,
+    /// SCAFFOLD: the server control variate the open round's sites download
+    /// (`TrainTask.control`); `None` for other strategies.
+    pub control: Option<Arc<PublishedModel>>,
     /// Participants the current phase sent a task to and waits for.
     pub selected: BTreeSet<String>,
     /// Participants that reported they cannot take part, with their reason; excluded for the rest of the training.
@@ -196,6 +199,16 @@ impl Training {
         self.declared_rows = rows;
     }
 
+    /// Values an update of a model of `model_params` carries: the delta, and
+    /// under SCAFFOLD the site's control-variate change after it.
+    pub fn update_len(&self, model_params: usize) -> usize {
+        if self.plan.scaffold() {
+            2 * model_params
+        } else {
+            model_params
+        }
+    }
+
     /// The weight an update of `num_examples` is folded with: its example
     /// count (1 under client-level DP), capped by `max_weight_share`.
     pub fn fold_weight(&self, num_examples: u64) -> u64 {
@@ -211,6 +224,7 @@ impl Training {
             phase: Phase::WaitingForParticipants,
             round: 0,
             models: BTreeMap::new(),
+            control: None,
             selected: BTreeSet::new(),
             declined: BTreeMap::new(),
             stats: BTreeMap::new(),

@@ -26,6 +26,10 @@ struct FileConfig {
     /// A folder that keeps a copy of every delta that left the site, for the
     /// site's own audit (default: none kept).
     record_dir: Option<PathBuf>,
+    /// A folder where the site keeps what it must remember between rounds and
+    /// restarts: SCAFFOLD's control variate, per training (default: none; a
+    /// plan with `strategy = "scaffold"` is then declined).
+    state_dir: Option<PathBuf>,
     /// Largest upload chunk in bytes, a multiple of 4 in 4096..=67108864 (default
     /// 1 MiB); the coordinator's `limits.max_chunk_bytes` must allow it.
     upload_chunk_bytes: Option<usize>,
@@ -121,6 +125,7 @@ pub struct Overrides {
     pub server_name: Option<String>,
     pub backend: Option<String>,
     pub record_dir: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -144,6 +149,8 @@ pub struct ParticipantConfig {
     pub backend: BackendKind,
     /// If set, every delta sent is also written here (the site's own record of what left it).
     pub record_dir: Option<PathBuf>,
+    /// Where the site keeps SCAFFOLD's control variates between rounds and restarts.
+    pub state_dir: Option<PathBuf>,
     pub upload_chunk_bytes: usize,
     pub reconnect: Reconnect,
     /// Stop after the first training finishes (the example and tests); a daemon keeps running.
@@ -264,6 +271,9 @@ impl ParticipantConfig {
             record_dir: o
                 .record_dir
                 .or(fc.and_then(|f| f.record_dir.clone()).map(&rel)),
+            state_dir: o
+                .state_dir
+                .or(fc.and_then(|f| f.state_dir.clone()).map(&rel)),
             upload_chunk_bytes,
             reconnect,
             exit_after_training: o.exit_after_training,

@@ -11,6 +11,7 @@
 //!   noise it derives from its rows, and what it reports having spent.
 //! - [`secure`]: this site's side of secure aggregation (keys, checked
 //!   adverts, masked upload, unmasking answers).
+//! - [`scaffold`]: this site's SCAFFOLD control variate, kept between rounds.
 //! - [`spill`]: the masked upload kept in a temporary file between its digest
 //!   pass and the upload, so it is masked once.
 //! - [`session`]: the conversation with the coordinator: subscribe, statistics,
@@ -25,6 +26,7 @@ pub mod doctor;
 pub mod download;
 pub mod error;
 pub mod privacy;
+pub mod scaffold;
 pub mod secure;
 pub mod session;
 pub mod site;

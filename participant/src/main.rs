@@ -94,6 +94,10 @@ struct RunArgs {
     /// Keep a copy of every delta sent, under this folder (the site's own audit of what left it).
     #[arg(long)]
     record_dir: Option<PathBuf>,
+    /// Keep SCAFFOLD's control variate of each training under this folder
+    /// (needed to take part in a plan with aggregation.strategy = "scaffold").
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// Stop after the first training finishes instead of waiting for the next one.
     #[arg(long)]
     once: bool,
@@ -157,6 +161,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             server_name: a.server_name,
             backend: a.backend,
             record_dir: a.record_dir,
+            state_dir: a.state_dir,
             ca: a.ca,
             cert: a.cert,
             key: a.key,

@@ -8,7 +8,11 @@
 //! - fedavgm: m = β m + Δ; x += η m;
 //! - fedadagrad: m = β1 m + (1 − β1) Δ; v = v + Δ²; x += η m / (√v + τ);
 //! - fedadam: as fedadagrad with v = β2 v + (1 − β2) Δ²;
-//! - fedyogi: v = v − (1 − β2) Δ² sign(v − Δ²).
+//! - fedyogi: v = v − (1 − β2) Δ² sign(v − Δ²);
+//! - scaffold: x += η Δ, as fedavg; its state is the server control variate
+//!   c (Karimireddy et al. 2020), the example-weighted mean of the sites'
+//!   control variates, which [`ServerOptimizer::control_window`] moves by the
+//!   round's mean control-variate change.
 //!
 //! Every step is computed in f64 from the same inputs in the same order, and
 //! the state is kept in f32 (what is persisted is exactly what is used), so a
@@ -22,7 +26,8 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerOptimizer {
     settings: ServerSettings,
-    /// First moment (fedavgm's momentum buffer); empty for fedavg.
+    /// First moment (fedavgm's momentum buffer; scaffold's control variate);
+    /// empty for fedavg.
     m: Vec<f32>,
     /// Second moment; empty for fedavg and fedavgm.
     v: Vec<f32>,
@@ -33,7 +38,7 @@ impl ServerOptimizer {
     pub fn new(settings: ServerSettings, num_params: usize) -> Self {
         let (m, v) = match settings.strategy {
             Strategy::FedAvg => (0, 0),
-            Strategy::FedAvgM => (num_params, 0),
+            Strategy::FedAvgM | Strategy::Scaffold => (num_params, 0),
             _ => (num_params, num_params),
         };
         let v0 = (settings.tau * settings.tau) as f32;
@@ -71,6 +76,35 @@ impl ServerOptimizer {
         &self.settings
     }
 
+    /// SCAFFOLD's server control variate c (empty for other strategies): what
+    /// every site's local steps are corrected with in the next round.
+    pub fn control(&self) -> &[f32] {
+        match self.settings.strategy {
+            Strategy::Scaffold => &self.m,
+            _ => &[],
+        }
+    }
+
+    /// SCAFFOLD: c += share × Δc for values `offset..offset + changes.len()`,
+    /// where `changes` is the round's example-weighted mean control-variate
+    /// change and `share` the weight of the round's sites in the whole
+    /// federation's (c stays the weighted mean of every site's c_i when some
+    /// sites miss a round; Karimireddy et al.'s |S|/N, by weight).
+    pub fn control_window(&mut self, offset: usize, changes: &[f64], share: f64) -> Result<()> {
+        let end = offset + changes.len();
+        if self.settings.strategy != Strategy::Scaffold || end > self.m.len() {
+            return Err(Error::Aggregation(format!(
+                "a control-variate step over values {offset}..{end} does not fit a {} state of {} values",
+                self.settings.strategy.name(),
+                self.m.len()
+            )));
+        }
+        for (c, d) in self.m[offset..end].iter_mut().zip(changes) {
+            *c = (*c as f64 + share * d) as f32;
+        }
+        Ok(())
+    }
+
     /// Applies the step for parameters `offset..offset + deltas.len()`.
     pub fn step_window(&mut self, offset: usize, deltas: &[f64], global: &mut [f32]) -> Result<()> {
         let end = offset + deltas.len();
@@ -82,7 +116,7 @@ impl ServerOptimizer {
         let s = self.settings;
         let eta = s.learning_rate;
         match s.strategy {
-            Strategy::FedAvg => {
+            Strategy::FedAvg | Strategy::Scaffold => {
                 for (g, d) in global.iter_mut().zip(deltas) {
                     *g = (*g as f64 + eta * d) as f32;
                 }
@@ -128,6 +162,27 @@ mod tests {
             ..Default::default()
         }
         .server()
+    }
+
+    #[test]
+    fn scaffold_steps_as_fedavg_and_moves_its_control_variate_by_the_weighted_share() {
+        let mut opt = ServerOptimizer::new(settings(Strategy::Scaffold), 2);
+        let mut g = vec![1.0f32, 2.0];
+        opt.step_window(0, &[0.5, -0.25], &mut g).unwrap();
+        assert_eq!(g, vec![1.5, 1.75]);
+        assert_eq!(opt.control(), &[0.0, 0.0]);
+        opt.control_window(0, &[0.2, -0.4], 0.5).unwrap();
+        assert_eq!(opt.control(), &[0.1, -0.2]);
+        opt.control_window(1, &[1.0], 1.0).unwrap();
+        assert_eq!(opt.control(), &[0.1, (-0.2f32 as f64 + 1.0) as f32]);
+        assert!(opt.control_window(1, &[1.0, 1.0], 1.0).is_err());
+        let restored =
+            ServerOptimizer::restore(settings(Strategy::Scaffold), opt.control().to_vec(), vec![])
+                .unwrap();
+        assert_eq!(restored, opt);
+        let mut fedavg = ServerOptimizer::new(settings(Strategy::FedAvg), 2);
+        assert!(fedavg.control().is_empty());
+        assert!(fedavg.control_window(0, &[1.0], 1.0).is_err());
     }
 
     #[test]

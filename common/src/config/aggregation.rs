@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct AggregationConfig {
     /// The server optimiser: `"fedavg"` (the mean is the step), `"fedavgm"`
-    /// (with server momentum), `"fedadam"`, `"fedyogi"` or `"fedadagrad"`.
+    /// (with server momentum), `"fedadam"`, `"fedyogi"`, `"fedadagrad"`, or
+    /// `"scaffold"` (FedAvg's step, with control variates that correct each
+    /// site's local steps for its drift: Karimireddy et al. 2020).
     #[serde(default)]
     pub strategy: Strategy,
     /// The server optimiser's step size η. Default: 1.0 for fedavg and fedavgm,
@@ -67,6 +69,7 @@ pub enum Strategy {
     FedAdam,
     FedYogi,
     FedAdagrad,
+    Scaffold,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +91,7 @@ impl Strategy {
             Strategy::FedAdam => "fedadam",
             Strategy::FedYogi => "fedyogi",
             Strategy::FedAdagrad => "fedadagrad",
+            Strategy::Scaffold => "scaffold",
         }
     }
 }
@@ -125,7 +129,10 @@ pub struct ServerSettings {
 
 impl AggregationConfig {
     pub fn server(&self) -> ServerSettings {
-        let adaptive = !matches!(self.strategy, Strategy::FedAvg | Strategy::FedAvgM);
+        let adaptive = !matches!(
+            self.strategy,
+            Strategy::FedAvg | Strategy::FedAvgM | Strategy::Scaffold
+        );
         ServerSettings {
             strategy: self.strategy,
             learning_rate: self
@@ -178,7 +185,17 @@ impl AggregationConfig {
         unit("beta2", self.beta2, 1.0)?;
         unit("trim_fraction", self.trim_fraction, 0.5)?;
         self.validate_weight_share(min_participants, secure)?;
-        self.validate_rule(min_participants, secure)
+        self.validate_rule(min_participants, secure)?;
+        if self.strategy == Strategy::Scaffold && self.robust != RobustRule::None {
+            return Err(format!(
+                "aggregation.strategy: \"scaffold\" cannot run with robust = \"{}\": an update carries the site's control-variate change beside its delta, and a rule that drops or trims values would break the control variates' sum",
+                self.robust.name()
+            ));
+        }
+        if self.strategy == Strategy::Scaffold && secure {
+            return Err("aggregation.strategy: \"scaffold\" cannot run with privacy.secure_aggregation yet: the masked upload carries the delta only".into());
+        }
+        Ok(())
     }
 
     fn validate_weight_share(&self, min_participants: usize, secure: bool) -> Result<(), String> {
@@ -266,6 +283,26 @@ mod tests {
                 3,
                 "[aggregation]\nrobust = \"median\"\n[privacy]\nsecure_aggregation = true",
                 "cannot run with privacy.secure_aggregation",
+            ),
+            (
+                5,
+                "[aggregation]\nstrategy = \"scaffold\"\nrobust = \"median\"",
+                "\"scaffold\" cannot run with robust = \"median\"",
+            ),
+            (
+                3,
+                "[aggregation]\nstrategy = \"scaffold\"\n[privacy]\nsecure_aggregation = true",
+                "\"scaffold\" cannot run with privacy.secure_aggregation",
+            ),
+            (
+                3,
+                "update_encoding = \"int8\"\n[aggregation]\nstrategy = \"scaffold\"",
+                "training.update_encoding: \"int8\" cannot carry SCAFFOLD",
+            ),
+            (
+                3,
+                "[aggregation]\nstrategy = \"scaffold\"\n[privacy.dp]\nlevel = \"record\"\ntarget_epsilon = 8.0\ndelta = 1e-5\nmax_grad_norm = 1.0",
+                "\"scaffold\" cannot run with privacy.dp",
             ),
             (
                 4,

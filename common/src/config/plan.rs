@@ -186,6 +186,7 @@ impl TrainingPlan {
                     a.robust.name()
                 ));
             }
+            self.validate_scaffold()?;
         }
         if self.secure_aggregation()
             && self.training.min_participants < crate::config::privacy::MIN_SECURE_PARTICIPANTS
@@ -197,6 +198,32 @@ impl TrainingPlan {
             ));
         }
         self.validate_scaling()
+    }
+
+    /// SCAFFOLD's limits: its control variates are gradients of a site's rows
+    /// at the global model, sent beside the delta without clipping or noise,
+    /// and they are small next to the delta, which int8's one scale per chunk
+    /// would round away.
+    fn validate_scaffold(&self) -> std::result::Result<(), String> {
+        if !self.scaffold() {
+            return Ok(());
+        }
+        if self.privacy.as_ref().is_some_and(|p| p.dp.is_some()) {
+            return Err("aggregation.strategy: \"scaffold\" cannot run with privacy.dp: a site's control variate is its rows' gradient at the global model, sent unclipped and without noise, which no DP account covers; use FedProx (training.proximal_mu) with DP".into());
+        }
+        if self.training.update_encoding == UpdateEncoding::Int8 {
+            return Err("training.update_encoding: \"int8\" cannot carry SCAFFOLD's control-variate changes (aggregation.strategy = \"scaffold\"): they are orders of magnitude below the delta's values; use float32 or float16".into());
+        }
+        Ok(())
+    }
+
+    /// Whether the plan trains with SCAFFOLD's control variates: every update
+    /// then carries 2 × the model's values, the delta then the site's
+    /// control-variate change.
+    pub fn scaffold(&self) -> bool {
+        self.aggregation
+            .as_ref()
+            .is_some_and(|a| a.strategy == crate::config::aggregation::Strategy::Scaffold)
     }
 
     /// The `[aggregation]` section, defaults filled in when absent.

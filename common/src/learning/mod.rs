@@ -4,7 +4,7 @@
 //! Layering inside: [`model`] (shape, parameter layout, seeded initialisation,
 //! plain Rust) and [`data`] (CSV line data, schema checks, federated feature
 //! statistics) depend only on [`crate::config`]; [`metrics`] is pure arithmetic;
-//! [`backend`], [`mlp`], [`train`], [`dp_sgd`] and [`proximal`] sit on top and are the only modules that
+//! [`backend`], [`mlp`], [`train`], [`dp_sgd`], [`proximal`] and [`scaffold`] sit on top and are the only modules that
 //! name burn, so the coordinator and the fuzz targets build without it.
 //!
 //! - [`model`]: the MLP's shape, canonical parameter layout, flat vectors.
@@ -15,6 +15,7 @@
 //! - [`train`] (`train`): local training, evaluation and prediction.
 //! - [`dp_sgd`] (`train`): record-level differential privacy in local training (DP-SGD).
 //! - [`proximal`] (`train`): FedProx's pull towards the round's global model.
+//! - [`scaffold`] (`train`): SCAFFOLD's gradient correction and control variates.
 
 #[cfg(feature = "train")]
 pub mod backend;
@@ -27,5 +28,7 @@ pub mod mlp;
 pub mod model;
 #[cfg(feature = "train")]
 pub mod proximal;
+#[cfg(feature = "train")]
+pub mod scaffold;
 #[cfg(feature = "train")]
 pub mod train;

@@ -31,6 +31,7 @@ use crate::learning::metrics::{self, Evaluation};
 use crate::learning::mlp::{Mlp, read_vec};
 use crate::learning::model::{ModelSpec, check_params};
 use crate::learning::proximal::Proximal;
+use crate::learning::scaffold::Correction;
 use crate::{Error, Result};
 
 /// Rows per forward pass in evaluation and prediction: bounds memory on large
@@ -55,6 +56,8 @@ pub struct LocalTraining {
     /// FedProx's μ (`training.proximal_mu`): the weight of the pull towards
     /// the starting (global) model; 0 is plain local training.
     pub proximal_mu: f64,
+    /// SCAFFOLD: c − c_i (flat, layout order), added to every step's gradient.
+    pub scaffold_correction: Option<Vec<f32>>,
 }
 
 impl LocalTraining {
@@ -75,6 +78,7 @@ impl LocalTraining {
             dp: None,
             dp_noise: DpNoise::default(),
             proximal_mu: t.proximal_mu,
+            scaffold_correction: None,
         }
     }
 
@@ -207,6 +211,7 @@ pub struct LocalTrainer {
     dropout_rng: ChaCha8Rng,
     dp: Option<DpEngine>,
     proximal: Option<Proximal>,
+    correction: Option<Correction>,
     /// The rows of the current DP-SGD step (reused buffer).
     sample: Vec<usize>,
 }
@@ -227,6 +232,11 @@ impl LocalTrainer {
         let device = kind.autodiff_device()?;
         let model = Mlp::from_flat(&spec, start, &device)?;
         let proximal = Proximal::new(cfg.proximal_mu, &spec, start, &device)?;
+        let correction = cfg
+            .scaffold_correction
+            .as_deref()
+            .map(|c| Correction::new(&spec, c, &device))
+            .transpose()?;
         let optimizer = match cfg.optimizer {
             Optimizer::Adam => AdamConfig::new().init(),
             Optimizer::Sgd => SgdConfig::new().init(),
@@ -253,6 +263,7 @@ impl LocalTrainer {
             dropout_rng,
             dp,
             proximal,
+            correction,
             sample: Vec::new(),
         })
     }
@@ -400,10 +411,14 @@ impl LocalTrainer {
         Ok(value)
     }
 
-    /// FedProx: the proximal term's gradient, when the plan has one.
+    /// FedProx: the proximal term's gradient, and SCAFFOLD: the drift
+    /// correction, when the plan has them.
     fn pull_towards_global(&self, grads: &mut GradientsParams) {
         if let Some(p) = &self.proximal {
             p.add_gradient(&self.model, grads);
+        }
+        if let Some(c) = &self.correction {
+            c.add_gradient(&self.model, grads);
         }
     }
 }
@@ -581,6 +596,7 @@ mod tests {
             dp: None,
             dp_noise: DpNoise::default(),
             proximal_mu: 0.0,
+            scaffold_correction: None,
         }
     }
 
@@ -811,6 +827,73 @@ seed = 9
             let want = plain - (0.1 * mu) as f32 * (a - b);
             assert!((got - want).abs() < 1e-6, "parameter {i}: {got} vs {want}");
         }
+    }
+
+    #[test]
+    fn scaffold_correction_shifts_each_sgd_step_by_lr_times_c_minus_ci() {
+        let s = spec();
+        let data = blobs(16, 2);
+        let (x, y) = (&data.features[..], &data.labels[..]);
+        let plain = LocalTraining {
+            learning_rate: 0.1,
+            ..cfg(Optimizer::Sgd, 0.0)
+        };
+        let w0 = s.init_params(5);
+        let correction: Vec<f32> = (0..w0.len())
+            .map(|i| (i % 7) as f32 * 0.01 - 0.03)
+            .collect();
+        let corrected = LocalTraining {
+            scaffold_correction: Some(correction.clone()),
+            ..plain.clone()
+        };
+        let mut p = LocalTrainer::new(BackendKind::NdArray, &s, &w0, &plain).unwrap();
+        p.step(x, y).unwrap();
+        let mut c = LocalTrainer::new(BackendKind::NdArray, &s, &w0, &corrected).unwrap();
+        c.step(x, y).unwrap();
+        for (i, ((got, plain), k)) in c
+            .params()
+            .iter()
+            .zip(p.params())
+            .zip(&correction)
+            .enumerate()
+        {
+            let want = plain - 0.1 * k;
+            assert!((got - want).abs() < 1e-6, "parameter {i}: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn mean_gradient_is_the_gradient_one_full_batch_sgd_step_takes() {
+        let s = spec();
+        let data = blobs(40, 4);
+        let w0 = s.init_params(8);
+        let g =
+            crate::learning::scaffold::mean_gradient(BackendKind::NdArray, &s, &w0, &data).unwrap();
+        let lr = 0.5;
+        let one_step = LocalTraining {
+            learning_rate: lr,
+            ..cfg(Optimizer::Sgd, 0.0)
+        };
+        let mut t = LocalTrainer::new(BackendKind::NdArray, &s, &w0, &one_step).unwrap();
+        t.step(&data.features, &data.labels).unwrap();
+        let implied: Vec<f32> = w0
+            .iter()
+            .zip(t.params())
+            .map(|(a, b)| (a - b) / lr as f32)
+            .collect();
+        assert!(g.iter().any(|v| *v != 0.0));
+        for (i, (a, b)) in g.iter().zip(&implied).enumerate() {
+            assert!((a - b).abs() < 1e-5, "parameter {i}: {a} vs {b}");
+        }
+        let empty = Dataset {
+            features: vec![],
+            labels: vec![],
+            n_features: s.n_features,
+        };
+        assert!(
+            crate::learning::scaffold::mean_gradient(BackendKind::NdArray, &s, &w0, &empty)
+                .is_err()
+        );
     }
 
     #[test]

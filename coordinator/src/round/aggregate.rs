@@ -14,6 +14,9 @@
 //! 3. The server optimiser's step with that delta
 //!    ([`sangsaeng_common::aggregation::server`]); plain FedAvg (rate 1) adds it
 //!    as it is, the same bits as before there were optimisers.
+//! 4. SCAFFOLD: the server control variate moves by the exact mean of the
+//!    sites' control-variate changes (the second half of every update, in the
+//!    same accumulator, so it is as order-independent as the model).
 //!
 //! The optimiser's state (its moments) is part of the round's record: it is
 //! written, fsynced, as `server-optimizer-round-NNNN.safetensors` before the
@@ -199,12 +202,17 @@ pub async fn aggregate(
         Err(shared_model) => shared_model.params.clone(),
     };
     let plan = plan.clone();
+    let federation_weight = federation_weight(shared);
     let mut opt = optimizer.take().expect("the driver holds the optimiser");
     let (acc, opt, outcome) = tokio::task::spawn_blocking(move || {
         let mut acc = inputs.accumulator;
         let mut global = global;
-        let outcome = step_model(&plan, &mut acc, &inputs.spilled, &mut opt, &mut global)
-            .map(|robust| Aggregated { global, robust });
+        let outcome = step_model(&plan, &mut acc, &inputs.spilled, &mut opt, &mut global).and_then(
+            |robust| {
+                step_control(&acc, &mut opt, global.len(), federation_weight)?;
+                Ok(Aggregated { global, robust })
+            },
+        );
         (acc, opt, outcome)
     })
     .await
@@ -216,6 +224,47 @@ pub async fn aggregate(
         .expect("training")
         .spare_accumulator = Some(acc);
     outcome
+}
+
+/// The fold weight of every site of the training (declared rows, or a late
+/// joiner's first claim): SCAFFOLD's |S|/N, by weight.
+fn federation_weight(shared: &Shared) -> u64 {
+    let guard = shared.training();
+    let t = guard.as_ref().expect("training");
+    t.declared_rows
+        .iter()
+        .chain(
+            t.claimed_rows
+                .iter()
+                .filter(|(o, _)| !t.declared_rows.contains_key(*o)),
+        )
+        .map(|(_, rows)| t.fold_weight(*rows))
+        .sum()
+}
+
+/// SCAFFOLD (step 4): the server control variate moves by the round's mean
+/// control-variate change, the accumulator's values after the model's, times
+/// the round's share of the federation's weight.
+fn step_control(
+    acc: &Accumulator,
+    opt: &mut ServerOptimizer,
+    model_params: usize,
+    federation_weight: u64,
+) -> Result<()> {
+    if opt.control().is_empty() {
+        return Ok(());
+    }
+    let share = match federation_weight {
+        0 => 1.0,
+        w => (acc.total_weight() as f64 / w as f64).min(1.0),
+    };
+    let mut changes = vec![0f64; WINDOW.min(model_params)];
+    for start in (0..model_params).step_by(WINDOW) {
+        let d = &mut changes[..WINDOW.min(model_params - start)];
+        acc.mean_window(model_params + start, d)?;
+        opt.control_window(start, d, share)?;
+    }
+    Ok(())
 }
 
 /// Steps 1 to 3 of the module's list, on a blocking thread.

@@ -200,6 +200,11 @@ async fn run_round(
     optimizer: &mut Option<ServerOptimizer>,
 ) -> Result<Arc<PublishedModel>> {
     let round_start = Instant::now();
+    publish_control(
+        shared,
+        round,
+        optimizer.as_ref().expect("the driver holds it"),
+    );
     let mut collected = collect_updates(shared, run, round, &published).await?;
     let agg_start = Instant::now();
     let inputs = RoundInputs {
@@ -253,6 +258,18 @@ async fn run_round(
     record_round(shared, run, rec, &record)?;
     log_round(&run.plan, &record);
     Ok(published)
+}
+
+/// SCAFFOLD: the server control variate this round's sites correct their
+/// steps with, published for download beside the model.
+fn publish_control(shared: &Shared, round: u32, optimizer: &ServerOptimizer) {
+    let c = optimizer.control();
+    let mut guard = shared.training();
+    let t = guard.as_mut().expect("a driver runs only with a training");
+    t.control = (!c.is_empty()).then(|| {
+        let chunk_bytes = shared.config.limits.max_chunk_bytes;
+        Arc::new(PublishedModel::new(round - 1, c.to_vec(), chunk_bytes))
+    });
 }
 
 /// Opens the round, waits for its updates and closes it, re-running it while
@@ -362,6 +379,7 @@ fn open_round(
                 plan: Some(run.wire_plan.clone()),
                 model: Some(model_info.clone()),
                 secure,
+                control: t.control.as_ref().map(|c| c.info()),
             }),
         ))
     })?;

@@ -112,7 +112,7 @@ pub(super) fn open_phase(
         t.partial.clear();
         t.fold_time = Duration::ZERO;
         if phase == Phase::Training {
-            let n = t.models[&(round - 1)].params.len();
+            let n = t.update_len(t.models[&(round - 1)].params.len());
             let mut acc = match t.spare_accumulator.take() {
                 Some(mut acc) if acc.num_params() == n => {
                     acc.reset();

@@ -121,11 +121,16 @@ fn admit(shared: &Shared, org: &str, header: &pb::UpdateHeader) -> Result<(usize
             header.base_model_sha256, t.round, base.sha256
         )));
     }
-    let n = base.params.len();
+    let n = t.update_len(base.params.len());
     if header.num_params != n as u64 {
         return Err(CoordinatorError::InvalidArgument(format!(
-            "the update declares {} values, the model has {n}",
-            header.num_params
+            "the update declares {} values, the round expects {n}{}",
+            header.num_params,
+            if t.plan.scaffold() {
+                " (the model's values twice: the delta, then the SCAFFOLD control-variate change)"
+            } else {
+                " (the model's parameter count)"
+            }
         )));
     }
     let encoding = UpdateEncoding::from_name(&header.encoding)

@@ -194,10 +194,25 @@ impl Federation for FederationService {
         let model = (|| {
             let mut guard = self.shared.training();
             let t = current_training(&mut guard, &r.training_id)?;
-            let m = t.models.get(&r.model_round).cloned().ok_or_else(|| {
+            let m = match r.control_variate {
+                false => t.models.get(&r.model_round).cloned(),
+                true => t.control.clone().filter(|c| c.round == r.model_round),
+            };
+            let m = m.ok_or_else(|| {
                 CoordinatorError::NotFound(format!(
-                    "the global model of round {} is not available (current round: {})",
-                    r.model_round, t.round
+                    "the {} of round {} is not available (current round: {}{})",
+                    if r.control_variate {
+                        "SCAFFOLD control variate"
+                    } else {
+                        "global model"
+                    },
+                    r.model_round,
+                    t.round,
+                    if r.control_variate && !t.plan.scaffold() {
+                        "; the plan has no SCAFFOLD"
+                    } else {
+                        ""
+                    }
                 ))
             })?;
             if r.start_chunk > m.total_chunks() {

@@ -85,6 +85,45 @@ struct PendingUpload {
     train_loss: f64,
     /// What record-level DP-SGD spent, reported with the update.
     dp: Option<pb::DpSpend>,
+    /// SCAFFOLD: the site's new control variate, kept once the update is acknowledged.
+    control: Option<PendingControl>,
+}
+
+/// SCAFFOLD's inputs to a round at this site.
+struct ScaffoldInputs {
+    /// Where c_i is kept.
+    path: std::path::PathBuf,
+    /// c, the server's.
+    server: Vec<f32>,
+    /// c_i, this site's.
+    own: Vec<f32>,
+}
+
+impl ScaffoldInputs {
+    /// c − c_i, added to every local step's gradient.
+    fn correction(&self) -> Vec<f32> {
+        self.server
+            .iter()
+            .zip(&self.own)
+            .map(|(c, ci)| c - ci)
+            .collect()
+    }
+
+    /// Appends c_i' − c_i to the delta (the update's second half) and returns
+    /// c_i' to keep once the coordinator has it.
+    fn append_change(self, delta: &mut Vec<f32>, updated: Vec<f32>) -> PendingControl {
+        delta.extend(updated.iter().zip(&self.own).map(|(new, old)| new - old));
+        PendingControl {
+            path: self.path,
+            updated,
+        }
+    }
+}
+
+/// A control variate waiting for its update's acknowledgement.
+struct PendingControl {
+    path: std::path::PathBuf,
+    updated: Vec<f32>,
 }
 
 impl Session {
@@ -260,7 +299,10 @@ impl Session {
                         self.train_secure(client, &tid, task.round, &plan, &info, secure)
                             .await?
                     }
-                    None => self.train(client, &tid, task.round, &plan, &info).await?,
+                    None => {
+                        self.train(client, &tid, task.round, &plan, &info, t.control)
+                            .await?
+                    }
                 }
                 Ok(false)
             }
@@ -325,12 +367,15 @@ impl Session {
         round: u32,
         plan: &TrainingPlan,
         info: &pb::ModelInfo,
+        control: Option<pb::ModelInfo>,
     ) -> Result<()> {
         let reuse = self.pending.as_ref().is_some_and(|p| {
             p.training_id == tid && p.round == round && p.base_sha256 == info.sha256
         });
         if !reuse {
-            let pending = self.compute_delta(client, tid, round, plan, info).await?;
+            let pending = self
+                .compute_delta(client, tid, round, plan, info, control)
+                .await?;
             self.pending = Some(pending);
         }
         let p = self.pending.as_ref().expect("a delta to upload");
@@ -374,7 +419,12 @@ impl Session {
             },
         )
         .await?;
-        self.pending = None;
+        if let Some(pending) = self.pending.take()
+            && let Some(c) = pending.control
+        {
+            let layout = ModelSpec::from_plan(plan).layout();
+            crate::scaffold::save(&c.path, &layout, &c.updated, round)?;
+        }
         tracing::info!(
             training = tid,
             round,
@@ -393,8 +443,13 @@ impl Session {
         round: u32,
         plan: &TrainingPlan,
         info: &pb::ModelInfo,
+        control: Option<pb::ModelInfo>,
     ) -> Result<PendingUpload> {
         let prepared = self.site.prepare(tid, plan)?;
+        let scaffold = match control {
+            Some(c) => Some(self.scaffold_inputs(client, tid, plan, &c).await?),
+            None => None,
+        };
         let start = download(client, tid, info).await?;
         let (train_set, _) = site::scaled(&prepared, plan)?;
         let n = train_set.len() as u64;
@@ -404,17 +459,26 @@ impl Session {
         if let RoundPrivacy::Record { sgd, .. } = &privacy {
             cfg.dp = Some(sgd.clone());
         }
+        cfg.scaffold_correction = scaffold.as_ref().map(ScaffoldInputs::correction);
         let backend = self.cfg.backend;
         let begin = std::time::Instant::now();
+        let with_control = scaffold.is_some();
         // The global model goes to the training thread and comes back, rather than
         // being cloned for it: one model-sized buffer fewer at the peak.
-        let (outcome, start) = tokio::task::spawn_blocking(move || {
+        let (outcome, gradient, start) = tokio::task::spawn_blocking(move || {
+            // SCAFFOLD's c_i' (option I): the rows' mean gradient at the global model.
+            let gradient = with_control.then(|| {
+                sangsaeng_common::learning::scaffold::mean_gradient(
+                    backend, &spec, &start, &train_set,
+                )
+            });
             let outcome = train::train_local(backend, &spec, &start, &train_set, &cfg);
-            (outcome, start)
+            (outcome, gradient, start)
         })
         .await
         .map_err(|e| ParticipantError::Transfer(format!("training thread: {e}")))?;
         let outcome = outcome?;
+        let gradient = gradient.transpose()?;
         let loss = outcome.epoch_losses.last().copied().unwrap_or(f64::NAN);
         let mut delta = outcome.params;
         for (d, g) in delta.iter_mut().zip(&start) {
@@ -430,6 +494,10 @@ impl Session {
             loss
         );
         let dp = crate::privacy::finish_update(privacy, &mut delta, plan, tid, round);
+        let control = match (scaffold, gradient) {
+            (Some(inputs), Some(updated)) => Some(inputs.append_change(&mut delta, updated)),
+            _ => None,
+        };
         // Encoding is deterministic, so a resumed upload sends the same chunks
         // (and the same digest) as the attempt that broke off.
         let encoding = plan.training.update_encoding;
@@ -465,7 +533,33 @@ impl Session {
             weight: sangsaeng_common::privacy::dp::client_noise::fold_weight(plan, n),
             train_loss: loss,
             dp,
+            control,
         })
+    }
+
+    /// SCAFFOLD: the round's server control variate c (downloaded like the
+    /// model) and this site's own c_i (kept under `state_dir`).
+    async fn scaffold_inputs(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        tid: &str,
+        plan: &TrainingPlan,
+        info: &pb::ModelInfo,
+    ) -> Result<ScaffoldInputs> {
+        let path = crate::scaffold::control_path(self.cfg.state_dir.as_deref(), tid)?;
+        let layout = ModelSpec::from_plan(plan).layout();
+        let own = crate::scaffold::load(&path, &layout)?;
+        let server = download_object(client, tid, info, true).await?;
+        if server.len() != own.len() {
+            return Err(ParticipantError::Common(sangsaeng_common::Error::Protocol(
+                format!(
+                    "the server control variate has {} values, the model {}",
+                    server.len(),
+                    own.len()
+                ),
+            )));
+        }
+        Ok(ScaffoldInputs { path, server, own })
     }
 
     async fn leave(&mut self, reason: &str) {
@@ -493,6 +587,17 @@ pub async fn download(
     training_id: &str,
     info: &pb::ModelInfo,
 ) -> Result<Vec<f32>> {
+    download_object(client, training_id, info, false).await
+}
+
+/// [`download`] of the round's model, or (`control_variate`) of SCAFFOLD's
+/// server control variate, checked and resumed the same way.
+async fn download_object(
+    client: &mut FederationClient<Channel>,
+    training_id: &str,
+    info: &pb::ModelInfo,
+    control_variate: bool,
+) -> Result<Vec<f32>> {
     let mut model = ModelAssembler::new(info)?;
     let mut attempts = 0;
     loop {
@@ -503,6 +608,7 @@ pub async fn download(
                     training_id: training_id.into(),
                     model_round: info.round,
                     start_chunk: model.next_chunk(),
+                    control_variate,
                 })
                 .await
                 .map_err(|s| ParticipantError::rpc("DownloadModel", s))?
@@ -573,7 +679,9 @@ fn record_delta(
     for c in chunks {
         sent.extend(encoding::decode_chunk(c, enc)?);
     }
-    let delta = &sent[..];
+    // Under SCAFFOLD the control-variate change follows; the record is the delta.
+    let model_params = ModelSpec::from_plan(plan).num_params();
+    let delta = &sent[..model_params.min(sent.len())];
     let d = dir.join(tid);
     std::fs::create_dir_all(&d).map_err(|e| sangsaeng_common::Error::io(&d, e))?;
     let meta = HashMap::from([

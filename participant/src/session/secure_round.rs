@@ -61,7 +61,9 @@ impl Session {
             p.training_id == tid && p.round == round && p.base_sha256 == info.sha256
         });
         if !reuse {
-            let mut pending = self.compute_delta(client, tid, round, plan, info).await?;
+            let mut pending = self
+                .compute_delta(client, tid, round, plan, info, None)
+                .await?;
             // The values as the coordinator would decode them: masking works on
             // those, so the unmasked sum is the plain round's bit for bit.
             let mut values = Vec::with_capacity(pending.num_params as usize);
