@@ -49,6 +49,10 @@ use crate::transfer::spill::{SpilledUpdate, SpilledValues};
 /// of f32 per update, so K = 32 updates hold 8 MiB, whatever the model's size.
 const WINDOW: usize = 1 << 16;
 
+/// Threads a coordinate-wise rule uses at most: the round is closed and the
+/// coordinator has nothing else to do, but it shares its machine.
+const MAX_RULE_THREADS: usize = 4;
+
 /// The plan's per-update L2 bound, enforced on each upload as it streams in,
 /// with the key that sets it: `aggregation.max_update_norm` (norm-bound), or
 /// under client-level DP `privacy.dp.clip_norm` (the sites clip, and the
@@ -334,17 +338,45 @@ fn coordinate_wise(
     let mut delta = vec![0f64; WINDOW.min(global.len())];
     for (w, g) in global.chunks_mut(WINDOW).enumerate() {
         next_window(&mut readers, g.len(), &mut bufs)?;
-        let columns: Vec<&[f32]> = bufs.iter().map(Vec::as_slice).collect();
         let d = &mut delta[..g.len()];
-        match a.robust {
-            RobustRule::Median => robust::median_window(&columns, d)?,
-            _ => robust::trimmed_mean_window(&columns, a.trim_fraction(), d)?,
-        }
+        coordinate_wise_window(a, &bufs, d)?;
         opt.step_window(w * WINDOW, d, g)?;
     }
     let trimmed = (a.robust == RobustRule::TrimmedMean)
         .then(|| robust::trimmed(spilled.len(), a.trim_fraction()));
     Ok(RobustRecord::new(a, spilled.len(), trimmed))
+}
+
+/// One window of the coordinate-wise rule, split across the machine's cores:
+/// each coordinate's value depends only on that coordinate's K values, so the
+/// split changes nothing in the result, only the time (sorting K values per
+/// coordinate is most of a robust round at K = 32).
+fn coordinate_wise_window(a: &AggregationConfig, bufs: &[Vec<f32>], out: &mut [f64]) -> Result<()> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_RULE_THREADS);
+    let part = out.len().div_ceil(threads).max(1);
+    let rule = |start: usize, o: &mut [f64]| {
+        let columns: Vec<&[f32]> = bufs.iter().map(|b| &b[start..start + o.len()]).collect();
+        match a.robust {
+            RobustRule::Median => robust::median_window(&columns, o),
+            _ => robust::trimmed_mean_window(&columns, a.trim_fraction(), o),
+        }
+    };
+    if threads == 1 {
+        return Ok(rule(0, out)?);
+    }
+    let parts: sangsaeng_common::Result<()> = std::thread::scope(|scope| {
+        let handles: Vec<_> = out
+            .chunks_mut(part)
+            .enumerate()
+            .map(|(i, o)| scope.spawn(move || rule(i * part, o)))
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("a robust-rule thread panicked"))
+    });
+    Ok(parts?)
 }
 
 /// Multi-Krum: which updates to keep, from every pair's squared distance
