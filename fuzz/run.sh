@@ -9,11 +9,13 @@ cd "$(dirname "$0")"
 secs=${1:-600}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(protocol_messages update_upload fedavg_fold store_records csv_rows config_toml audit_log secagg_shares)
+[ ${#targets[@]} -gt 0 ] || targets=(protocol_messages update_upload fedavg_fold store_records csv_rows scoring_rows config_toml audit_log secagg_shares)
 export RUSTC_BOOTSTRAP=1
 
 seed() { mkdir -p "corpus/$1"; printf '%b' "$3" > "corpus/$1/$2"; }
 seed csv_rows good 'a,b,c,fault\n1,2,3,0\n0.5,-1e3,7,ok\n'
+seed scoring_rows labelled '\x02a,b,c,fault\n1,2,3,0\n0.5,-1e3,7,ok\n4,5,6,1\n'
+seed scoring_rows features '\x40a,b,c\n1,2,3\n'
 seed csv_rows quoted '"a","b","c","fault"\n"1","2","3","1"\n'
 seed config_toml plan '\x00[schema]\nfeature_columns = ["a", "b"]\nlabel_column = "y"\nclasses = ["ok", "bad"]\n[model]\nhidden_layers = [8]\n[training]\nrounds = 2\nlearning_rate = 0.01\nmin_participants = 1\n'
 seed config_toml roster '\x01[[organisation]]\nid = "hanbit"\nname = "Hanbit Motors"\ntier = "anchor"\nrole = "admin"\n'

@@ -127,11 +127,14 @@ pub fn participant_config(
     label_column: &str,
     record_dir: Option<PathBuf>,
 ) -> ParticipantConfig {
-    // Beside the site's data, as a deployment would keep it.
-    let state_dir = files
-        .first()
-        .and_then(|f| f.parent())
-        .map(|d| d.join(format!("{org}-state")));
+    // Beside the site's data, as a deployment would keep them.
+    let beside = |what: &str| {
+        files
+            .first()
+            .and_then(|f| f.parent())
+            .map(|d| d.join(format!("{org}-{what}")))
+    };
+    let (state_dir, model_dir) = (beside("state"), beside("models"));
     ParticipantConfig {
         coordinator: url.to_string(),
         server_name: "localhost".into(),
@@ -144,6 +147,7 @@ pub fn participant_config(
         features_from_plan: true,
         backend: Default::default(),
         state_dir,
+        model_dir,
         record_dir,
         upload_chunk_bytes: sangsaeng_participant::config::DEFAULT_UPLOAD_CHUNK,
         // Loopback: reconnect quickly so tests that restart things stay fast.

@@ -575,3 +575,83 @@ async fn scaffold_keeps_each_control_variate_at_its_site_and_the_server_one_is_t
         );
     }
 }
+
+/// The model at work on the line (issue 22, item 3): each site keeps the
+/// final global model and plan under its model_dir, bit for bit the
+/// coordinator's; `predict` on a labelled CSV gives exactly the macro-F1 and
+/// accuracy of the coordinator's own evaluation of that model on the same
+/// rows, writes one row of class and probabilities per input row, and a file
+/// with reordered columns is refused with the column named and nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn predict_at_the_site_matches_the_evaluation_and_each_site_keeps_the_final_model() {
+    use sangsaeng_common::learning::{data, train};
+    use sangsaeng_participant::predict::{self, Model};
+    support::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let files = support::site_files(dir.path(), 3);
+    let plan = support::plan(2, 3);
+    let out = run_federation_with(dir.path(), plan.clone(), files.clone(), false).await;
+    let tid = out.file_name().unwrap().to_str().unwrap();
+    let coordinator = Model::open(&out).unwrap();
+    for org in support::SITES {
+        let models = dir.path().join(format!("{org}-models"));
+        let kept = Model::open(&models.join(tid)).unwrap();
+        assert_eq!(
+            kept.params, coordinator.params,
+            "{org} keeps the final model"
+        );
+        assert_eq!(
+            kept.plan, coordinator.plan,
+            "{org} keeps the plan with its scaling"
+        );
+        // The model_dir itself names its latest training.
+        assert_eq!(Model::open(&models).unwrap().params, coordinator.params);
+    }
+
+    let input = &files[0];
+    let written = dir.path().join("scored.csv");
+    let p = predict::predict(&coordinator, Default::default(), input, &written).unwrap();
+    let trained = coordinator.plan.clone();
+    let mut rows = data::load_csvs(std::slice::from_ref(input), &trained.schema).unwrap();
+    rows.standardise(trained.scaling.as_ref().unwrap()).unwrap();
+    let spec = ModelSpec::from_plan(&trained);
+    let ev = train::evaluate(Default::default(), &spec, &coordinator.params, &rows).unwrap();
+    let (accuracy, macro_f1) = p.scored.expect("the input is labelled");
+    assert_eq!(p.rows, rows.len() as u64);
+    assert_eq!(macro_f1, ev.macro_f1);
+    assert_eq!(accuracy, ev.accuracy);
+    let text = std::fs::read_to_string(&written).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next().unwrap(), "prediction,p_0,p_1,p_2,p_4");
+    let mut n = 0;
+    for l in lines {
+        let cells: Vec<&str> = l.split(',').collect();
+        assert!(trained.schema.classes.iter().any(|c| c == cells[0]), "{l}");
+        let total: f64 = cells[1..].iter().map(|c| c.parse::<f64>().unwrap()).sum();
+        assert!((total - 1.0).abs() < 1e-4, "{l}");
+        n += 1;
+    }
+    assert_eq!(n, rows.len());
+
+    // Two columns swapped: refused, naming the column; no output left behind.
+    let src = std::fs::read_to_string(input).unwrap();
+    let mut header: Vec<&str> = src.lines().next().unwrap().split(',').collect();
+    header.swap(0, 1);
+    let swapped = dir.path().join("swapped.csv");
+    std::fs::write(&swapped, format!("{}\n1,2\n", header.join(","))).unwrap();
+    let refused = dir.path().join("refused.csv");
+    let e = predict::predict(&coordinator, Default::default(), &swapped, &refused)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("column 1 is 'xmeas_2', but the model's column 1 is 'xmeas_1'"),
+        "{e}"
+    );
+    assert!(!refused.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}

@@ -339,6 +339,11 @@ async fn release_under_the_opening_rules_end_to_end() {
     )
     .unwrap();
     assert_eq!(params, global);
+    // A site can score its data with the pulled release as it is: the plan
+    // and its federated scaling come from the signed provenance.
+    let released = sangsaeng_participant::predict::Model::open(&got).unwrap();
+    assert_eq!(released.params, global);
+    assert_eq!(released.plan, plan);
 
     // 5. Tampering is detected: weights, provenance, and the audit log.
     let tampered = dir.path().join("tampered");

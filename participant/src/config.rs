@@ -30,6 +30,10 @@ struct FileConfig {
     /// restarts: SCAFFOLD's control variate, per training (default: none; a
     /// plan with `strategy = "scaffold"` is then declined).
     state_dir: Option<PathBuf>,
+    /// A folder where the site keeps the final global model of each training
+    /// it took part in (`<training>/global.safetensors` and `plan.toml`), to
+    /// score its own data with (`sangsaeng-participant predict`). Default: none.
+    model_dir: Option<PathBuf>,
     /// Largest upload chunk in bytes, a multiple of 4 in 4096..=67108864 (default
     /// 1 MiB); the coordinator's `limits.max_chunk_bytes` must allow it.
     upload_chunk_bytes: Option<usize>,
@@ -126,6 +130,7 @@ pub struct Overrides {
     pub backend: Option<String>,
     pub record_dir: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
+    pub model_dir: Option<PathBuf>,
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -151,6 +156,8 @@ pub struct ParticipantConfig {
     pub record_dir: Option<PathBuf>,
     /// Where the site keeps SCAFFOLD's control variates between rounds and restarts.
     pub state_dir: Option<PathBuf>,
+    /// Where the site keeps each finished training's global model and plan.
+    pub model_dir: Option<PathBuf>,
     pub upload_chunk_bytes: usize,
     pub reconnect: Reconnect,
     /// Stop after the first training finishes (the example and tests); a daemon keeps running.
@@ -274,6 +281,9 @@ impl ParticipantConfig {
             state_dir: o
                 .state_dir
                 .or(fc.and_then(|f| f.state_dir.clone()).map(&rel)),
+            model_dir: o
+                .model_dir
+                .or(fc.and_then(|f| f.model_dir.clone()).map(&rel)),
             upload_chunk_bytes,
             reconnect,
             exit_after_training: o.exit_after_training,

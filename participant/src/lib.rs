@@ -11,6 +11,7 @@
 //!   noise it derives from its rows, and what it reports having spent.
 //! - [`secure`]: this site's side of secure aggregation (keys, checked
 //!   adverts, masked upload, unmasking answers).
+//! - [`predict`]: scoring the site's own CSV exports with a trained model.
 //! - [`scaffold`]: this site's SCAFFOLD control variate, kept between rounds.
 //! - [`spill`]: the masked upload kept in a temporary file between its digest
 //!   pass and the upload, so it is masked once.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod doctor;
 pub mod download;
 pub mod error;
+pub mod predict;
 pub mod privacy;
 pub mod scaffold;
 pub mod secure;

@@ -56,6 +56,33 @@ enum Command {
         #[arg(long)]
         plan: Option<PathBuf>,
     },
+    /// Score a CSV export of this site's line data with a trained model, here:
+    /// one output row per input row (the predicted class and each class's
+    /// probability). Nothing is sent anywhere.
+    Predict(PredictArgs),
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    /// The model: a training's folder (global.safetensors and plan.toml, as
+    /// kept under this site's model_dir or in the coordinator's output), the
+    /// model_dir itself (its latest training), a release folder pulled with
+    /// `sangsaeng-coordinator release pull`, or a .safetensors file with
+    /// plan.toml beside it.
+    #[arg(long)]
+    model: PathBuf,
+    /// The CSV to score: the plan's feature columns, in the plan's order,
+    /// optionally followed by the label column (then accuracy and macro-F1 of
+    /// the predictions are printed too).
+    #[arg(long)]
+    input: PathBuf,
+    /// Where to write the predictions [default: <input>.predictions.csv]. Written
+    /// to a temporary file first and renamed once every row is scored.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// burn backend: ndarray (default) or flex (if compiled in).
+    #[arg(long, env = "SANGSAENG_BACKEND", default_value = "ndarray")]
+    backend: String,
 }
 
 #[derive(Args)]
@@ -98,6 +125,10 @@ struct RunArgs {
     /// (needed to take part in a plan with aggregation.strategy = "scaffold").
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Keep each finished training's global model and plan under this folder,
+    /// for `predict`.
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
     /// Stop after the first training finishes instead of waiting for the next one.
     #[arg(long)]
     once: bool,
@@ -134,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", doctor::summarise_data(&plan, &files)?);
             Ok(())
         }
+        Command::Predict(a) => predict(a),
         Command::Doctor { config, plan } => {
             let checks = doctor::run_checks(&config, plan.as_deref()).await;
             for c in &checks {
@@ -153,6 +185,28 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+fn predict(a: PredictArgs) -> anyhow::Result<()> {
+    use sangsaeng_participant::predict::{self, Model};
+    let backend: sangsaeng_common::learning::backend::BackendKind = a.backend.parse()?;
+    let model = Model::open(&a.model)?;
+    let out = a
+        .out
+        .unwrap_or_else(|| a.input.with_extension("predictions.csv"));
+    tracing::info!(model = %model.weights.display(), input = %a.input.display(), "scoring");
+    let p = predict::predict(&model, backend, &a.input, &out)?;
+    println!(
+        "{} rows scored in {:.2}s ({:.0} rows/s) into {}",
+        p.rows,
+        p.secs,
+        p.rows_per_sec(),
+        p.out.display()
+    );
+    if let Some((accuracy, macro_f1)) = p.scored {
+        println!("against the file's labels: accuracy {accuracy:.4}, macro-F1 {macro_f1:.4}");
+    }
+    Ok(())
+}
+
 async fn run(a: RunArgs) -> anyhow::Result<()> {
     let config = ParticipantConfig::build(
         a.config.as_deref(),
@@ -162,6 +216,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             backend: a.backend,
             record_dir: a.record_dir,
             state_dir: a.state_dir,
+            model_dir: a.model_dir,
             ca: a.ca,
             cert: a.cert,
             key: a.key,

@@ -26,12 +26,19 @@ pub fn control_path(state_dir: Option<&Path>, training: &str) -> Result<PathBuf>
             "the plan trains with SCAFFOLD (aggregation.strategy = \"scaffold\"), which keeps a control variate at the site between rounds: set state_dir in the participant's config file (or --state-dir)".into(),
         )
     })?;
+    Ok(training_dir(dir, training)?.join(FILE_NAME))
+}
+
+/// `dir/<training>`, for a training id that is a plain folder name (it comes
+/// from the coordinator, so it is checked before it names a path).
+pub fn training_dir(dir: &Path, training: &str) -> Result<PathBuf> {
     if training.is_empty() || training.contains(['/', '\\']) || training.starts_with('.') {
         return Err(ParticipantError::Config(format!(
-            "training id {training:?} cannot name a folder under state_dir"
+            "training id {training:?} cannot name a folder under {}",
+            dir.display()
         )));
     }
-    Ok(dir.join(training).join(FILE_NAME))
+    Ok(dir.join(training))
 }
 
 /// The site's c_i: zero before its first SCAFFOLD round of the training.

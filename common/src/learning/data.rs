@@ -108,7 +108,7 @@ pub fn check_schema(site_label: &str, site_features: &[String], plan: &DataSchem
     }
 }
 
-fn quote_list<'a>(items: impl IntoIterator<Item = &'a String>) -> String {
+pub(crate) fn quote_list<'a>(items: impl IntoIterator<Item = &'a String>) -> String {
     items
         .into_iter()
         .map(|s| format!("'{s}'"))
@@ -116,7 +116,12 @@ fn quote_list<'a>(items: impl IntoIterator<Item = &'a String>) -> String {
         .join(", ")
 }
 
-fn data_err(file: &Path, line: Option<u64>, column: Option<&str>, message: String) -> Error {
+pub(crate) fn data_err(
+    file: &Path,
+    line: Option<u64>,
+    column: Option<&str>,
+    message: String,
+) -> Error {
     Error::Data {
         file: file.display().to_string(),
         line,
@@ -126,7 +131,7 @@ fn data_err(file: &Path, line: Option<u64>, column: Option<&str>, message: Strin
 }
 
 /// Converts a csv error into ours, keeping the position csv knows.
-fn csv_err(file: &Path, e: csv::Error) -> Error {
+pub(crate) fn csv_err(file: &Path, e: csv::Error) -> Error {
     let line = e.position().map(|p| p.line());
     let message = e.to_string();
     match e.into_kind() {
@@ -138,13 +143,13 @@ fn csv_err(file: &Path, e: csv::Error) -> Error {
 /// Maps a label cell to a class index. Exact (trimmed) text wins; otherwise
 /// numeric equality is accepted because spreadsheets and historians routinely
 /// rewrite an integer class `1` as `1.0`.
-struct LabelMap<'a> {
+pub(crate) struct LabelMap<'a> {
     exact: HashMap<&'a str, u32>,
     numeric: Vec<(f64, u32)>,
 }
 
 impl<'a> LabelMap<'a> {
-    fn new(classes: &'a [String]) -> Self {
+    pub(crate) fn new(classes: &'a [String]) -> Self {
         let mut exact = HashMap::new();
         let mut numeric = Vec::new();
         for (i, c) in classes.iter().enumerate() {
@@ -282,7 +287,7 @@ fn load_reader(
 
 /// A row must have as many fields as the header: the reader is `flexible` so
 /// that this error, not csv's, names the line.
-fn check_row_width(
+pub(crate) fn check_row_width(
     file: &Path,
     line: u64,
     record: &csv::StringRecord,
@@ -305,7 +310,7 @@ fn check_row_width(
 
 /// The header row; a file without one is refused here, before any column is
 /// looked up, so the error says the file is empty rather than a column missing.
-fn read_header<R: std::io::Read>(
+pub(crate) fn read_header<R: std::io::Read>(
     file: &Path,
     rdr: &mut csv::Reader<R>,
 ) -> Result<csv::StringRecord> {
@@ -379,7 +384,7 @@ fn column_index(
 
 /// A label cell as its class index; a label the plan does not know is refused
 /// with the plan's classes, so a site sees what it should have written.
-fn parse_label(
+pub(crate) fn parse_label(
     file: &Path,
     line: u64,
     schema: &DataSchema,
@@ -399,7 +404,7 @@ fn parse_label(
     })
 }
 
-fn parse_feature(file: &Path, line: u64, column: &str, cell: &str) -> Result<f32> {
+pub(crate) fn parse_feature(file: &Path, line: u64, column: &str, cell: &str) -> Result<f32> {
     let err = |message: String| data_err(file, Some(line), Some(column), message);
     let v: f64 = cell
         .trim()

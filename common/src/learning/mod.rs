@@ -10,6 +10,7 @@
 //! - [`model`]: the MLP's shape, canonical parameter layout, flat vectors.
 //! - [`data`]: reading, checking, splitting and scaling a site's CSV exports.
 //! - [`metrics`]: accuracy, macro-F1 and the evaluation record.
+//! - [`scoring`]: a CSV to score, checked strictly and read in bounded batches.
 //! - [`backend`] (`train`): the single place that chooses the burn backend.
 //! - [`mlp`] (`train`): the burn module of a model spec.
 //! - [`train`] (`train`): local training, evaluation and prediction.
@@ -30,5 +31,6 @@ pub mod model;
 pub mod proximal;
 #[cfg(feature = "train")]
 pub mod scaffold;
+pub mod scoring;
 #[cfg(feature = "train")]
 pub mod train;

@@ -121,11 +121,19 @@ fn spawn_driver(shared: &Arc<Shared>, rec: TrainingRecord, global: Option<Vec<f3
         let outcome_text = error
             .clone()
             .unwrap_or_else(|| format!("completed {} rounds", t.plan.training.rounds));
+        // A completed training's final model, for the sites to keep.
+        let last = (t.phase == Phase::Completed)
+            .then(|| t.models.values().next_back().map(|m| m.info()))
+            .flatten();
         let task = task(
             &tid,
             t.round,
             pb::task::Kind::Finished(pb::TrainingFinished {
                 outcome: outcome_text,
+                plan: last
+                    .is_some()
+                    .then(|| sangsaeng_common::transfer::wire::plan_to_proto(&t.plan)),
+                model: last,
             }),
         );
         drop(guard);

@@ -318,6 +318,19 @@ impl Session {
             }
             pb::task::Kind::Finished(f) => {
                 tracing::info!(training = %tid, "training finished: {}", f.outcome);
+                if let (Some(dir), Some(model), Some(plan)) =
+                    (self.cfg.model_dir.clone(), &f.model, &f.plan)
+                {
+                    // Keeping the model is a convenience: a failure is logged, not fatal.
+                    match keep_final_model(client, &dir, &tid, model, plan).await {
+                        Ok(path) => {
+                            tracing::info!(training = %tid, model = %path.display(), "kept the final global model for `predict`")
+                        }
+                        Err(e) => {
+                            tracing::warn!(training = %tid, "could not keep the final global model: {e}")
+                        }
+                    }
+                }
                 Ok(true)
             }
         }
@@ -644,6 +657,33 @@ async fn download_object(
         }
     }
     model.finish()
+}
+
+/// Downloads a finished training's final model and writes it, with its plan,
+/// to `model_dir/<training>/` (each file written atomically).
+async fn keep_final_model(
+    client: &mut FederationClient<Channel>,
+    model_dir: &Path,
+    tid: &str,
+    info: &pb::ModelInfo,
+    plan: &pb::TrainingPlan,
+) -> Result<std::path::PathBuf> {
+    let plan = plan_from_proto(plan)?;
+    let dir = crate::scaffold::training_dir(model_dir, tid)?;
+    let params = download(client, tid, info).await?;
+    std::fs::create_dir_all(&dir).map_err(|e| sangsaeng_common::Error::io(&dir, e))?;
+    let plan_path = dir.join(crate::predict::PLAN_FILE);
+    let tmp = dir.join("plan.toml.tmp");
+    std::fs::write(&tmp, plan.to_toml()).map_err(|e| sangsaeng_common::Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &plan_path).map_err(|e| sangsaeng_common::Error::io(&plan_path, e))?;
+    let path = dir.join(crate::predict::MODEL_FILE);
+    let meta = HashMap::from([
+        ("round".to_string(), info.round.to_string()),
+        ("sha256".to_string(), info.sha256.clone()),
+        ("training".to_string(), tid.to_string()),
+    ]);
+    weights::save_safetensors(&path, &ModelSpec::from_plan(&plan).layout(), &params, meta)?;
+    Ok(path)
 }
 
 /// Streams a delta (`wire::upload_messages`): header with the whole digest
