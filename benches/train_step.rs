@@ -59,6 +59,7 @@ fn main() {
         dp_noise: DpNoise::SnappedGaussian,
         proximal_mu: 0.0,
         scaffold_correction: None,
+        last_layer_only: false,
     };
     let dp_cfg = LocalTraining {
         dp: Some(DP),

@@ -91,6 +91,15 @@ struct Args {
     /// absent: the strategy's default).
     #[arg(long)]
     server_learning_rate: Option<f64>,
+    /// Epochs of each firm's personalisation of the federated model
+    /// (`sangsaeng-participant personalise`); 0 skips it. 20: the fewest of
+    /// 5 / 10 / 20 / 40 at which every firm's personalised model was at least
+    /// as good as both others (docs/RESULTS.md, "Personalisation").
+    #[arg(long, default_value_t = 20)]
+    personalise_epochs: u32,
+    /// Personalise only the output layer.
+    #[arg(long)]
+    personalise_last_layer: bool,
     /// FedProx's μ at every firm (`[training] proximal_mu`; 0: plain local
     /// training). 0.05: the best of the sweep in docs/RESULTS.md, "Strategies"
     /// (above FedAvg on each of six seeds, +0.05 macro-F1 on average).
@@ -261,6 +270,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(path) = &args.results {
         std::fs::write(path, &table)?;
     }
+    if args.personalise_epochs > 0 {
+        personalise_each_firm(&args, &pki, &coord.url, &out_dir, &files)?;
+    }
 
     // 4. Release to the registry under the opening rules.
     release(
@@ -273,6 +285,44 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let _ = admin;
     coord.stop().await?;
+    Ok(())
+}
+
+/// Each firm personalises the federated model on its own rows, at its site:
+/// its own validation split scores the model trained on its rows alone, the
+/// federated one and the personalised one.
+fn personalise_each_firm(
+    args: &Args,
+    pki: &localnet::Pki,
+    url: &str,
+    out_dir: &std::path::Path,
+    files: &[PathBuf],
+) -> anyhow::Result<()> {
+    use sangsaeng_participant::personalise::{Settings, personalise};
+    let model = sangsaeng_participant::predict::Model::open(out_dir)?;
+    let settings = Settings {
+        epochs: args.personalise_epochs,
+        last_layer_only: args.personalise_last_layer,
+    };
+    println!(
+        "\nPersonalisation ({} epochs{}), each firm's own validation split, macro-F1:\n",
+        settings.epochs,
+        if settings.last_layer_only {
+            ", output layer only"
+        } else {
+            ""
+        }
+    );
+    println!("| firm | local only | federated | personalised |\n|---|---:|---:|---:|");
+    for (Firm { id, .. }, f) in FIRMS.iter().zip(files) {
+        let cfg = localnet::participant_config(pki, url, id, vec![f.clone()], "fault", None);
+        let out = f.with_file_name("personalised.safetensors");
+        let r = personalise(&cfg, &model, settings, &out)?;
+        println!(
+            "| {id} | {:.3} | {:.3} | {:.3} |",
+            r.local_only.macro_f1, r.global.macro_f1, r.personalised.macro_f1
+        );
+    }
     Ok(())
 }
 

@@ -12,6 +12,7 @@
 //! - [`secure`]: this site's side of secure aggregation (keys, checked
 //!   adverts, masked upload, unmasking answers).
 //! - [`predict`]: scoring the site's own CSV exports with a trained model.
+//! - [`personalise`]: fine-tuning the global model on the site's own rows, locally.
 //! - [`scaffold`]: this site's SCAFFOLD control variate, kept between rounds.
 //! - [`spill`]: the masked upload kept in a temporary file between its digest
 //!   pass and the upload, so it is masked once.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod doctor;
 pub mod download;
 pub mod error;
+pub mod personalise;
 pub mod predict;
 pub mod privacy;
 pub mod scaffold;

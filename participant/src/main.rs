@@ -60,6 +60,32 @@ enum Command {
     /// one output row per input row (the predicted class and each class's
     /// probability). Nothing is sent anywhere.
     Predict(PredictArgs),
+    /// Fine-tune a finished training's global model on this site's own training
+    /// rows and compare, on its own validation rows, the global model, a model
+    /// trained on its rows alone and the personalised one. Nothing is sent
+    /// anywhere: the personalised model stays here.
+    Personalise(PersonaliseArgs),
+}
+
+#[derive(Args)]
+struct PersonaliseArgs {
+    /// The participant's config file: its [data] section names the rows.
+    #[arg(long, env = "SANGSAENG_PARTICIPANT_CONFIG")]
+    config: PathBuf,
+    /// The model, as for `predict` [default: the config's model_dir, latest training].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Epochs of fine-tuning (20: what the supply-chain example needed for
+    /// every firm to gain; docs/RESULTS.md, "Personalisation").
+    #[arg(long, default_value_t = 20)]
+    epochs: u32,
+    /// Fine-tune only the output layer.
+    #[arg(long)]
+    last_layer_only: bool,
+    /// Where to write the personalised model [default: personalised.safetensors
+    /// beside the model].
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -166,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Predict(a) => predict(a),
+        Command::Personalise(a) => personalise(a),
         Command::Doctor { config, plan } => {
             let checks = doctor::run_checks(&config, plan.as_deref()).await;
             for c in &checks {
@@ -204,6 +231,39 @@ fn predict(a: PredictArgs) -> anyhow::Result<()> {
     if let Some((accuracy, macro_f1)) = p.scored {
         println!("against the file's labels: accuracy {accuracy:.4}, macro-F1 {macro_f1:.4}");
     }
+    Ok(())
+}
+
+fn personalise(a: PersonaliseArgs) -> anyhow::Result<()> {
+    use sangsaeng_participant::personalise::{self, Settings};
+    use sangsaeng_participant::predict::Model;
+    let config = ParticipantConfig::build(Some(&a.config), Overrides::default())?;
+    let path = a
+        .model
+        .or(config.model_dir.clone())
+        .context("--model, or model_dir in the config: which model to personalise")?;
+    let model = Model::open(&path)?;
+    let out = a
+        .out
+        .unwrap_or_else(|| model.weights.with_file_name("personalised.safetensors"));
+    let settings = Settings {
+        epochs: a.epochs,
+        last_layer_only: a.last_layer_only,
+    };
+    let r = personalise::personalise(&config, &model, settings, &out)?;
+    println!(
+        "on this site's validation rows ({} rows; {} training rows):",
+        r.validation_rows, r.train_rows
+    );
+    println!("| model | macro-F1 | accuracy |\n|---|---:|---:|");
+    for (name, e) in [
+        ("local only", &r.local_only),
+        ("global (federated)", &r.global),
+        ("personalised", &r.personalised),
+    ] {
+        println!("| {name} | {:.4} | {:.4} |", e.macro_f1, e.accuracy);
+    }
+    println!("personalised model kept at {}", r.saved.display());
     Ok(())
 }
 

@@ -1,7 +1,9 @@
-//! `sangsaeng-participant predict` as an operator runs it: a model folder
-//! (weights and the plan with its federated scaling), a CSV export, the
-//! predictions file and the throughput line; and the refusals, which name the
-//! column or row and leave no output behind.
+//! The model at work at the site, as an operator runs it.
+//! `sangsaeng-participant predict`: a model folder (weights and the plan with
+//! its federated scaling), a CSV export, the predictions file and the
+//! throughput line; and the refusals, which name the column or row and leave
+//! no output behind. `sangsaeng-participant personalise`: the comparison table
+//! and the personalised model, with nothing sent anywhere.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -136,5 +138,86 @@ fn predict_scores_a_csv_into_a_file_and_refuses_what_does_not_fit_the_model() {
         String::from_utf8_lossy(&out.stderr).contains("no global.safetensors or model.safetensors"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn personalise_fine_tunes_at_the_site_and_sends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    model_folder(&model);
+    let before = std::fs::read(model.join("global.safetensors")).unwrap();
+    // Two well-separated classes: hot and low pressure means a jam.
+    let mut csv = String::from("temp,pressure,fault\n");
+    for i in 0..200 {
+        let jam = i % 3 == 0;
+        let (t, p) = if jam { (30.0, 0.5) } else { (18.0, 1.3) };
+        let wiggle = (i % 7) as f64 * 0.1;
+        csv.push_str(&format!(
+            "{},{},{}\n",
+            t + wiggle,
+            p - wiggle / 10.0,
+            if jam { "jam" } else { "ok" }
+        ));
+    }
+    std::fs::write(dir.path().join("line.csv"), csv).unwrap();
+    let sent = dir.path().join("sent");
+    std::fs::create_dir_all(&sent).unwrap();
+    std::fs::write(sent.join("earlier-delta.safetensors"), b"kept as it was").unwrap();
+    // The coordinator's address is a closed port: personalising must not need it.
+    std::fs::write(
+        dir.path().join("participant.toml"),
+        "coordinator = \"https://127.0.0.1:1\"\nrecord_dir = \"sent\"\nmodel_dir = \"model\"\n\
+         [tls]\nca = \"ca.pem\"\ncert = \"site.pem\"\nkey = \"site.key\"\n\
+         [data]\nfiles = [\"line.csv\"]\nlabel_column = \"fault\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sangsaeng-participant"))
+        .args(["personalise", "--epochs", "10", "--model"])
+        .arg(&model)
+        .arg("--config")
+        .arg(dir.path().join("participant.toml"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for row in [
+        "| local only |",
+        "| global (federated) |",
+        "| personalised |",
+    ] {
+        assert!(stdout.contains(row), "{stdout}");
+    }
+    let f1 = |row: &str| -> f64 {
+        let line = stdout.lines().find(|l| l.starts_with(row)).unwrap();
+        line.split('|').nth(2).unwrap().trim().parse().unwrap()
+    };
+    assert!(
+        f1("| personalised |") > f1("| global (federated) |"),
+        "fine-tuning an untrained model on separable rows helps: {stdout}"
+    );
+    assert!(model.join("personalised.safetensors").exists());
+    assert_eq!(
+        std::fs::read(model.join("global.safetensors")).unwrap(),
+        before
+    );
+    let sent_now: Vec<_> = std::fs::read_dir(&sent)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        sent_now,
+        vec![std::ffi::OsString::from("earlier-delta.safetensors")]
+    );
+    assert_eq!(
+        std::fs::read(sent.join("earlier-delta.safetensors")).unwrap(),
+        b"kept as it was"
     );
 }

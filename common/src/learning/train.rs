@@ -58,6 +58,9 @@ pub struct LocalTraining {
     pub proximal_mu: f64,
     /// SCAFFOLD: c − c_i (flat, layout order), added to every step's gradient.
     pub scaffold_correction: Option<Vec<f32>>,
+    /// Train only the output layer (personalisation's cheap mode): the other
+    /// layers' gradients are dropped, so the optimiser leaves them as they are.
+    pub last_layer_only: bool,
 }
 
 impl LocalTraining {
@@ -79,6 +82,7 @@ impl LocalTraining {
             dp_noise: DpNoise::default(),
             proximal_mu: t.proximal_mu,
             scaffold_correction: None,
+            last_layer_only: false,
         }
     }
 
@@ -212,6 +216,7 @@ pub struct LocalTrainer {
     dp: Option<DpEngine>,
     proximal: Option<Proximal>,
     correction: Option<Correction>,
+    last_layer_only: bool,
     /// The rows of the current DP-SGD step (reused buffer).
     sample: Vec<usize>,
 }
@@ -264,6 +269,7 @@ impl LocalTrainer {
             dp,
             proximal,
             correction,
+            last_layer_only: cfg.last_layer_only,
             sample: Vec::new(),
         })
     }
@@ -419,6 +425,15 @@ impl LocalTrainer {
         }
         if let Some(c) = &self.correction {
             c.add_gradient(&self.model, grads);
+        }
+        if self.last_layer_only {
+            let frozen = self.model.layers.len().saturating_sub(1);
+            for layer in &self.model.layers[..frozen] {
+                grads.remove::<2>(layer.weight.id);
+                if let Some(b) = &layer.bias {
+                    grads.remove::<1>(b.id);
+                }
+            }
         }
     }
 }
@@ -597,6 +612,7 @@ mod tests {
             dp_noise: DpNoise::default(),
             proximal_mu: 0.0,
             scaffold_correction: None,
+            last_layer_only: false,
         }
     }
 
@@ -860,6 +876,31 @@ seed = 9
             let want = plain - 0.1 * k;
             assert!((got - want).abs() < 1e-6, "parameter {i}: {got} vs {want}");
         }
+    }
+
+    #[test]
+    fn last_layer_only_training_leaves_every_other_layer_as_it_was() {
+        let s = spec();
+        let data = blobs(64, 6);
+        let w0 = s.init_params(2);
+        let c = LocalTraining {
+            last_layer_only: true,
+            ..cfg(Optimizer::Adam, 0.0)
+        };
+        let out = train_local(BackendKind::NdArray, &s, &w0, &data, &c).unwrap();
+        let (fan_in, fan_out) = *s.layer_dims().last().unwrap();
+        let last = fan_in * fan_out + fan_out;
+        let n = w0.len();
+        assert_eq!(
+            out.params[..n - last],
+            w0[..n - last],
+            "hidden layers frozen"
+        );
+        assert_ne!(
+            out.params[n - last..],
+            w0[n - last..],
+            "the output layer learnt"
+        );
     }
 
     #[test]

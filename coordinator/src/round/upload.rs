@@ -123,15 +123,17 @@ fn admit(shared: &Shared, org: &str, header: &pb::UpdateHeader) -> Result<(usize
     }
     let n = t.update_len(base.params.len());
     if header.num_params != n as u64 {
-        return Err(CoordinatorError::InvalidArgument(format!(
-            "the update declares {} values, the round expects {n}{}",
-            header.num_params,
-            if t.plan.scaffold() {
-                " (the model's values twice: the delta, then the SCAFFOLD control-variate change)"
-            } else {
-                " (the model's parameter count)"
-            }
-        )));
+        return Err(CoordinatorError::InvalidArgument(match t.plan.scaffold() {
+            false => format!(
+                "the update declares {} values, the model has {n}",
+                header.num_params
+            ),
+            true => format!(
+                "the update declares {} values, the round expects {n}: the model's {} twice (the delta, then the SCAFFOLD control-variate change)",
+                header.num_params,
+                base.params.len()
+            ),
+        }));
     }
     let encoding = UpdateEncoding::from_name(&header.encoding)
         .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
