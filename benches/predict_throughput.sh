@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 gb=${1:-1}
 work=target/predict-bench
-cargo build --release -p sangsaeng-participant --example supply_chain
+cargo build --release -p sangsaeng-participant && cargo build --release --example supply_chain
 rm -rf "$work" && mkdir -p "$work"
 ./target/release/examples/supply_chain --dp-epsilon 0 --personalise-epochs 0 \
   --work "$work/fed" > "$work/example.log" 2>&1
