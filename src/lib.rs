@@ -4,6 +4,8 @@
 //! launcher that runs a whole federation on one machine (PKI, roster, coordinator
 //! and participants over real mutual TLS on loopback). The end-to-end example and
 //! the integration tests use it; a real deployment runs the two binaries instead.
+//! [`simulate`] runs a whole federation of simulated sites in one process
+//! (`sangsaeng simulate`), to try a plan before deployment.
 //! [`membw`] is the memory-bandwidth probe of the benchmarks.
 //!
 //! - [`sangsaeng_common`]: plan, roster, PKI/TLS, data, model, FedAvg.
@@ -13,6 +15,7 @@
 
 pub mod localnet;
 pub mod membw;
+pub mod simulate;
 
 pub use sangsaeng_common as common;
 pub use sangsaeng_coordinator as coordinator;
