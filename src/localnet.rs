@@ -148,6 +148,7 @@ pub fn participant_config(
         backend: Default::default(),
         state_dir,
         model_dir,
+        metrics_listen: None,
         record_dir,
         upload_chunk_bytes: sangsaeng_participant::config::DEFAULT_UPLOAD_CHUNK,
         // Loopback: reconnect quickly so tests that restart things stay fast.

@@ -1,7 +1,8 @@
 //! The coordinator's Prometheus endpoint during a real federation over mTLS:
 //! its page passes Prometheus's own `promtool check metrics`, its counters say
 //! what happened, and a real Prometheus server (Debian package `prometheus`,
-//! installed by `.ci/run`) scrapes it and answers a query for a counter.
+//! installed by `.ci/run`) scrapes it and answers a query for a counter. A
+//! participant daemon's own endpoint passes `promtool` too and counts its rounds.
 
 mod support;
 
@@ -164,6 +165,120 @@ async fn the_metrics_page_is_valid_prometheus_and_counts_the_federation() {
     stop.cancel();
     shutdown.cancel();
     coordinator.await.unwrap().unwrap();
+}
+
+/// `promtool check metrics` accepts `page` (where promtool is installed).
+fn promtool_accepts(page: &str) {
+    let Some(promtool) = program("promtool") else {
+        return;
+    };
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_participants_metrics_page_is_valid_prometheus_and_counts_its_rounds() {
+    use sangsaeng::localnet;
+    support::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let roster = support::roster(&[]);
+    let pki = support::pki(dir.path(), &roster);
+    let coord = localnet::start_coordinator(
+        &pki,
+        roster,
+        Some(support::plan(2, 3)),
+        &dir.path().join("runs"),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let stop = CancellationToken::new();
+    let files = support::site_files(dir.path(), 3);
+    let handles: Vec<_> = support::SITES
+        .iter()
+        .zip(files.clone())
+        .map(|(org, f)| {
+            let mut cfg =
+                localnet::participant_config(&pki, &coord.url, org, vec![f], "fault", None);
+            if *org == "site-a" {
+                // Stays up after the training, so its page can be read.
+                cfg.metrics_listen = Some(metrics_addr.parse().unwrap());
+                cfg.exit_after_training = false;
+            }
+            localnet::spawn_participant(cfg, stop.clone())
+        })
+        .collect();
+    let s = support::training_ended(&coord.url, &pki.material("ops-admin")).await;
+    assert_eq!(s.training.unwrap().phase, "completed");
+    let page = get(&metrics_addr, "/metrics").expect("the participant's metrics page");
+    let at = |series: &str| sample(&page, series).unwrap_or_else(|| panic!("{series} in:\n{page}"));
+    assert_eq!(at("sangsaeng_participant_rounds_trained_total"), 2.0);
+    assert_eq!(at("sangsaeng_participant_connected"), 1.0);
+    assert_eq!(at("sangsaeng_participant_training_in_progress"), 0.0);
+    assert_eq!(
+        at("sangsaeng_participant_local_training_duration_seconds_count"),
+        2.0
+    );
+    assert!(at("sangsaeng_participant_uploaded_bytes_total") > 0.0);
+    // Two round models to train from, and models to evaluate.
+    assert!(
+        at("sangsaeng_participant_downloaded_bytes_total")
+            > at("sangsaeng_participant_uploaded_bytes_total")
+    );
+    assert!(at("sangsaeng_participant_evaluations_total") >= 2.0);
+    assert!(at("sangsaeng_participant_last_train_loss") > 0.0);
+    // Errors are counted by kind; a run may have some (statistics resent
+    // after a reconnect are refused with ALREADY_EXISTS), so only the
+    // timestamp's presence is checked here (counting: participant/src/metrics.rs).
+    at("sangsaeng_participant_last_error_timestamp_seconds");
+    promtool_accepts(&page);
+
+    // A second daemon asked to serve on the same port does not start.
+    let mut busy = localnet::participant_config(
+        &pki,
+        &coord.url,
+        "site-b",
+        vec![files[1].clone()],
+        "fault",
+        None,
+    );
+    busy.metrics_listen = Some(metrics_addr.parse().unwrap());
+    let e = sangsaeng_participant::run(busy, CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("metrics_listen {metrics_addr}: cannot listen")),
+        "{e}"
+    );
+    stop.cancel();
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+    coord.stop().await.unwrap();
+    assert!(
+        get(&metrics_addr, "/metrics").is_none(),
+        "the page stops with the daemon"
+    );
 }
 
 /// Runs a Prometheus server that scrapes `target` every second, and returns

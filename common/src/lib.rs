@@ -15,10 +15,13 @@
 //!   feature, the default) local training with burn.
 //! - [`transfer`]: model files, update encodings, digests, protocol conversions.
 //! - [`process`]: logging set-up and SIGINT/SIGTERM handling shared by the daemons.
+//! - [`exposition`] (`metrics` feature): the daemons' Prometheus `/metrics` page.
 
 pub mod aggregation;
 pub mod config;
 pub mod error;
+#[cfg(feature = "metrics")]
+pub mod exposition;
 pub mod identity;
 pub mod learning;
 pub mod privacy;

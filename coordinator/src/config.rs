@@ -186,17 +186,8 @@ pub struct TlsSection {
 /// A metrics address: `host:port`, or `:port` / `port` on loopback (the page
 /// is for the anchor company's own monitoring, not for the suppliers' networks).
 pub fn metrics_address(text: &str) -> Result<SocketAddr> {
-    let t = text.trim();
-    let full = match t.strip_prefix(':') {
-        Some(port) => format!("127.0.0.1:{port}"),
-        None if t.chars().all(|c| c.is_ascii_digit()) => format!("127.0.0.1:{t}"),
-        None => t.to_string(),
-    };
-    full.parse().map_err(|e| {
-        CoordinatorError::Config(format!(
-            "metrics_listen '{text}': {e} (expected host:port, :port or port)"
-        ))
-    })
+    sangsaeng_common::exposition::listen_address(text)
+        .map_err(|e| CoordinatorError::Config(e.to_string()))
 }
 
 /// Overrides from the command line / environment; `None` keeps the file's value.

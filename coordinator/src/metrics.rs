@@ -206,32 +206,7 @@ impl Metrics {
     }
 }
 
-/// The crate writes OpenMetrics; the page is served in Prometheus's classic
-/// text format (0.0.4), which every scraper and `promtool check metrics` read.
-/// The two differ only in what this changes: a counter's HELP and TYPE name the
-/// `_total` series it exposes, and there are no `# UNIT` or `# EOF` lines.
-fn text_format(openmetrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(openmetrics.len());
-    for line in openmetrics.lines() {
-        if line.starts_with("# UNIT ") || line == "# EOF" {
-            continue;
-        }
-        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
-            let rest = line.strip_prefix(prefix)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters
-                .contains(name)
-                .then(|| format!("{prefix}{name}_total {tail}"))
-        });
-        out.push_str(renamed.as_deref().unwrap_or(line));
-        out.push('\n');
-    }
-    out
-}
+use sangsaeng_common::exposition::text_format;
 
 fn register(r: &mut Registry, m: &Metrics) {
     r.register(
@@ -353,37 +328,10 @@ pub async fn serve(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) -> Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        CoordinatorError::Config(format!("metrics_listen {addr}: cannot listen: {e}"))
-    })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|e| CoordinatorError::io("reading the metrics listener's address", e))?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let shared = shared.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    shared.metrics.render(&shared),
-                )
-            }
-        }),
-    );
-    tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!("the metrics endpoint stopped: {e}");
-        }
-    });
-    tracing::info!(addr = %bound, "Prometheus metrics on http://{bound}/metrics");
-    Ok(bound)
+    let render = Arc::new(move || shared.metrics.render(&shared));
+    sangsaeng_common::exposition::serve(addr, render, shutdown)
+        .await
+        .map_err(|e| CoordinatorError::Config(e.to_string()))
 }
 
 #[cfg(test)]

@@ -34,6 +34,9 @@ struct FileConfig {
     /// it took part in (`<training>/global.safetensors` and `plan.toml`), to
     /// score its own data with (`sangsaeng-participant predict`). Default: none.
     model_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics on `http://ADDR/metrics`: `host:port`, or
+    /// `:port` for loopback (default: off).
+    metrics_listen: Option<String>,
     /// Largest upload chunk in bytes, a multiple of 4 in 4096..=67108864 (default
     /// 1 MiB); the coordinator's `limits.max_chunk_bytes` must allow it.
     upload_chunk_bytes: Option<usize>,
@@ -131,6 +134,7 @@ pub struct Overrides {
     pub record_dir: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub model_dir: Option<PathBuf>,
+    pub metrics_listen: Option<String>,
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -158,6 +162,8 @@ pub struct ParticipantConfig {
     pub state_dir: Option<PathBuf>,
     /// Where the site keeps each finished training's global model and plan.
     pub model_dir: Option<PathBuf>,
+    /// The `/metrics` page's address, if any.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub upload_chunk_bytes: usize,
     pub reconnect: Reconnect,
     /// Stop after the first training finishes (the example and tests); a daemon keeps running.
@@ -284,6 +290,11 @@ impl ParticipantConfig {
             model_dir: o
                 .model_dir
                 .or(fc.and_then(|f| f.model_dir.clone()).map(&rel)),
+            metrics_listen: o
+                .metrics_listen
+                .or(fc.and_then(|f| f.metrics_listen.clone()))
+                .map(|a| sangsaeng_common::exposition::listen_address(&a))
+                .transpose()?,
             upload_chunk_bytes,
             reconnect,
             exit_after_training: o.exit_after_training,

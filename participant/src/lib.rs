@@ -19,6 +19,7 @@
 //! - [`session`]: the conversation with the coordinator: subscribe, statistics,
 //!   chunked model download with resume, local burn training, delta upload, evaluation.
 //!
+//! - [`metrics`]: the daemon's optional Prometheus page (`metrics_listen`).
 //! - [`doctor`]: pre-flight checks for operators (`sangsaeng-participant doctor`).
 //!
 //! [`run`] is what `sangsaeng-participant run` calls; tests and the example call it too.
@@ -27,6 +28,7 @@ pub mod config;
 pub mod doctor;
 pub mod download;
 pub mod error;
+pub mod metrics;
 pub mod personalise;
 pub mod predict;
 pub mod privacy;
@@ -44,5 +46,20 @@ pub use error::{ParticipantError, Result};
 /// Runs the participant until `shutdown` is cancelled (then it tells the
 /// coordinator it leaves) or, with `exit_after_training`, until a training ends.
 pub async fn run(config: ParticipantConfig, shutdown: CancellationToken) -> Result<()> {
-    session::Session::new(config)?.run(shutdown).await
+    let metrics = std::sync::Arc::new(metrics::Metrics::new());
+    // Stopped with the daemon; a port in use stops it before it dials out.
+    let served = CancellationToken::new();
+    let _stop_serving = served.clone().drop_guard();
+    if let Some(addr) = config.metrics_listen {
+        let m = metrics.clone();
+        sangsaeng_common::exposition::serve(
+            addr,
+            std::sync::Arc::new(move || m.render()),
+            served.clone(),
+        )
+        .await?;
+    }
+    session::Session::with_metrics(config, metrics)?
+        .run(shutdown)
+        .await
 }

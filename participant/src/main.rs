@@ -155,6 +155,10 @@ struct RunArgs {
     /// for `predict`.
     #[arg(long)]
     model_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (`host:port`, or `:port`
+    /// for loopback); off unless given here or as `metrics_listen`.
+    #[arg(long, env = "SANGSAENG_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Stop after the first training finishes instead of waiting for the next one.
     #[arg(long)]
     once: bool,
@@ -277,6 +281,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             record_dir: a.record_dir,
             state_dir: a.state_dir,
             model_dir: a.model_dir,
+            metrics_listen: a.metrics_listen,
             ca: a.ca,
             cert: a.cert,
             key: a.key,

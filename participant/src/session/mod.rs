@@ -59,6 +59,10 @@ pub struct Session {
     identity: crate::secure::Identity,
     /// The secure-aggregation attempt this site is in, if any.
     secure: Option<crate::secure::SecureRound>,
+    /// What `/metrics` shows.
+    metrics: Arc<crate::metrics::Metrics>,
+    /// Subscriptions established so far (the ones after the first are reconnects).
+    subscriptions: u64,
 }
 
 /// A delta as it is sent: encoded once, hashed once, and kept in that form (the
@@ -128,6 +132,14 @@ struct PendingControl {
 
 impl Session {
     pub fn new(cfg: ParticipantConfig) -> Result<Self> {
+        Self::with_metrics(cfg, Arc::default())
+    }
+
+    /// A session that counts into `metrics` (served by [`crate::run`]).
+    pub fn with_metrics(
+        cfg: ParticipantConfig,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Self> {
         let tls = cfg.tls.load()?;
         let site = Site::new(cfg.data.clone(), cfg.features_from_plan);
         let identity = crate::secure::Identity::from_tls(&tls)?;
@@ -141,6 +153,8 @@ impl Session {
             client: None,
             subscribed: false,
             pending: None,
+            metrics,
+            subscriptions: 0,
         })
     }
 
@@ -153,6 +167,10 @@ impl Session {
         loop {
             self.subscribed = false;
             let outcome = self.connect_and_serve(&shutdown).await;
+            self.metrics.connected.set(0);
+            if let Err(e) = &outcome {
+                self.metrics.error(e);
+            }
             match outcome {
                 Ok(Ended::Done) => return Ok(()),
                 Ok(Ended::Shutdown) | Err(ParticipantError::Shutdown) => {
@@ -208,6 +226,11 @@ impl Session {
             .map_err(|s| ParticipantError::rpc("Subscribe", s))?
             .into_inner();
         self.subscribed = true;
+        self.metrics.connected.set(1);
+        if self.subscriptions > 0 {
+            self.metrics.reconnects.inc();
+        }
+        self.subscriptions += 1;
         tracing::info!(coordinator = %self.cfg.coordinator, "subscribed; waiting for tasks");
         loop {
             let task = tokio::select! {
@@ -232,6 +255,9 @@ impl Session {
                 r = self.handle(&mut client, task) => r,
                 _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
             };
+            if let Err(e) = &result {
+                self.metrics.error(e);
+            }
             match result {
                 Ok(true) if self.cfg.exit_after_training => return Ok(Ended::Done),
                 Ok(_) => {}
@@ -279,15 +305,23 @@ impl Session {
                 crate::privacy::accept_plan(&self.cfg.privacy, &plan)?;
                 let prepared = self.site.prepare(&tid, &plan)?;
                 let stats = Site::stats(&prepared);
-                client
+                let sent = client
                     .submit_stats(pb::StatsReport {
                         training_id: tid.clone(),
                         count: stats.count,
                         sum: stats.sum,
                         sum_sq: stats.sum_sq,
                     })
-                    .await
-                    .map_err(|s| ParticipantError::rpc("SubmitStats", s))?;
+                    .await;
+                match sent {
+                    // The same task can arrive twice (pushed as the phase opens and
+                    // again on subscribing): the coordinator has them, which is the point.
+                    Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                        tracing::debug!(training = %tid, "the coordinator already has this site's statistics");
+                        return Ok(false);
+                    }
+                    other => other.map_err(|s| ParticipantError::rpc("SubmitStats", s))?,
+                };
                 tracing::info!(training = %tid, rows = stats.count, "sent feature statistics (counts and sums only)");
                 Ok(false)
             }
@@ -346,6 +380,9 @@ impl Session {
     ) -> Result<()> {
         let prepared = self.site.prepare(tid, plan)?;
         let params = download(client, tid, info).await?;
+        self.metrics
+            .downloaded_bytes
+            .inc_by(4 * params.len() as u64);
         let (_, val) = site::scaled(&prepared, plan)?;
         let spec = ModelSpec::from_plan(plan);
         let backend = self.cfg.backend;
@@ -364,6 +401,7 @@ impl Session {
             })
             .await
             .map_err(|s| ParticipantError::rpc("SubmitEvaluation", s))?;
+        self.metrics.evaluations.inc();
         tracing::info!(
             training = %tid,
             round = info.round,
@@ -414,6 +452,12 @@ impl Session {
                 "resuming the upload"
             );
         }
+        let sending: u64 = p
+            .chunks
+            .iter()
+            .skip(first_chunk as usize)
+            .map(|c| c.len() as u64)
+            .sum();
         let receipt = upload(
             client,
             wire::UpdateUpload {
@@ -432,6 +476,8 @@ impl Session {
             },
         )
         .await?;
+        self.metrics.uploaded_bytes.inc_by(sending);
+        self.metrics.rounds_trained.inc();
         if let Some(pending) = self.pending.take()
             && let Some(c) = pending.control
         {
@@ -464,6 +510,7 @@ impl Session {
             None => None,
         };
         let start = download(client, tid, info).await?;
+        self.metrics.downloaded_bytes.inc_by(4 * start.len() as u64);
         let (train_set, _) = site::scaled(&prepared, plan)?;
         let n = train_set.len() as u64;
         let spec = ModelSpec::from_plan(plan);
@@ -476,9 +523,10 @@ impl Session {
         let backend = self.cfg.backend;
         let begin = std::time::Instant::now();
         let with_control = scaffold.is_some();
+        self.metrics.training_in_progress.set(1);
         // The global model goes to the training thread and comes back, rather than
         // being cloned for it: one model-sized buffer fewer at the peak.
-        let (outcome, gradient, start) = tokio::task::spawn_blocking(move || {
+        let outcome = tokio::task::spawn_blocking(move || {
             // SCAFFOLD's c_i' (option I): the rows' mean gradient at the global model.
             let gradient = with_control.then(|| {
                 sangsaeng_common::learning::scaffold::mean_gradient(
@@ -489,7 +537,9 @@ impl Session {
             (outcome, gradient, start)
         })
         .await
-        .map_err(|e| ParticipantError::Transfer(format!("training thread: {e}")))?;
+        .map_err(|e| ParticipantError::Transfer(format!("training thread: {e}")));
+        self.metrics.training_in_progress.set(0);
+        let (outcome, gradient, start) = outcome?;
         let outcome = outcome?;
         let gradient = gradient.transpose()?;
         let loss = outcome.epoch_losses.last().copied().unwrap_or(f64::NAN);
@@ -498,6 +548,10 @@ impl Session {
             *d -= g;
         }
         drop(start);
+        self.metrics
+            .local_training
+            .observe(begin.elapsed().as_secs_f64());
+        self.metrics.last_train_loss.set(loss);
         tracing::info!(
             training = tid,
             round,
