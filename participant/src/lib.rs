@@ -20,6 +20,7 @@
 //!   chunked model download with resume, local burn training, delta upload, evaluation.
 //!
 //! - [`metrics`]: the daemon's optional Prometheus page (`metrics_listen`).
+//! - [`progress`]: progress bars on a terminal, periodic log lines off one.
 //! - [`doctor`]: pre-flight checks for operators (`sangsaeng-participant doctor`).
 //!
 //! [`run`] is what `sangsaeng-participant run` calls; tests and the example call it too.
@@ -32,6 +33,7 @@ pub mod metrics;
 pub mod personalise;
 pub mod predict;
 pub mod privacy;
+pub mod progress;
 pub mod scaffold;
 pub mod secure;
 pub mod session;

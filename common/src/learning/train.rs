@@ -150,10 +150,34 @@ pub fn train_local(
     data: &Dataset,
     cfg: &LocalTraining,
 ) -> Result<TrainOutcome> {
+    train_local_observed(kind, spec, start, data, cfg, &mut |_| {})
+}
+
+/// Where a local training is: handed to the observer after every step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// Steps taken, of `total` (epochs × batches per epoch).
+    pub done: u64,
+    pub total: u64,
+    /// 1-based.
+    pub epoch: u32,
+    /// The step's mean loss (NaN for a DP-SGD step that sampled no row).
+    pub loss: f64,
+}
+
+/// [`train_local`], calling `observe` after every step (progress bars, logs).
+pub fn train_local_observed(
+    kind: BackendKind,
+    spec: &ModelSpec,
+    start: &[f32],
+    data: &Dataset,
+    cfg: &LocalTraining,
+    observe: &mut dyn FnMut(Progress),
+) -> Result<TrainOutcome> {
     check_dataset(spec, data)?;
     check_dp_rows(cfg, data)?;
     let trainer = LocalTrainer::new(kind, spec, start, cfg)?;
-    train_with(trainer, spec, data, cfg)
+    train_with(trainer, spec, data, cfg, observe)
 }
 
 /// The epochs of [`train_local`] on a ready trainer (tests inject a seeded DP generator).
@@ -162,9 +186,23 @@ fn train_with(
     spec: &ModelSpec,
     data: &Dataset,
     cfg: &LocalTraining,
+    observe: &mut dyn FnMut(Progress),
 ) -> Result<TrainOutcome> {
+    let per_epoch = data.len().div_ceil(cfg.batch_size) as u64;
+    let total = per_epoch * u64::from(cfg.epochs);
     let epoch_losses = (0..cfg.epochs)
-        .map(|_| trainer.epoch_checked(data))
+        .map(|e| {
+            let mut step = 0u64;
+            trainer.epoch_checked(data, &mut |loss| {
+                step += 1;
+                observe(Progress {
+                    done: u64::from(e) * per_epoch + step,
+                    total,
+                    epoch: e + 1,
+                    loss,
+                })
+            })
+        })
         .collect::<Result<Vec<f64>>>()?;
     let params = trainer.params();
     check_params(spec, &params)
@@ -306,7 +344,7 @@ impl LocalTrainer {
                 self.batch_size
             )));
         }
-        self.epoch_checked(data)
+        self.epoch_checked(data, &mut |_| {})
     }
 
     /// The current parameters, in [`ModelSpec::layout`] order.
@@ -327,9 +365,9 @@ impl LocalTrainer {
         }
     }
 
-    fn epoch_checked(&mut self, data: &Dataset) -> Result<f64> {
+    fn epoch_checked(&mut self, data: &Dataset, stepped: &mut dyn FnMut(f64)) -> Result<f64> {
         if self.dp.is_some() {
-            return self.dp_epoch(data);
+            return self.dp_epoch(data, stepped);
         }
         let nf = data.n_features;
         let mut order: Vec<usize> = (0..data.len()).collect();
@@ -344,13 +382,15 @@ impl LocalTrainer {
                 features.extend_from_slice(&data.features[row * nf..(row + 1) * nf]);
                 labels.push(data.labels[row]);
             }
-            total += self.step_unchecked(&features, &labels)? * batch.len() as f64;
+            let loss = self.step_unchecked(&features, &labels)?;
+            stepped(loss);
+            total += loss * batch.len() as f64;
         }
         Ok(total / data.len() as f64)
     }
 
     /// `⌈rows / batch_size⌉` DP-SGD steps, each on a Poisson sample of `data`.
-    fn dp_epoch(&mut self, data: &Dataset) -> Result<f64> {
+    fn dp_epoch(&mut self, data: &Dataset, stepped: &mut dyn FnMut(f64)) -> Result<f64> {
         let nf = data.n_features;
         let (mut features, mut labels) = (Vec::new(), Vec::new());
         let (mut loss_sum, mut rows) = (0.0, 0usize);
@@ -364,7 +404,9 @@ impl LocalTrainer {
                 features.extend_from_slice(&data.features[row * nf..(row + 1) * nf]);
                 labels.push(data.labels[row]);
             }
-            loss_sum += self.dp_step(&features, &labels)?;
+            let step_loss = self.dp_step(&features, &labels)?;
+            stepped(step_loss / labels.len() as f64);
+            loss_sum += step_loss;
             rows += labels.len();
         }
         self.sample = sample;
@@ -879,6 +921,33 @@ seed = 9
     }
 
     #[test]
+    fn the_observer_sees_every_step_in_order_and_the_training_is_unchanged() {
+        let s = spec();
+        let data = blobs(70, 3);
+        let w0 = s.init_params(4);
+        let c = LocalTraining {
+            epochs: 3,
+            batch_size: 32,
+            ..cfg(Optimizer::Sgd, 0.0)
+        };
+        let mut seen = vec![];
+        let observed = train_local_observed(BackendKind::NdArray, &s, &w0, &data, &c, &mut |p| {
+            seen.push(p)
+        })
+        .unwrap();
+        assert_eq!(seen.len(), 9, "3 epochs of ceil(70 / 32) = 3 steps");
+        for (i, p) in seen.iter().enumerate() {
+            assert_eq!(
+                (p.done, p.total, p.epoch),
+                (i as u64 + 1, 9, i as u32 / 3 + 1)
+            );
+            assert!(p.loss.is_finite() && p.loss > 0.0);
+        }
+        let plain = train_local(BackendKind::NdArray, &s, &w0, &data, &c).unwrap();
+        assert_eq!(observed, plain);
+    }
+
+    #[test]
     fn last_layer_only_training_leaves_every_other_layer_as_it_was() {
         let s = spec();
         let data = blobs(64, 6);
@@ -1135,7 +1204,14 @@ seed = 9
                 },
             )
         };
-        let out = train_with(seeded_trainer(&s, &start, &c, 3), &s, &data, &c).unwrap();
+        let out = train_with(
+            seeded_trainer(&s, &start, &c, 3),
+            &s,
+            &data,
+            &c,
+            &mut |_| {},
+        )
+        .unwrap();
         let report = out.dp.unwrap();
         assert_eq!(report.steps, 3 * 3000u64.div_ceil(64));
         assert_eq!(report.sample_rate, 64.0 / 3000.0);

@@ -533,7 +533,19 @@ impl Session {
                     backend, &spec, &start, &train_set,
                 )
             });
-            let outcome = train::train_local(backend, &spec, &start, &train_set, &cfg);
+            let mut bar: Option<crate::progress::Progress> = None;
+            let outcome =
+                train::train_local_observed(backend, &spec, &start, &train_set, &cfg, &mut |p| {
+                    bar.get_or_insert_with(|| {
+                        crate::progress::Progress::new(
+                            format!("round {round} local training"),
+                            p.total,
+                            "steps",
+                        )
+                    })
+                    .set(p.done, || format!("epoch {} loss {:.4}", p.epoch, p.loss))
+                });
+            drop(bar);
             (outcome, gradient, start)
         })
         .await
@@ -667,6 +679,7 @@ async fn download_object(
 ) -> Result<Vec<f32>> {
     let mut model = ModelAssembler::new(info)?;
     let mut attempts = 0;
+    let mut bar: Option<crate::progress::Progress> = None;
     loop {
         attempts += 1;
         let result: Result<bool> = async {
@@ -685,7 +698,17 @@ async fn download_object(
                 .await
                 .map_err(|s| ParticipantError::rpc("DownloadModel", s))?
             {
-                if model.push(&c)? {
+                let (index, total) = (c.index, c.total_chunks);
+                let complete = model.push(&c)?;
+                bar.get_or_insert_with(|| {
+                    crate::progress::Progress::new(
+                        format!("round {} model download", info.round),
+                        u64::from(total),
+                        "chunks",
+                    )
+                })
+                .set(u64::from(index) + 1, String::new);
+                if complete {
                     return Ok(true);
                 }
             }
@@ -747,7 +770,17 @@ pub async fn upload(
     client: &mut FederationClient<Channel>,
     u: wire::UpdateUpload,
 ) -> Result<pb::UploadReceipt> {
-    let stream = tokio_stream::iter(wire::upload_messages(u)?);
+    let total = u.chunks.len() as u64;
+    let mut sent = u64::from(u.first_chunk);
+    let mut bar =
+        crate::progress::Progress::new(format!("round {} upload", u.round), total, "chunks");
+    // The bar moves as tonic pulls each message from the stream.
+    let stream = tokio_stream::iter(wire::upload_messages(u)?.inspect(move |m| {
+        if matches!(m.part, Some(pb::update_message::Part::Chunk(_))) {
+            sent += 1;
+            bar.set(sent, String::new);
+        }
+    }));
     client
         .upload_update(stream)
         .await
