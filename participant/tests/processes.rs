@@ -373,6 +373,29 @@ fn a_coordinator_killed_mid_fedadam_training_resumes_its_optimizer_state() {
     assert_eq!(states, vec!["server-optimizer-round-0004.safetensors"]);
 }
 
+/// SCAFFOLD: the server control variate is saved with each round as optimiser
+/// state and every site's own c_i under its state_dir, so a coordinator killed
+/// mid-training resumes both and ends with the uninterrupted run's model.
+#[test]
+fn a_coordinator_killed_mid_scaffold_training_resumes_its_control_variates() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let scaffold = PLAN.replace(
+        "rounds = 3",
+        "rounds = 4\nlocal_epochs = 150\nbatch_size = 16",
+    ) + "[aggregation]\nstrategy = \"scaffold\"\n";
+    setup(d, "scaffold-plan.toml", &scaffold);
+    let reference = train(d, "runs-uninterrupted", "scaffold-plan.toml", None);
+    let resumed = train(d, "runs-killed", "scaffold-plan.toml", Some(2));
+    assert_same_outcome(&reference, &resumed, 4, "SCAFFOLD, killed after round 2");
+    for org in ["plant-a", "supplier-b"] {
+        let kept = std::fs::read_dir(d.join(format!("state-{org}")))
+            .unwrap()
+            .count();
+        assert_eq!(kept, 2, "{org} keeps one control variate per training");
+    }
+}
+
 /// Secure aggregation: the coordinator killed during a secure round (its
 /// attempt's keys and shares die with it) redoes the round with fresh keys,
 /// and the final model is the uninterrupted run's, bit for bit.
@@ -429,7 +452,10 @@ fn site(d: &Path, url: &str, org: &str, csv: &str) -> Command {
     .arg("--cert")
     .arg(d.join(format!("pki/{org}.pem")))
     .arg("--key")
-    .arg(d.join(format!("pki/{org}.key")));
+    .arg(d.join(format!("pki/{org}.key")))
+    // SCAFFOLD's control variates live here (unused by other plans).
+    .arg("--state-dir")
+    .arg(d.join(format!("state-{org}")));
     c
 }
 
