@@ -252,22 +252,7 @@ impl ParticipantConfig {
         let backend: BackendKind = backend_name
             .parse()
             .map_err(|e| ParticipantError::Config(format!("backend: {e}")))?;
-        let upload_chunk_bytes = fc
-            .as_ref()
-            .and_then(|f| f.upload_chunk_bytes)
-            .unwrap_or(DEFAULT_UPLOAD_CHUNK);
-        if !(4096..=64 << 20).contains(&upload_chunk_bytes) || !upload_chunk_bytes.is_multiple_of(4)
-        {
-            return Err(ParticipantError::Config(format!(
-                "upload_chunk_bytes: {upload_chunk_bytes} must be a multiple of 4 in 4096..=67108864"
-            )));
-        }
-        let reconnect = fc.map(|f| f.reconnect.clone()).unwrap_or_default();
-        if reconnect.initial_ms == 0 || reconnect.max_ms < reconnect.initial_ms {
-            return Err(ParticipantError::Config(
-                "reconnect: initial_ms must be at least 1 and max_ms at least initial_ms".into(),
-            ));
-        }
+        let (upload_chunk_bytes, reconnect) = transfer_settings(fc)?;
         let privacy = site_privacy(fc.and_then(|f| f.privacy.as_ref()), o.max_epsilon)?;
         Ok(ParticipantConfig {
             privacy,
@@ -300,6 +285,25 @@ impl ParticipantConfig {
             exit_after_training: o.exit_after_training,
         })
     }
+}
+
+/// The upload chunk size and the reconnect backoff, checked.
+fn transfer_settings(fc: Option<&FileConfig>) -> Result<(usize, Reconnect)> {
+    let upload_chunk_bytes = fc
+        .and_then(|f| f.upload_chunk_bytes)
+        .unwrap_or(DEFAULT_UPLOAD_CHUNK);
+    if !(4096..=64 << 20).contains(&upload_chunk_bytes) || !upload_chunk_bytes.is_multiple_of(4) {
+        return Err(ParticipantError::Config(format!(
+            "upload_chunk_bytes: {upload_chunk_bytes} must be a multiple of 4 in 4096..=67108864"
+        )));
+    }
+    let reconnect = fc.map(|f| f.reconnect.clone()).unwrap_or_default();
+    if reconnect.initial_ms == 0 || reconnect.max_ms < reconnect.initial_ms {
+        return Err(ParticipantError::Config(
+            "reconnect: initial_ms must be at least 1 and max_ms at least initial_ms".into(),
+        ));
+    }
+    Ok((upload_chunk_bytes, reconnect))
 }
 
 /// The `[privacy]` section with `--max-epsilon` over it, checked.

@@ -527,26 +527,7 @@ impl Session {
         // The global model goes to the training thread and comes back, rather than
         // being cloned for it: one model-sized buffer fewer at the peak.
         let outcome = tokio::task::spawn_blocking(move || {
-            // SCAFFOLD's c_i' (option I): the rows' mean gradient at the global model.
-            let gradient = with_control.then(|| {
-                sangsaeng_common::learning::scaffold::mean_gradient(
-                    backend, &spec, &start, &train_set,
-                )
-            });
-            let mut bar: Option<crate::progress::Progress> = None;
-            let outcome =
-                train::train_local_observed(backend, &spec, &start, &train_set, &cfg, &mut |p| {
-                    bar.get_or_insert_with(|| {
-                        crate::progress::Progress::new(
-                            format!("round {round} local training"),
-                            p.total,
-                            "steps",
-                        )
-                    })
-                    .set(p.done, || format!("epoch {} loss {:.4}", p.epoch, p.loss))
-                });
-            drop(bar);
-            (outcome, gradient, start)
+            train_on_this_thread(backend, &spec, start, &train_set, &cfg, with_control, round)
         })
         .await
         .map_err(|e| ParticipantError::Transfer(format!("training thread: {e}")));
@@ -734,6 +715,40 @@ async fn download_object(
         }
     }
     model.finish()
+}
+
+/// One round's local training (on a blocking thread), with its progress bar,
+/// and under SCAFFOLD the control variate c_i' (option I: the rows' mean
+/// gradient at the global model). Hands `start` back for the delta.
+fn train_on_this_thread(
+    backend: sangsaeng_common::learning::backend::BackendKind,
+    spec: &ModelSpec,
+    start: Vec<f32>,
+    train_set: &sangsaeng_common::learning::data::Dataset,
+    cfg: &LocalTraining,
+    with_control: bool,
+    round: u32,
+) -> (
+    sangsaeng_common::Result<train::TrainOutcome>,
+    Option<sangsaeng_common::Result<Vec<f32>>>,
+    Vec<f32>,
+) {
+    let gradient = with_control.then(|| {
+        sangsaeng_common::learning::scaffold::mean_gradient(backend, spec, &start, train_set)
+    });
+    let mut bar: Option<crate::progress::Progress> = None;
+    let outcome = train::train_local_observed(backend, spec, &start, train_set, cfg, &mut |p| {
+        bar.get_or_insert_with(|| {
+            crate::progress::Progress::new(
+                format!("round {round} local training"),
+                p.total,
+                "steps",
+            )
+        })
+        .set(p.done, || format!("epoch {} loss {:.4}", p.epoch, p.loss))
+    });
+    drop(bar);
+    (outcome, gradient, start)
 }
 
 /// Downloads a finished training's final model and writes it, with its plan,
