@@ -18,6 +18,7 @@ use sangsaeng_common::learning::backend::{self, BackendKind};
 use sangsaeng_common::learning::data::Dataset;
 use sangsaeng_common::learning::dp_sgd::{DpNoise, DpSgd};
 use sangsaeng_common::learning::model::ModelSpec;
+use sangsaeng_common::learning::objective::Targets;
 use sangsaeng_common::learning::train::{LocalTrainer, LocalTraining};
 use sangsaeng_common::privacy::dp::discrete_gaussian::DiscreteGaussian;
 
@@ -43,6 +44,7 @@ fn main() {
         n_features: N_FEATURES,
         hidden: HIDDEN.to_vec(),
         n_classes: N_CLASSES,
+        task: sangsaeng_common::config::plan::Task::Classification,
         activation: Activation::Relu,
         dropout: 0.0,
     };
@@ -60,6 +62,7 @@ fn main() {
         proximal_mu: 0.0,
         scaffold_correction: None,
         last_layer_only: false,
+        objective: Default::default(),
     };
     let dp_cfg = LocalTraining {
         dp: Some(DP),
@@ -168,13 +171,13 @@ fn time_steps(
     };
     for i in 0..WARMUP_STEPS {
         let (x, y) = batch(i);
-        trainer.step(x, y).expect("warm-up step");
+        trainer.step(x, Targets::Classes(y)).expect("warm-up step");
     }
     (0..TIMED_STEPS)
         .map(|i| {
             let (x, y) = batch(i);
             let t = Instant::now();
-            black_box(trainer.step(x, y).expect("step"));
+            black_box(trainer.step(x, Targets::Classes(y)).expect("step"));
             t.elapsed()
         })
         .collect()
@@ -217,6 +220,7 @@ fn synthetic(rows: usize, seed: u64) -> Dataset {
         features,
         labels,
         n_features: N_FEATURES,
+        ..Default::default()
     }
 }
 

@@ -436,6 +436,7 @@ fn site_stats_rows(rows: usize, seed: u64) -> FeatureStats {
         features,
         labels: vec![0; rows],
         n_features,
+        ..Default::default()
     })
 }
 
@@ -456,6 +457,7 @@ fn evaluation(training_id: &str, model_round: u32) -> pb::EvaluationReport {
         loss: 1.25,
         accuracy: 0.5,
         macro_f1: 0.4,
+        regression: None,
     }
 }
 
@@ -2104,7 +2106,7 @@ async fn bad_statistics_are_refused_and_the_global_scaling_uses_only_valid_ones(
     let mut merged = FeatureStats::empty(52);
     merged.merge(&good).unwrap();
     merged.merge(&b_stats).unwrap();
-    let want = merged.to_scaling().unwrap();
+    let want = merged.to_scaling(false).unwrap();
     let r = a.expect_train().await;
     b.expect_train().await;
     let plan =

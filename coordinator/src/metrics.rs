@@ -57,6 +57,8 @@ pub struct Metrics {
     pub store_commit_duration: Histogram,
     pub last_train_loss: Gauge<f64, AtomicU64>,
     pub last_macro_f1: Gauge<f64, AtomicU64>,
+    /// Regression trainings' counterpart of `last_macro_f1`.
+    pub last_r2: Gauge<f64, AtomicU64>,
     audit_entries: Gauge,
     secure: SecureMetrics,
     /// ε the released model has spent so far (0 without differential privacy).
@@ -109,6 +111,7 @@ impl Metrics {
             store_commit_duration: Histogram::new(exponential_buckets(0.001, 4.0, 10)),
             last_train_loss: Gauge::default(),
             last_macro_f1: Gauge::default(),
+            last_r2: Gauge::default(),
             audit_entries: Gauge::default(),
             secure: SecureMetrics::default(),
             privacy_epsilon: Gauge::default(),
@@ -171,6 +174,9 @@ impl Metrics {
         self.last_train_loss.set(r.train_loss);
         if let Some(f1) = r.eval_macro_f1 {
             self.last_macro_f1.set(f1);
+        }
+        if let Some(r2) = r.eval_r2 {
+            self.last_r2.set(r2);
         }
         if let Some(s) = &r.secure {
             self.secure_recorded(s);
@@ -279,6 +285,11 @@ fn register(r: &mut Registry, m: &Metrics) {
         "last_round_macro_f1",
         "Validation macro-F1 of the last completed round's model, weighted by validation rows",
         m.last_macro_f1.clone(),
+    );
+    r.register(
+        "last_round_r2",
+        "Validation R² of the last completed round's model (regression trainings), weighted by validation rows",
+        m.last_r2.clone(),
     );
     r.register(
         "audit_entries",

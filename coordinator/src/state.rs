@@ -82,6 +82,25 @@ pub struct EvalRecord {
     pub loss: f64,
     pub accuracy: f64,
     pub macro_f1: f64,
+    /// Regression trainings only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regression: Option<sangsaeng_common::learning::metrics::RegressionMetrics>,
+}
+
+impl EvalRecord {
+    /// The figure sites are compared and floors are set by: macro-F1, or R².
+    pub fn headline(&self) -> f64 {
+        self.regression.map_or(self.macro_f1, |r| r.r2)
+    }
+
+    /// The name of [`EvalRecord::headline`] as metrics.jsonl writes it.
+    pub fn headline_name(&self) -> &'static str {
+        if self.regression.is_some() {
+            "r2"
+        } else {
+            "macro_f1"
+        }
+    }
 }
 
 /// An upload that broke off, kept so its sender can resume from the next chunk.

@@ -86,6 +86,7 @@ pub async fn run(cfg: ParticipantConfig, factor: f32) -> anyhow::Result<()> {
                         loss: ev.loss,
                         accuracy: ev.accuracy,
                         macro_f1: ev.macro_f1,
+                        regression: None,
                     })
                     .await?;
             }

@@ -127,6 +127,7 @@ pub fn sample_firm(all: &Dataset, fraction: f64, seed: u64) -> Dataset {
         features: vec![],
         labels: vec![],
         n_features: d,
+        ..Default::default()
     };
     for i in 0..all.len() {
         if rng.random_bool(fraction) {
@@ -174,7 +175,7 @@ pub fn split_firms(all: &Dataset, plan: &TrainingPlan, seed: u64) -> Vec<Dataset
     let d = all.n_features;
     // Scale of each sensor, so an offset is a fraction of its spread.
     let stats = FeatureStats::of(all);
-    let scaling = stats.to_scaling().expect("pooled statistics");
+    let scaling = stats.to_scaling(false).expect("pooled statistics");
     let m = &scaling.mean;
     // Rows of each class, shuffled once.
     let mut by_class: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
@@ -215,6 +216,7 @@ pub fn split_firms(all: &Dataset, plan: &TrainingPlan, seed: u64) -> Vec<Dataset
                 features: Vec::with_capacity(rows.len() * d),
                 labels: vec![],
                 n_features: d,
+                ..Default::default()
             };
             for &i in &rows {
                 for (j, &x) in all.row(i).iter().enumerate() {
@@ -236,7 +238,7 @@ pub fn train_alone(
     test: &Dataset,
     epochs: u32,
 ) -> anyhow::Result<Evaluation> {
-    let scaling = FeatureStats::of(ds).to_scaling()?;
+    let scaling = FeatureStats::of(ds).to_scaling(false)?;
     let mut train_set = ds.clone();
     train_set.standardise(&scaling)?;
     let mut test_set = test.clone();

@@ -85,7 +85,9 @@ struct PrivacySection {
 struct DataSection {
     /// CSV exports from the MES/historian, all with the same header.
     files: Vec<PathBuf>,
-    /// The column holding the class label.
+    /// The column the model predicts: the class label, or for a regression
+    /// plan its target (`target_column` is accepted as the same key).
+    #[serde(alias = "target_column")]
     label_column: String,
     /// Optional: when absent the plan's feature columns are looked up by name.
     feature_columns: Option<Vec<String>>,

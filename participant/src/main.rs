@@ -134,8 +134,9 @@ struct RunArgs {
     /// CSV file of line data (repeat for several files); replaces the config's list.
     #[arg(long = "data")]
     data: Vec<PathBuf>,
-    /// Name of the label column in the CSV files.
-    #[arg(long)]
+    /// Name of the label column in the CSV files (for a regression plan, the
+    /// target column; `--target-column` is the same option).
+    #[arg(long, alias = "target-column")]
     label_column: Option<String>,
     /// Largest privacy loss ε this site accepts from a plan's differential-privacy
     /// budget; a plan above it is declined (overrides `privacy.max_epsilon`).
@@ -232,8 +233,15 @@ fn predict(a: PredictArgs) -> anyhow::Result<()> {
         p.rows_per_sec(),
         p.out.display()
     );
-    if let Some((accuracy, macro_f1)) = p.scored {
-        println!("against the file's labels: accuracy {accuracy:.4}, macro-F1 {macro_f1:.4}");
+    match p.scored {
+        Some(predict::Scored::Classes { accuracy, macro_f1 }) => {
+            println!("against the file's labels: accuracy {accuracy:.4}, macro-F1 {macro_f1:.4}")
+        }
+        Some(predict::Scored::Values(m)) => println!(
+            "against the file's target: MAE {:.4}, RMSE {:.4}, R² {:.4}",
+            m.mae, m.rmse, m.r2
+        ),
+        None => {}
     }
     Ok(())
 }
@@ -259,13 +267,21 @@ fn personalise(a: PersonaliseArgs) -> anyhow::Result<()> {
         "on this site's validation rows ({} rows; {} training rows):",
         r.validation_rows, r.train_rows
     );
-    println!("| model | macro-F1 | accuracy |\n|---|---:|---:|");
+    let regression = r.global.regression.is_some();
+    if regression {
+        println!("| model | R² | MAE | RMSE |\n|---|---:|---:|---:|");
+    } else {
+        println!("| model | macro-F1 | accuracy |\n|---|---:|---:|");
+    }
     for (name, e) in [
         ("local only", &r.local_only),
         ("global (federated)", &r.global),
         ("personalised", &r.personalised),
     ] {
-        println!("| {name} | {:.4} | {:.4} |", e.macro_f1, e.accuracy);
+        match e.regression {
+            Some(m) => println!("| {name} | {:.4} | {:.4} | {:.4} |", m.r2, m.mae, m.rmse),
+            None => println!("| {name} | {:.4} | {:.4} |", e.macro_f1, e.accuracy),
+        }
     }
     println!("personalised model kept at {}", r.saved.display());
     Ok(())

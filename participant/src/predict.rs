@@ -157,8 +157,15 @@ pub struct Predicted {
     pub rows: u64,
     pub secs: f64,
     pub out: PathBuf,
-    /// For an input with the label column: (accuracy, macro-F1) of the predictions.
-    pub scored: Option<(f64, f64)>,
+    /// For an input with the label (or target) column: how the predictions scored.
+    pub scored: Option<Scored>,
+}
+
+/// The predictions of a labelled input against its labels or target values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scored {
+    Classes { accuracy: f64, macro_f1: f64 },
+    Values(metrics::RegressionMetrics),
 }
 
 impl Predicted {
@@ -183,11 +190,13 @@ pub fn predict(model: &Model, backend: BackendKind, input: &Path, out: &Path) ->
     let mut w = std::io::BufWriter::new(tmp);
     let io = |e: std::io::Error| ParticipantError::Common(sangsaeng_common::Error::io(out, e));
     write_header(&mut w, plan).map_err(io)?;
-    let (mut features, mut labels) = (Vec::new(), Vec::new());
+    let (mut features, mut labels, mut values) = (Vec::new(), Vec::new(), Vec::new());
     let (mut truth, mut predicted) = (Vec::new(), Vec::new());
+    let (mut truth_values, mut predicted_values) = (Vec::new(), Vec::new());
     let n_classes = plan.n_classes();
+    let target = scaling.target();
     loop {
-        let n = rows.next_batch(BATCH_ROWS, &mut features, &mut labels)?;
+        let n = rows.next_batch(BATCH_ROWS, &mut features, &mut labels, &mut values)?;
         if n == 0 {
             break;
         }
@@ -196,10 +205,23 @@ pub fn predict(model: &Model, backend: BackendKind, input: &Path, out: &Path) ->
             features: std::mem::take(&mut features),
             labels: vec![],
             n_features: spec.n_features,
+            ..Default::default()
         };
         batch.standardise(scaling)?;
         features = batch.features;
         let logits = train::predict_logits(backend, &spec, &model.params, &features, n)?;
+        if let Some((mean, std)) = target {
+            for (i, &z) in logits.iter().enumerate() {
+                // The model predicts the standardised target; the site reads its own units.
+                let y = f64::from(z) * std + mean;
+                writeln!(w, "{y}").map_err(io)?;
+                if rows.has_labels() {
+                    truth_values.push(f64::from(values[i]));
+                    predicted_values.push(y);
+                }
+            }
+            continue;
+        }
         for (i, row) in logits.chunks(n_classes).enumerate() {
             let (class, probs) = softmax(row);
             write_row(&mut w, &plan.schema.classes[class], &probs).map_err(io)?;
@@ -212,12 +234,16 @@ pub fn predict(model: &Model, backend: BackendKind, input: &Path, out: &Path) ->
     let tmp = w.into_inner().map_err(|e| io(e.into_error()))?;
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(out).map_err(|e| io(e.error))?;
-    let scored = rows.has_labels().then(|| {
-        (
-            metrics::accuracy(&truth, &predicted),
-            metrics::macro_f1(n_classes, &truth, &predicted),
-        )
-    });
+    let scored = match (rows.has_labels(), target) {
+        (false, _) => None,
+        (true, Some(_)) => {
+            metrics::regression(&truth_values, &predicted_values).map(Scored::Values)
+        }
+        (true, None) => Some(Scored::Classes {
+            accuracy: metrics::accuracy(&truth, &predicted),
+            macro_f1: metrics::macro_f1(n_classes, &truth, &predicted),
+        }),
+    };
     Ok(Predicted {
         rows: rows.rows(),
         secs: begin.elapsed().as_secs_f64(),

@@ -23,6 +23,7 @@ fn model_folder(dir: &Path) -> TrainingPlan {
     plan.scaling = Some(Scaling {
         mean: vec![20.0, 1.0],
         std: vec![5.0, 0.5],
+        ..Default::default()
     });
     let spec = ModelSpec::from_plan(&plan);
     std::fs::write(dir.join("plan.toml"), plan.to_toml()).unwrap();

@@ -87,6 +87,7 @@ pub fn site_files(dir: &Path, n: usize) -> Vec<PathBuf> {
                 features: vec![],
                 labels: vec![],
                 n_features: all.n_features,
+                ..Default::default()
             };
             for i in (s..all.len()).step_by(s + 3) {
                 ds.features.extend_from_slice(all.row(i));

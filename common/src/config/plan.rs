@@ -34,15 +34,113 @@ pub struct TrainingPlan {
 }
 
 /// Columns of the line data the model uses.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// A classification plan names its `label_column` and `classes`; a regression
+/// plan names its `target_column` and no classes. Each key belongs to one task
+/// only, so a plan that mixes them is refused rather than half-read.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSchema {
+    /// What the model predicts: a class (defect type) or a number (a quality
+    /// reading, a cycle time).
+    #[serde(default, skip_serializing_if = "Task::is_classification")]
+    pub task: Task,
     /// Feature columns, in the order the model consumes them.
     pub feature_columns: Vec<String>,
-    /// Column holding the class label.
+    /// Classification: the column holding the class label.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub label_column: String,
-    /// Class labels as written in the label column; model output `i` is `classes[i]`.
+    /// Classification: class labels as written in the label column; model
+    /// output `i` is `classes[i]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub classes: Vec<String>,
+    /// Regression: the numeric column the model predicts.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub target_column: String,
+}
+
+/// `[schema] task`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    #[default]
+    Classification,
+    Regression,
+}
+
+impl Task {
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Classification => "classification",
+            Task::Regression => "regression",
+        }
+    }
+
+    pub fn is_classification(&self) -> bool {
+        *self == Task::Classification
+    }
+
+    /// Parses a name as written in plans and on the wire; empty means
+    /// classification (what a coordinator before regression sends).
+    pub fn from_name(name: &str) -> Option<Task> {
+        match name {
+            "" | "classification" => Some(Task::Classification),
+            "regression" => Some(Task::Regression),
+            _ => None,
+        }
+    }
+}
+
+impl DataSchema {
+    /// The column the model predicts: the label or the regression target.
+    pub fn target(&self) -> &str {
+        match self.task {
+            Task::Classification => &self.label_column,
+            Task::Regression => &self.target_column,
+        }
+    }
+
+    /// The plan key naming [`DataSchema::target`], for messages.
+    pub fn target_key(&self) -> &'static str {
+        match self.task {
+            Task::Classification => "label_column",
+            Task::Regression => "target_column",
+        }
+    }
+}
+
+/// `[training] loss`: what local training minimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Loss {
+    /// Classification's only loss.
+    CrossEntropy,
+    /// Mean squared error on the standardised target; regression's default.
+    Mse,
+    /// Huber's loss on the standardised target (quadratic within
+    /// `huber_delta`, linear beyond): a few bad analyser readings pull the
+    /// model less than under MSE.
+    Huber,
+}
+
+impl Loss {
+    pub fn name(self) -> &'static str {
+        match self {
+            Loss::CrossEntropy => "cross-entropy",
+            Loss::Mse => "mse",
+            Loss::Huber => "huber",
+        }
+    }
+
+    /// Parses a name as written in plans and on the wire.
+    pub fn from_name(name: &str) -> Option<Loss> {
+        match name {
+            "cross-entropy" => Some(Loss::CrossEntropy),
+            "mse" => Some(Loss::Mse),
+            "huber" => Some(Loss::Huber),
+            _ => None,
+        }
+    }
 }
 
 /// The model: a multi-layer perceptron classifier.
@@ -120,14 +218,34 @@ pub struct TrainingConfig {
     /// paper's values are 0.001 to 1.
     #[serde(default)]
     pub proximal_mu: f64,
+    /// The local loss; absent: cross-entropy for classification, MSE for regression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<Loss>,
+    /// Huber's threshold in units of the target's (federated) standard
+    /// deviation; only with `loss = "huber"`.
+    #[serde(default = "default_huber_delta")]
+    pub huber_delta: f64,
 }
 
-/// Per-feature standardisation `x' = (x - mean) / std`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Per-feature standardisation `x' = (x - mean) / std`, and for regression
+/// the target's, from the same federated sums: the model learns and predicts
+/// the standardised target, and predictions are mapped back with these.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scaling {
     pub mean: Vec<f64>,
     pub std: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_mean: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_std: Option<f64>,
+}
+
+impl Scaling {
+    /// The target's `(mean, std)`, for regression plans.
+    pub fn target(&self) -> Option<(f64, f64)> {
+        self.target_mean.zip(self.target_std)
+    }
 }
 
 fn default_local_epochs() -> u32 {
@@ -144,6 +262,9 @@ fn default_evaluate() -> bool {
 }
 fn default_validation_fraction() -> f64 {
     0.2
+}
+fn default_huber_delta() -> f64 {
+    1.0
 }
 
 /// Upper bounds that keep a plan from asking a small supplier's machine for the impossible.
@@ -175,6 +296,7 @@ impl TrainingPlan {
         self.validate_schema()?;
         self.validate_model()?;
         self.validate_training()?;
+        self.validate_loss()?;
         if let Some(p) = &self.privacy {
             p.validate()?;
         }
@@ -270,6 +392,14 @@ impl TrainingPlan {
                 return Err(format!("schema.feature_columns: '{c}' is listed twice"));
             }
         }
+        match s.task {
+            Task::Classification => {
+                if !s.target_column.is_empty() {
+                    return Err("schema.target_column: only a regression plan (task = \"regression\") has a target column; a classification plan names its label_column and classes".into());
+                }
+            }
+            Task::Regression => return validate_regression_schema(s, &seen),
+        }
         if s.label_column.trim().is_empty() {
             return Err("schema.label_column: must not be empty".into());
         }
@@ -292,6 +422,49 @@ impl TrainingPlan {
             }
         }
         Ok(())
+    }
+
+    /// The loss belongs to the task, and Huber's threshold is a positive number.
+    fn validate_loss(&self) -> std::result::Result<(), String> {
+        let t = &self.training;
+        let loss = self.loss();
+        let fits = match self.schema.task {
+            Task::Classification => loss == Loss::CrossEntropy,
+            Task::Regression => loss != Loss::CrossEntropy,
+        };
+        if !fits {
+            return Err(format!(
+                "training.loss: \"{}\" does not suit task = \"{}\" (classification trains with \"cross-entropy\", regression with \"mse\" or \"huber\")",
+                loss.name(),
+                self.schema.task.name()
+            ));
+        }
+        if !(t.huber_delta.is_finite() && t.huber_delta > 0.0 && t.huber_delta <= 1e6) {
+            return Err(format!(
+                "training.huber_delta: {} must be a number in (0, 1e6] (target standard deviations)",
+                t.huber_delta
+            ));
+        }
+        Ok(())
+    }
+
+    /// The local loss, defaults filled in.
+    pub fn loss(&self) -> Loss {
+        self.training.loss.unwrap_or(match self.schema.task {
+            Task::Classification => Loss::CrossEntropy,
+            Task::Regression => Loss::Mse,
+        })
+    }
+
+    /// Whether the plan predicts a number rather than a class.
+    pub fn regression(&self) -> bool {
+        self.schema.task == Task::Regression
+    }
+
+    /// Columns the statistics phase sums: the features, then for regression
+    /// the target, so its standardisation is federated like theirs.
+    pub fn n_stat_columns(&self) -> usize {
+        self.n_features() + usize::from(self.regression())
     }
 
     /// The model's shape, bounded so a plan cannot ask sites for more memory
@@ -387,6 +560,19 @@ impl TrainingPlan {
             {
                 return Err("scaling: means must be finite and stds finite and positive".into());
             }
+            match (self.regression(), sc.target()) {
+                (true, Some((m, sd))) if m.is_finite() && sd.is_finite() && sd > 0.0 => {}
+                (true, _) => {
+                    return Err("scaling: a regression plan needs a finite target_mean and a finite, positive target_std".into());
+                }
+                (false, None) if sc.target_mean.is_none() && sc.target_std.is_none() => {}
+                (false, _) => {
+                    return Err(
+                        "scaling: target_mean and target_std belong to regression plans only"
+                            .into(),
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -396,15 +582,46 @@ impl TrainingPlan {
         self.schema.feature_columns.len()
     }
 
-    /// Number of output classes.
+    /// Number of output classes (0 for regression: see [`TrainingPlan::n_outputs`]).
     pub fn n_classes(&self) -> usize {
         self.schema.classes.len()
+    }
+
+    /// Width of the model's output: one per class, or one predicted value.
+    pub fn n_outputs(&self) -> usize {
+        match self.schema.task {
+            Task::Classification => self.n_classes(),
+            Task::Regression => 1,
+        }
     }
 
     /// Serialises the plan back to TOML (used to archive the plan beside a training's outputs).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a validated plan always serialises")
     }
+}
+
+/// A regression schema: a target column that is not a feature, and no classes.
+fn validate_regression_schema(
+    s: &DataSchema,
+    features: &std::collections::HashSet<&String>,
+) -> std::result::Result<(), String> {
+    if !s.classes.is_empty() {
+        return Err("schema.classes: a regression plan (task = \"regression\") predicts a number and has no classes; remove classes, or set task = \"classification\"".into());
+    }
+    if !s.label_column.is_empty() {
+        return Err("schema.label_column: a regression plan names the column it predicts with target_column, not label_column".into());
+    }
+    if s.target_column.trim().is_empty() {
+        return Err("schema.target_column: a regression plan (task = \"regression\") must name the numeric column it predicts".into());
+    }
+    if features.contains(&s.target_column) {
+        return Err(format!(
+            "schema.target_column: '{}' is also a feature column",
+            s.target_column
+        ));
+    }
+    Ok(())
 }
 
 /// Makes a toml error one line that still names the key and position.
@@ -547,6 +764,89 @@ min_participants = 2
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(key), "{to}: {err}");
+        }
+    }
+
+    const REGRESSION: &str = r#"
+[schema]
+task = "regression"
+feature_columns = ["a", "b"]
+target_column = "y"
+
+[model]
+hidden_layers = [8]
+
+[training]
+rounds = 3
+learning_rate = 0.01
+min_participants = 2
+"#;
+
+    #[test]
+    fn a_regression_plan_has_one_output_and_the_mse_loss_by_default() {
+        let p = TrainingPlan::from_toml(REGRESSION, "plan.toml").unwrap();
+        assert!(p.regression());
+        assert_eq!(p.n_outputs(), 1);
+        assert_eq!(p.loss(), Loss::Mse);
+        assert_eq!(p.schema.target(), "y");
+        assert_eq!(p.n_stat_columns(), 3);
+        assert_eq!(TrainingPlan::from_toml(&p.to_toml(), "x").unwrap(), p);
+    }
+
+    /// Issue 22's bad input: each mix of the two tasks' keys is refused by key.
+    #[test]
+    fn regression_and_classification_keys_do_not_mix() {
+        for (text, key) in [
+            (
+                REGRESSION.replace(
+                    "target_column = \"y\"",
+                    "target_column = \"y\"\nclasses = [\"0\", \"1\"]",
+                ),
+                "schema.classes",
+            ),
+            (
+                REGRESSION.replace(
+                    "target_column = \"y\"",
+                    "target_column = \"y\"\nlabel_column = \"y\"",
+                ),
+                "schema.label_column",
+            ),
+            (
+                REGRESSION.replace("target_column = \"y\"", ""),
+                "schema.target_column",
+            ),
+            (
+                REGRESSION.replace("target_column = \"y\"", "target_column = \"a\""),
+                "schema.target_column",
+            ),
+            (
+                REGRESSION.replace("rounds = 3", "rounds = 3\nloss = \"cross-entropy\""),
+                "training.loss",
+            ),
+            (
+                REGRESSION.replace(
+                    "rounds = 3",
+                    "rounds = 3\nloss = \"huber\"\nhuber_delta = 0.0",
+                ),
+                "training.huber_delta",
+            ),
+            (
+                PLAN.replace("rounds = 3", "rounds = 3\nloss = \"mse\""),
+                "training.loss",
+            ),
+            (
+                PLAN.replace(
+                    "label_column = \"y\"",
+                    "label_column = \"y\"\ntarget_column = \"y\"",
+                ),
+                "schema.target_column",
+            ),
+            (REGRESSION.replace("\"regression\"", "\"ranking\""), "task"),
+        ] {
+            let err = TrainingPlan::from_toml(&text, "plan.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{key}: {err}");
         }
     }
 

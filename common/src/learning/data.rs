@@ -14,15 +14,24 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::config::plan::{DataSchema, Scaling};
+use crate::config::plan::{DataSchema, Scaling, Task};
 use crate::{Error, Result};
 
 /// A site's examples, features row-major (`len() * n_features` values) and labels as class indices.
+///
+/// Regression rows carry their value in `targets` (one per row) and label 0:
+/// every row is then one stratum of [`Dataset::split_validation`], and
+/// `labels` keeps counting the rows for both tasks.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Dataset {
     pub features: Vec<f32>,
     pub labels: Vec<u32>,
     pub n_features: usize,
+    /// Regression: each row's target; empty for classification.
+    pub targets: Vec<f32>,
+    /// Regression, once standardised: the target's `(mean, std)`, so that
+    /// evaluation reports MAE and RMSE in the target's own units.
+    pub target_scaling: Option<(f64, f64)>,
 }
 
 /// What a participant's configuration declares about its data: the files and the
@@ -51,10 +60,14 @@ impl SiteData {
 /// order matters even when the set is right).
 pub fn check_schema(site_label: &str, site_features: &[String], plan: &DataSchema) -> Result<()> {
     let mut problems = Vec::new();
-    if site_label != plan.label_column {
+    if site_label != plan.target() {
+        let what = match plan.task {
+            Task::Classification => "label column",
+            Task::Regression => "target column",
+        };
         problems.push(format!(
-            "label column is '{site_label}' here but '{}' in the plan",
-            plan.label_column
+            "{what} is '{site_label}' here but '{}' in the plan",
+            plan.target()
         ));
     }
     let mut seen = std::collections::HashSet::new();
@@ -251,7 +264,8 @@ fn load_reader(
         .iter()
         .map(|c| column_index(file, &header, schema, c))
         .collect::<Result<Vec<_>>>()?;
-    let label_idx = column_index(file, &header, schema, &schema.label_column)?;
+    let label_idx = column_index(file, &header, schema, schema.target())?;
+    let regression = schema.task == Task::Regression;
 
     let mut record = csv::StringRecord::new();
     let mut rows: u64 = 0;
@@ -271,8 +285,15 @@ fn load_reader(
             let name = schema.feature_columns[j].as_str();
             out.features.push(parse_feature(file, line, name, cell)?);
         }
-        let label = parse_label(file, line, schema, labels, &record[label_idx])?;
-        out.labels.push(label);
+        if regression {
+            let cell = &record[label_idx];
+            out.targets
+                .push(parse_feature(file, line, schema.target(), cell)?);
+            out.labels.push(0);
+        } else {
+            let label = parse_label(file, line, schema, labels, &record[label_idx])?;
+            out.labels.push(label);
+        }
     }
     if rows == 0 {
         return Err(data_err(
@@ -347,9 +368,11 @@ fn column_index(
             let wanted = schema
                 .feature_columns
                 .iter()
-                .chain(std::iter::once(&schema.label_column));
-            let missing: Vec<&String> = wanted
-                .filter(|w| !header.iter().any(|h| h.trim() == w.as_str()))
+                .map(String::as_str)
+                .chain(std::iter::once(schema.target()));
+            let missing: Vec<String> = wanted
+                .filter(|w| !header.iter().any(|h| h.trim() == *w))
+                .map(str::to_owned)
                 .collect();
             Err(data_err(
                 file,
@@ -357,7 +380,7 @@ fn column_index(
                 Some(name),
                 format!(
                     "the header lacks column(s) {}; available columns: {}",
-                    quote_list(missing),
+                    quote_list(&missing),
                     header
                         .iter()
                         .map(|h| format!("'{}'", h.trim()))
@@ -441,13 +464,28 @@ pub fn write_csv(path: &Path, dataset: &Dataset, schema: &DataSchema) -> Result<
     let header = schema
         .feature_columns
         .iter()
-        .chain(std::iter::once(&schema.label_column));
+        .map(String::as_str)
+        .chain(std::iter::once(schema.target()));
     w.write_record(header).map_err(|e| csv_err(path, e))?;
+    let regression = schema.task == Task::Regression;
+    if regression && dataset.targets.len() != dataset.len() {
+        return Err(Error::Schema(format!(
+            "cannot write {}: a regression dataset needs one target per row ({} for {} rows)",
+            path.display(),
+            dataset.targets.len(),
+            dataset.len()
+        )));
+    }
     let mut fields: Vec<String> = Vec::with_capacity(d + 1);
     for i in 0..dataset.len() {
         fields.clear();
         // `{}` on f32 prints the shortest text that reads back to the same value.
         fields.extend(dataset.row(i).iter().map(|v| v.to_string()));
+        if regression {
+            fields.push(dataset.targets[i].to_string());
+            w.write_record(&fields).map_err(|e| csv_err(path, e))?;
+            continue;
+        }
         let class = schema
             .classes
             .get(dataset.labels[i] as usize)
@@ -487,15 +525,18 @@ impl FeatureStats {
         }
     }
 
-    /// Sums over a dataset, accumulated in f64.
+    /// Sums over a dataset, accumulated in f64: one column per feature, then
+    /// (regression) one for the target.
     pub fn of(data: &Dataset) -> Self {
         let d = data.n_features;
-        let mut s = Self::empty(d);
+        let with_target = !data.targets.is_empty();
+        let mut s = Self::empty(d + usize::from(with_target));
         if d == 0 {
             return s;
         }
-        for row in data.features.chunks_exact(d) {
-            for (j, &x) in row.iter().enumerate() {
+        for (i, row) in data.features.chunks_exact(d).enumerate() {
+            let target = data.targets.get(i).copied();
+            for (j, &x) in row.iter().chain(target.as_ref()).enumerate() {
                 let x = f64::from(x);
                 s.sum[j] += x;
                 s.sum_sq[j] += x * x;
@@ -567,8 +608,17 @@ impl FeatureStats {
     /// or not finite gets std 1.0: a constant sensor (a setpoint, a valve held
     /// closed) is common in line data and must not cause a division by zero. With
     /// std 1.0 such a feature standardises to (x - mean), i.e. to 0 on the data seen.
-    pub fn to_scaling(&self) -> Result<Scaling> {
+    ///
+    /// With `regression` the last column is the target's, which becomes
+    /// [`Scaling::target_mean`] and [`Scaling::target_std`].
+    pub fn to_scaling(&self, regression: bool) -> Result<Scaling> {
         self.validate(self.sum.len())?;
+        if regression && self.sum.len() < 2 {
+            return Err(Error::Aggregation(
+                "feature statistics: a regression plan needs the features' and the target's sums"
+                    .into(),
+            ));
+        }
         let n = self.count as f64;
         let mut mean = Vec::with_capacity(self.sum.len());
         let mut std = Vec::with_capacity(self.sum.len());
@@ -588,7 +638,17 @@ impl FeatureStats {
                 1.0
             });
         }
-        Ok(Scaling { mean, std })
+        let (target_mean, target_std) = if regression {
+            (mean.pop(), std.pop())
+        } else {
+            (None, None)
+        };
+        Ok(Scaling {
+            mean,
+            std,
+            target_mean,
+            target_std,
+        })
     }
 }
 
@@ -646,8 +706,57 @@ impl Dataset {
             }
             scaled.push(v);
         }
+        let targets = self.standardised_targets(scaling)?;
         self.features = scaled;
+        if let Some(t) = targets {
+            self.targets = t;
+            self.target_scaling = scaling.target();
+        }
         Ok(())
+    }
+
+    /// The targets as `(y - mean) / std`; `None` for classification data.
+    fn standardised_targets(&self, scaling: &Scaling) -> Result<Option<Vec<f32>>> {
+        if self.targets.is_empty() {
+            return Ok(None);
+        }
+        if self.target_scaling.is_some() {
+            return Err(Error::Schema("the targets are already standardised".into()));
+        }
+        let Some((mean, std)) = scaling.target() else {
+            return Err(Error::Schema(
+                "the data has regression targets but the scaling has no target mean and std".into(),
+            ));
+        };
+        if !(mean.is_finite() && std.is_finite() && std > 0.0) {
+            return Err(Error::Schema(format!(
+                "the target's scaling is unusable (mean {mean}, std {std})"
+            )));
+        }
+        self.targets
+            .iter()
+            .enumerate()
+            .map(|(i, &y)| {
+                let v = ((f64::from(y) - mean) / std) as f32;
+                if v.is_finite() {
+                    Ok(v)
+                } else {
+                    Err(Error::Schema(format!(
+                        "standardising row {}'s target overflows a 32-bit float (value {y}, mean {mean}, std {std})",
+                        i + 1
+                    )))
+                }
+            })
+            .collect::<Result<Vec<f32>>>()
+            .map(Some)
+    }
+
+    /// A standardised target value in the target's own units.
+    pub fn target_in_units(&self, standardised: f64) -> f64 {
+        match self.target_scaling {
+            Some((mean, std)) => standardised * std + mean,
+            None => standardised,
+        }
     }
 
     /// Splits off a validation set, deterministically for a given seed and
@@ -689,6 +798,7 @@ impl Dataset {
         let d = self.n_features;
         let empty = || Dataset {
             n_features: d,
+            target_scaling: self.target_scaling,
             ..Dataset::default()
         };
         let (mut train, mut val) = (empty(), empty());
@@ -696,6 +806,9 @@ impl Dataset {
             let part = if v { &mut val } else { &mut train };
             part.features.extend_from_slice(self.row(i));
             part.labels.push(self.labels[i]);
+            if let Some(&y) = self.targets.get(i) {
+                part.targets.push(y);
+            }
         }
         (train, val)
     }
@@ -709,9 +822,18 @@ impl Dataset {
         let d = first.n_features;
         let mut out = Dataset {
             n_features: d,
+            target_scaling: first.target_scaling,
             ..Dataset::default()
         };
         for (i, p) in parts.iter().enumerate() {
+            if p.targets.is_empty() != first.targets.is_empty()
+                || p.target_scaling != first.target_scaling
+            {
+                return Err(Error::Schema(format!(
+                    "cannot join datasets: part {} differs from part 1 in its regression targets or their scaling",
+                    i + 1
+                )));
+            }
             if p.n_features != d {
                 return Err(Error::Schema(format!(
                     "cannot join datasets: part 1 has {d} features but part {} has {}",
@@ -729,6 +851,7 @@ impl Dataset {
             }
             out.features.extend_from_slice(&p.features);
             out.labels.extend_from_slice(&p.labels);
+            out.targets.extend_from_slice(&p.targets);
         }
         Ok(out)
     }
@@ -752,6 +875,7 @@ mod tests {
             feature_columns: vec!["a".into(), "b".into()],
             label_column: "y".into(),
             classes: vec!["0".into(), "1".into(), "fault".into()],
+            ..Default::default()
         }
     }
 
@@ -792,6 +916,7 @@ mod tests {
             features: rows.iter().flat_map(|r| r.0.iter().copied()).collect(),
             labels: rows.iter().map(|r| r.1).collect(),
             n_features,
+            ..Default::default()
         }
     }
 
@@ -910,6 +1035,7 @@ mod tests {
             feature_columns: header.clone(),
             label_column: "fault".into(),
             classes: strings(&["0", "1", "2", "4", "5", "6", "7", "11", "14"]),
+            ..Default::default()
         };
         let mut text = header.join(",") + ",fault\n";
         for (r, label) in [(0, "0"), (1, "11"), (2, "14")] {
@@ -938,6 +1064,7 @@ mod tests {
             feature_columns: features,
             label_column: "fault".into(),
             classes: strings(&["0", "1", "2", "4", "5", "6", "7", "11", "14"]),
+            ..Default::default()
         };
         let train = load_csvs(&[dir.join("train.csv")], &te).unwrap();
         assert_eq!(
@@ -1028,6 +1155,54 @@ mod tests {
     fn header_only_file_is_refused() {
         let (_, _, _, msg) = data_parts(&load_err("a,b,y\n"));
         assert!(msg.contains("no data rows"), "{msg}");
+    }
+
+    fn regression_schema() -> DataSchema {
+        DataSchema {
+            task: Task::Regression,
+            feature_columns: strings(&["a", "b"]),
+            target_column: "y".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_regression_target_is_read_standardised_with_the_features_and_split() {
+        let text = "a,b,y\n1,2,10\n3,4,20\n5,6,30\n7,8,40\n";
+        let ds =
+            load_csv_reader(Path::new("t.csv"), text.as_bytes(), &regression_schema()).unwrap();
+        assert_eq!(ds.targets, vec![10.0, 20.0, 30.0, 40.0]);
+        assert_eq!(ds.labels, vec![0; 4]);
+        let stats = FeatureStats::of(&ds);
+        assert_eq!(stats.sum, vec![16.0, 20.0, 100.0]);
+        let sc = stats.to_scaling(true).unwrap();
+        assert_eq!(sc.mean, vec![4.0, 5.0]);
+        assert_eq!(sc.target_mean, Some(25.0));
+        let mut scaled = ds.clone();
+        scaled.standardise(&sc).unwrap();
+        let sd = sc.target_std.unwrap();
+        assert!((f64::from(scaled.targets[0]) - (10.0 - 25.0) / sd).abs() < 1e-6);
+        assert!((scaled.target_in_units(f64::from(scaled.targets[3])) - 40.0).abs() < 1e-4);
+        let (train, val) = scaled.split_validation(0.5, 1);
+        assert_eq!((train.targets.len(), val.targets.len()), (2, 2));
+        assert_eq!(val.target_scaling, scaled.target_scaling);
+        // Standardising twice would silently shrink the target: refused.
+        assert!(scaled.standardise(&sc).is_err());
+    }
+
+    #[test]
+    fn a_non_numeric_target_names_its_line_and_column() {
+        let text = "a,b,y\n1,2,10\n3,4,high\n";
+        let e = load_csv_reader(Path::new("t.csv"), text.as_bytes(), &regression_schema())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 3, column 'y'"), "{e}");
+        assert!(e.contains("\"high\" is not a number"), "{e}");
+        let text = "a,b,y\n1,2,NaN\n";
+        let e = load_csv_reader(Path::new("t.csv"), text.as_bytes(), &regression_schema())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a finite number"), "{e}");
     }
 
     #[test]
@@ -1132,7 +1307,7 @@ mod tests {
             (&[7.0, 1.0], 0),
             (&[9.0, 1.0], 0),
         ]);
-        let sc = FeatureStats::of(&ds).to_scaling().unwrap();
+        let sc = FeatureStats::of(&ds).to_scaling(false).unwrap();
         assert!((sc.mean[0] - 5.0).abs() < 1e-12);
         assert!(
             (sc.std[0] - 2.0).abs() < 1e-12,
@@ -1147,7 +1322,7 @@ mod tests {
     fn constant_sensor_at_a_large_level_gets_unit_std() {
         // E[x²] − mean² does not cancel to exactly 0 here in f64.
         let rows: Vec<(&[f32], u32)> = vec![(&[2705.3f32][..], 0); 4321];
-        let sc = FeatureStats::of(&dataset(&rows)).to_scaling().unwrap();
+        let sc = FeatureStats::of(&dataset(&rows)).to_scaling(false).unwrap();
         assert_eq!(sc.std[0], 1.0);
         assert!((sc.mean[0] - f64::from(2705.3f32)).abs() < 1e-9);
     }
@@ -1166,7 +1341,7 @@ mod tests {
                 )
             })
             .collect();
-        let sc = FeatureStats::of(&dataset(&rows)).to_scaling().unwrap();
+        let sc = FeatureStats::of(&dataset(&rows)).to_scaling(false).unwrap();
         assert!((sc.std[0] - 0.25).abs() < 1e-9, "{}", sc.std[0]);
     }
 
@@ -1182,7 +1357,7 @@ mod tests {
         let mut s = good.clone();
         s.count = 0;
         assert!(s.validate(2).is_err());
-        assert!(s.to_scaling().is_err());
+        assert!(s.to_scaling(false).is_err());
         let mut s = good.clone();
         s.sum[1] = f64::NAN;
         assert!(s.validate(2).is_err());
@@ -1199,9 +1374,9 @@ mod tests {
     #[test]
     fn standardise_gives_zero_mean_unit_std() {
         let mut ds = dataset(&[(&[1.0, 100.0], 0), (&[3.0, 100.0], 1), (&[5.0, 100.0], 1)]);
-        let sc = FeatureStats::of(&ds).to_scaling().unwrap();
+        let sc = FeatureStats::of(&ds).to_scaling(false).unwrap();
         ds.standardise(&sc).unwrap();
-        let after = FeatureStats::of(&ds).to_scaling().unwrap();
+        let after = FeatureStats::of(&ds).to_scaling(false).unwrap();
         assert!(after.mean[0].abs() < 1e-6);
         assert!((after.std[0] - 1.0).abs() < 1e-6);
         // The constant column becomes all zeros.
@@ -1215,16 +1390,19 @@ mod tests {
         let short = Scaling {
             mean: vec![0.0],
             std: vec![1.0],
+            ..Default::default()
         };
         assert!(ds.standardise(&short).is_err());
         let zero = Scaling {
             mean: vec![0.0, 0.0],
             std: vec![1.0, 0.0],
+            ..Default::default()
         };
         assert!(ds.standardise(&zero).is_err());
         let overflow = Scaling {
             mean: vec![0.0, 0.0],
             std: vec![1.0, 1e-300],
+            ..Default::default()
         };
         assert!(ds.standardise(&overflow).is_err());
         assert_eq!(ds, before);

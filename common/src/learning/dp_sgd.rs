@@ -112,13 +112,13 @@
 
 use burn::optim::GradientsParams;
 use burn::prelude::*;
-use burn::tensor::activation;
 use burn::tensor::module::linear;
 use rand::{CryptoRng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use crate::config::plan::Activation;
 use crate::learning::mlp::{Mlp, activate, dropout_mask, read_vec};
+use crate::learning::objective::{Objective, Targets};
 use crate::privacy::dp::discrete_gaussian::DiscreteGaussian;
 use crate::{Error, Result};
 
@@ -186,6 +186,8 @@ pub(crate) struct DpEngine {
     rng: ChaCha20Rng,
     noise: Option<GridNoise>,
     steps: u64,
+    /// The loss whose per-example gradients are clipped (the trainer's).
+    pub(crate) objective: Objective,
 }
 
 impl DpEngine {
@@ -203,6 +205,7 @@ impl DpEngine {
             rng,
             noise,
             steps: 0,
+            objective: Objective::CrossEntropy,
         })
     }
 
@@ -230,16 +233,16 @@ impl DpEngine {
         &mut self,
         model: &Mlp,
         features: &[f32],
-        labels: &[u32],
+        targets: Targets<'_>,
         expected_batch: usize,
         dropout_rng: &mut dyn RngCore,
         device: &Device,
     ) -> Result<(GradientsParams, f64)> {
-        let (mut sum, loss_sum) = if labels.is_empty() {
+        let (mut sum, loss_sum) = if targets.is_empty() {
             (vec![0.0; num_params(model)], 0.0)
         } else {
-            let x = input_tensor(features, labels.len(), &device.clone().inner());
-            let pe = per_example(model, x, labels, Some(dropout_rng))?;
+            let x = input_tensor(features, targets.len(), &device.clone().inner());
+            let pe = per_example(model, x, targets, self.objective, Some(dropout_rng))?;
             let factors = clip_factors(&pe, self.cfg.max_grad_norm);
             (clipped_sum(&pe, factors)?, pe.loss_sum)
         };
@@ -436,7 +439,8 @@ pub(crate) struct PerExample {
 pub(crate) fn per_example(
     model: &Mlp,
     x: Tensor<2>,
-    labels: &[u32],
+    targets: Targets<'_>,
+    objective: Objective,
     dropout_rng: Option<&mut dyn RngCore>,
 ) -> Result<PerExample> {
     let weights: Vec<Tensor<2>> = model
@@ -445,7 +449,7 @@ pub(crate) fn per_example(
         .map(|l| l.weight.val().inner())
         .collect();
     let forward = forward(model, &weights, x, dropout_rng);
-    let (loss_sum, g) = loss_and_logit_grads(forward.logits, labels)?;
+    let (loss_sum, g) = objective.sum_and_output_grads(forward.logits, targets)?;
     let out_grads = backward(model, &weights, &forward.hidden, g);
     Ok(PerExample {
         inputs: forward.inputs,
@@ -500,42 +504,6 @@ fn forward(
         hidden.push((activation_grad_input(model.activation, z, h), mask));
     }
     unreachable!("a model has at least one layer")
-}
-
-/// Σ of the rows' cross-entropy −log softmax(z)[y], and each row's gradient
-/// with respect to its logits, softmax(z) − onehot(y).
-fn loss_and_logit_grads(logits: Tensor<2>, labels: &[u32]) -> Result<(f64, Tensor<2>)> {
-    let device = logits.device();
-    let [rows, n_classes] = logits.dims();
-    let log_p = activation::log_softmax(logits, 1);
-    let targets = Tensor::<2, Int>::from_data(
-        TensorData::new(
-            labels.iter().map(|&y| i64::from(y)).collect::<Vec<_>>(),
-            [rows, 1],
-        ),
-        &device,
-    );
-    let loss_sum: f64 = f64::from(
-        log_p
-            .clone()
-            .gather(1, targets)
-            .sum()
-            .neg()
-            .try_into_scalar::<f32>()
-            .map_err(|e| Error::Model(format!("reading the training loss failed: {e}")))?,
-    );
-    if !loss_sum.is_finite() {
-        return Err(Error::Model(format!(
-            "training diverged (loss {loss_sum}); lower the learning rate"
-        )));
-    }
-    let mut onehot = vec![0.0f32; rows * n_classes];
-    for (i, &y) in labels.iter().enumerate() {
-        onehot[i * n_classes + y as usize] = 1.0;
-    }
-    let g =
-        log_p.exp() - Tensor::<2>::from_data(TensorData::new(onehot, [rows, n_classes]), &device);
-    Ok((loss_sum, g))
 }
 
 /// Each layer's per-example output gradient, from the logits' back to the first layer's.
@@ -672,6 +640,7 @@ mod tests {
             n_features: 5,
             hidden: vec![7, 4],
             n_classes: 3,
+            task: crate::config::plan::Task::Classification,
             activation,
             dropout: 0.0,
         }
@@ -724,7 +693,14 @@ mod tests {
             let params = s.init_params(3);
             let (x, y) = rows(6, 5, 3, 1);
             let model = Mlp::from_flat(&s, &params, &plain).unwrap();
-            let pe = per_example(&model, input_tensor(&x, 6, &plain), &y, None).unwrap();
+            let pe = per_example(
+                &model,
+                input_tensor(&x, 6, &plain),
+                Targets::Classes(&y),
+                Objective::CrossEntropy,
+                None,
+            )
+            .unwrap();
             let closed = per_example_flat(&pe);
             let ad_model = Mlp::from_flat(&s, &params, &ad).unwrap();
             let mut loss_sum = 0.0;
@@ -766,7 +742,14 @@ mod tests {
         let s = spec(Activation::Tanh);
         let model = Mlp::from_flat(&s, &s.init_params(9), &plain).unwrap();
         let (x, y) = rows(40, 5, 3, 2);
-        let pe = per_example(&model, input_tensor(&x, 40, &plain), &y, None).unwrap();
+        let pe = per_example(
+            &model,
+            input_tensor(&x, 40, &plain),
+            Targets::Classes(&y),
+            Objective::CrossEntropy,
+            None,
+        )
+        .unwrap();
         let grads = per_example_flat(&pe);
         let norms: Vec<f64> = grads.iter().map(|g| norm(g)).collect();
         let formula = read_vec::<f32, 2, Float>(sq_norms(&pe)).unwrap();

@@ -1,19 +1,88 @@
-//! Classification metrics reported for every round: accuracy and macro-F1 from a
-//! confusion matrix, plus the [`Evaluation`] record that carries them.
+//! Metrics reported for every round: for classification accuracy and
+//! macro-F1 from a confusion matrix, for regression MAE, RMSE and R², plus the
+//! [`Evaluation`] record that carries them.
 //!
 //! Line data is usually dominated by the "ok" class, so accuracy alone hides a
 //! model that never flags a defect; macro-F1 weighs every defect class equally.
+//! For a regression target (an analyser reading, a cycle time) MAE and RMSE are
+//! in the target's own units, so a plant engineer reads them directly, and R²
+//! says how much of the target's spread the model explains.
 
 /// The outcome of evaluating a model on a set of rows.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Evaluation {
     /// Number of rows evaluated.
     pub n: usize,
-    /// Mean cross-entropy.
+    /// Mean cross-entropy, or for regression the mean squared error on the
+    /// standardised target (whatever loss trained it).
     pub loss: f64,
+    /// Classification only (0 for regression).
     pub accuracy: f64,
-    /// See [`macro_f1`] for which classes are averaged.
+    /// Classification only (0 for regression); see [`macro_f1`] for which
+    /// classes are averaged.
     pub macro_f1: f64,
+    /// Regression only.
+    pub regression: Option<RegressionMetrics>,
+}
+
+impl Evaluation {
+    /// The figure rounds, personalisation and release floors rank models by:
+    /// macro-F1, or R² for regression. Both are "higher is better", at most 1.
+    pub fn headline(&self) -> f64 {
+        self.regression.map_or(self.macro_f1, |r| r.r2)
+    }
+}
+
+/// A regression model's errors, in the target's units (R² is unit-free).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RegressionMetrics {
+    /// Mean absolute error.
+    pub mae: f64,
+    /// Root mean squared error.
+    pub rmse: f64,
+    /// Coefficient of determination, `1 − SSE / SST` with SST about these
+    /// rows' own mean: 1 is perfect, 0 is no better than that mean, and it is
+    /// negative for a model worse than it.
+    pub r2: f64,
+}
+
+/// MAE, RMSE and R² of `pred` against `truth`; `None` for no rows.
+///
+/// Rows whose truth is constant have SST 0: R² is then 1 for a perfect
+/// prediction and 0 otherwise (scikit-learn's convention), never a division by zero.
+///
+/// # Panics
+///
+/// If `truth` and `pred` differ in length.
+pub fn regression(truth: &[f64], pred: &[f64]) -> Option<RegressionMetrics> {
+    assert_eq!(
+        truth.len(),
+        pred.len(),
+        "truth and predictions differ in length"
+    );
+    if truth.is_empty() {
+        return None;
+    }
+    let n = truth.len() as f64;
+    let mean = truth.iter().sum::<f64>() / n;
+    let (mut abs, mut sse, mut sst) = (0.0, 0.0, 0.0);
+    for (&t, &p) in truth.iter().zip(pred) {
+        abs += (p - t).abs();
+        sse += (p - t) * (p - t);
+        sst += (t - mean) * (t - mean);
+    }
+    let r2 = if sst > 0.0 {
+        1.0 - sse / sst
+    } else if sse == 0.0 {
+        1.0
+    } else {
+        0.0
+    };
+    Some(RegressionMetrics {
+        mae: abs / n,
+        rmse: (sse / n).sqrt(),
+        r2,
+    })
 }
 
 /// Confusion matrix: `m[t][p]` counts rows of true class `t` predicted as `p`.
@@ -140,6 +209,28 @@ mod tests {
         assert!(close(macro_f1(4, &truth, &truth), 1.0));
         assert_eq!(accuracy(&[], &[]), 0.0);
         assert_eq!(macro_f1(2, &[], &[]), 0.0);
+    }
+
+    #[test]
+    fn regression_metrics_on_a_hand_computed_case() {
+        let truth = [1.0, 2.0, 3.0, 4.0];
+        let pred = [1.5, 2.0, 2.0, 4.0];
+        let m = regression(&truth, &pred).unwrap();
+        // |errors| 0.5, 0, 1, 0; squares 0.25, 0, 1, 0; SST about 2.5 = 5.
+        assert!(close(m.mae, 1.5 / 4.0));
+        assert!(close(m.rmse, (1.25f64 / 4.0).sqrt()));
+        assert!(close(m.r2, 1.0 - 1.25 / 5.0));
+        // The mean itself scores R² = 0; worse than the mean is negative.
+        assert!(close(regression(&truth, &[2.5; 4]).unwrap().r2, 0.0));
+        assert!(regression(&truth, &[4.0, 3.0, 2.0, 1.0]).unwrap().r2 < 0.0);
+    }
+
+    #[test]
+    fn regression_metrics_on_a_constant_target_and_no_rows() {
+        let truth = [3.0; 3];
+        assert!(close(regression(&truth, &truth).unwrap().r2, 1.0));
+        assert!(close(regression(&truth, &[3.0, 3.0, 4.0]).unwrap().r2, 0.0));
+        assert!(regression(&[], &[]).is_none());
     }
 
     #[test]

@@ -177,6 +177,7 @@ mod tests {
             n_features: 5,
             hidden: vec![4, 3],
             n_classes: 2,
+            task: crate::config::plan::Task::Classification,
             activation: Activation::Relu,
             dropout: 0.0,
         }

@@ -4,7 +4,7 @@
 //! Layering inside: [`model`] (shape, parameter layout, seeded initialisation,
 //! plain Rust) and [`data`] (CSV line data, schema checks, federated feature
 //! statistics) depend only on [`crate::config`]; [`metrics`] is pure arithmetic;
-//! [`backend`], [`mlp`], [`train`], [`dp_sgd`], [`proximal`] and [`scaffold`] sit on top and are the only modules that
+//! [`backend`], [`mlp`], [`objective`], [`train`], [`dp_sgd`], [`proximal`] and [`scaffold`] sit on top and are the only modules that
 //! name burn, so the coordinator and the fuzz targets build without it.
 //!
 //! - [`model`]: the MLP's shape, canonical parameter layout, flat vectors.
@@ -13,6 +13,7 @@
 //! - [`scoring`]: a CSV to score, checked strictly and read in bounded batches.
 //! - [`backend`] (`train`): the single place that chooses the burn backend.
 //! - [`mlp`] (`train`): the burn module of a model spec.
+//! - [`objective`] (`train`): the losses (cross-entropy, MSE, Huber), batch mean and closed form.
 //! - [`train`] (`train`): local training, evaluation and prediction.
 //! - [`dp_sgd`] (`train`): record-level differential privacy in local training (DP-SGD).
 //! - [`proximal`] (`train`): FedProx's pull towards the round's global model.
@@ -27,6 +28,8 @@ pub mod metrics;
 #[cfg(feature = "train")]
 pub mod mlp;
 pub mod model;
+#[cfg(feature = "train")]
+pub mod objective;
 #[cfg(feature = "train")]
 pub mod proximal;
 #[cfg(feature = "train")]

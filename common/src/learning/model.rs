@@ -12,7 +12,7 @@ use rand::SeedableRng;
 use rand::distr::{Distribution, Uniform};
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::plan::{Activation, TrainingPlan};
+use crate::config::plan::{Activation, Task, TrainingPlan};
 use crate::{Error, Result};
 
 /// Shape of the MLP: input width, hidden widths, classes and regularisation.
@@ -21,7 +21,11 @@ pub struct ModelSpec {
     pub n_features: usize,
     /// Hidden layer widths, input to output; empty makes a linear (softmax regression) model.
     pub hidden: Vec<usize>,
+    /// Width of the output layer: the number of classes, or 1 for regression.
     pub n_classes: usize,
+    /// Classification (softmax over `n_classes` logits) or regression (one
+    /// output, the standardised target).
+    pub task: Task,
     pub activation: Activation,
     /// Dropout probability after each hidden activation, in `[0, 1)`; only applied in training.
     pub dropout: f64,
@@ -47,7 +51,8 @@ impl ModelSpec {
         ModelSpec {
             n_features: plan.n_features(),
             hidden: plan.model.hidden_layers.clone(),
-            n_classes: plan.n_classes(),
+            n_classes: plan.n_outputs(),
+            task: plan.schema.task,
             activation: plan.model.activation,
             dropout: plan.model.dropout,
         }
@@ -60,11 +65,20 @@ impl ModelSpec {
                 "the model needs at least one input feature".into(),
             ));
         }
-        if self.n_classes < 2 {
-            return Err(Error::Model(format!(
-                "the model needs at least two classes, got {}",
-                self.n_classes
-            )));
+        match self.task {
+            Task::Classification if self.n_classes < 2 => {
+                return Err(Error::Model(format!(
+                    "the model needs at least two classes, got {}",
+                    self.n_classes
+                )));
+            }
+            Task::Regression if self.n_classes != 1 => {
+                return Err(Error::Model(format!(
+                    "a regression model has one output, not {}",
+                    self.n_classes
+                )));
+            }
+            _ => {}
         }
         if let Some(i) = self.hidden.iter().position(|&w| w == 0) {
             return Err(Error::Model(format!("hidden layer {i} has width 0")));
@@ -165,6 +179,7 @@ mod tests {
             n_features: 5,
             hidden: vec![4, 3],
             n_classes: 2,
+            task: crate::config::plan::Task::Classification,
             activation: Activation::Relu,
             dropout: 0.0,
         }
@@ -239,6 +254,7 @@ mod tests {
             },
             ModelSpec {
                 n_classes: 1,
+                task: crate::config::plan::Task::Classification,
                 ..spec()
             },
             ModelSpec {
@@ -281,6 +297,7 @@ min_participants = 1
                 n_features: 3,
                 hidden: vec![8, 4],
                 n_classes: 3,
+                task: crate::config::plan::Task::Classification,
                 activation: Activation::Tanh,
                 dropout: 0.1,
             }

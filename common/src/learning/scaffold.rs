@@ -10,7 +10,6 @@
 //! optimiser: option II's (x − y_i)/(K η) assumes plain SGD steps of size η,
 //! and the example trains with Adam.
 
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 
@@ -18,6 +17,7 @@ use crate::learning::backend::BackendKind;
 use crate::learning::data::Dataset;
 use crate::learning::mlp::{Mlp, read_vec};
 use crate::learning::model::{ModelSpec, check_params};
+use crate::learning::objective::{Objective, Targets};
 use crate::{Error, Result};
 
 /// Rows per forward and backward pass of the mean gradient.
@@ -64,6 +64,7 @@ pub fn mean_gradient(
     spec: &ModelSpec,
     params: &[f32],
     data: &Dataset,
+    objective: Objective,
 ) -> Result<Vec<f32>> {
     check_params(spec, params)?;
     if data.is_empty() || data.n_features != spec.n_features {
@@ -76,7 +77,8 @@ pub fn mean_gradient(
     }
     let device = kind.autodiff_device()?;
     let model = Mlp::from_flat(spec, params, &device)?;
-    let loss = CrossEntropyLossConfig::new().init(&device);
+    let targets = Targets::of(data);
+    objective.check(targets, spec.n_classes)?;
     let nf = data.n_features;
     let mut sum = vec![0f64; params.len()];
     for start in (0..data.len()).step_by(GRADIENT_BATCH) {
@@ -86,9 +88,7 @@ pub fn mean_gradient(
             TensorData::new(data.features[start * nf..end * nf].to_vec(), [rows, nf]),
             &device,
         );
-        let labels: Vec<i64> = data.labels[start..end].iter().map(|&l| l.into()).collect();
-        let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [rows]), &device);
-        let l = loss.forward(model.forward(x), y);
+        let l = objective.mean_loss(model.forward(x), targets.slice(start, end), &device);
         let grads = GradientsParams::from_grads(l.backward(), &model);
         let flat = flat_gradient(&model, &grads)?;
         let w = rows as f64 / data.len() as f64;

@@ -4,7 +4,7 @@
 //!
 //! Stricter than the training reader: the header must be the plan's feature
 //! columns, in the plan's order, optionally followed by the label column (to
-//! score a labelled file). A model applied to columns in another order, or to a
+//! score a labelled file; for a regression plan, the target column). A model applied to columns in another order, or to a
 //! file with a column more or less, would give confident nonsense, so each of
 //! those is refused with the column it concerns. Cells are parsed as in
 //! training: NaN, infinities and text are refused with their line and column.
@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::Result;
-use crate::config::plan::DataSchema;
+use crate::config::plan::{DataSchema, Task};
 use crate::learning::data::{
     LabelMap, check_row_width, csv_err, data_err, parse_feature, parse_label, read_header,
 };
@@ -56,7 +56,8 @@ impl<R: std::io::Read> ScoringRows<R> {
         })
     }
 
-    /// Whether the file carries the label column (then each batch's labels are filled).
+    /// Whether the file carries the label (or target) column; then each
+    /// batch's labels (classification) or values (regression) are filled.
     pub fn has_labels(&self) -> bool {
         self.has_labels
     }
@@ -66,16 +67,20 @@ impl<R: std::io::Read> ScoringRows<R> {
         self.rows
     }
 
-    /// The next up to `max_rows` rows into `features` (and `labels`, for a
-    /// labelled file), both emptied first; returns how many (0 at the end).
+    /// The next up to `max_rows` rows into `features` (and for a labelled
+    /// file into `labels`, or for a regression plan into `values`, the target
+    /// as written), all emptied first; returns how many (0 at the end).
     pub fn next_batch(
         &mut self,
         max_rows: usize,
         features: &mut Vec<f32>,
         labels: &mut Vec<u32>,
+        values: &mut Vec<f32>,
     ) -> Result<usize> {
         features.clear();
         labels.clear();
+        values.clear();
+        let regression = self.schema.task == Task::Regression;
         let classes = LabelMap::new(&self.schema.classes);
         let nf = self.schema.feature_columns.len();
         let mut n = 0;
@@ -92,7 +97,10 @@ impl<R: std::io::Read> ScoringRows<R> {
                 let name = self.schema.feature_columns[j].as_str();
                 features.push(parse_feature(&self.file, line, name, &self.record[j])?);
             }
-            if self.has_labels {
+            if self.has_labels && regression {
+                let cell = &self.record[nf];
+                values.push(parse_feature(&self.file, line, self.schema.target(), cell)?);
+            } else if self.has_labels {
                 let l = parse_label(&self.file, line, &self.schema, &classes, &self.record[nf])?;
                 labels.push(l);
             }
@@ -132,15 +140,16 @@ fn check_header(file: &Path, header: &csv::StringRecord, schema: &DataSchema) ->
     for (i, c) in cols.iter().enumerate() {
         let expected = match features.get(i) {
             Some(f) => f.as_str(),
-            None if i == features.len() && *c == schema.label_column => continue,
+            None if i == features.len() && *c == schema.target() => continue,
             None => {
                 return err(
                     Some(c),
                     format!(
-                        "column {} ('{c}') is not one of the model's: a file to score has the plan's {} feature columns, optionally followed by the label column '{}'",
+                        "column {} ('{c}') is not one of the model's: a file to score has the plan's {} feature columns, optionally followed by the {} '{}'",
                         i + 1,
                         features.len(),
-                        schema.label_column
+                        schema.target_key().replace('_', " "),
+                        schema.target()
                     ),
                 );
             }
@@ -168,6 +177,7 @@ mod tests {
             feature_columns: vec!["a".into(), "b".into()],
             label_column: "y".into(),
             classes: vec!["ok".into(), "fault".into()],
+            ..Default::default()
         }
     }
 
@@ -176,7 +186,7 @@ mod tests {
         let (mut f, mut l) = (vec![], vec![]);
         let mut all_f = vec![];
         let mut all_l = vec![];
-        while r.next_batch(2, &mut f, &mut l)? > 0 {
+        while r.next_batch(2, &mut f, &mut l, &mut Vec::new())? > 0 {
             all_f.extend_from_slice(&f);
             all_l.extend_from_slice(&l);
         }

@@ -16,20 +16,20 @@
 //! noise drawn from an OS-seeded generator, so that training is deliberately
 //! *not* reproducible; the determinism above is that of the non-private path.
 
-use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::prelude::*;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::plan::{Optimizer, TrainingPlan};
+use crate::config::plan::{Optimizer, Task, TrainingPlan};
 use crate::learning::backend::BackendKind;
 use crate::learning::data::Dataset;
 use crate::learning::dp_sgd::{DpEngine, DpNoise, DpReport, DpSgd};
 use crate::learning::metrics::{self, Evaluation};
 use crate::learning::mlp::{Mlp, read_vec};
 use crate::learning::model::{ModelSpec, check_params};
+use crate::learning::objective::{Objective, TargetBuffer, Targets};
 use crate::learning::proximal::Proximal;
 use crate::learning::scaffold::Correction;
 use crate::{Error, Result};
@@ -61,6 +61,8 @@ pub struct LocalTraining {
     /// Train only the output layer (personalisation's cheap mode): the other
     /// layers' gradients are dropped, so the optimiser leaves them as they are.
     pub last_layer_only: bool,
+    /// The loss (`[training] loss`); it must suit the model's task.
+    pub objective: Objective,
 }
 
 impl LocalTraining {
@@ -83,6 +85,7 @@ impl LocalTraining {
             proximal_mu: t.proximal_mu,
             scaffold_correction: None,
             last_layer_only: false,
+            objective: Objective::from_plan(plan),
         }
     }
 
@@ -245,7 +248,7 @@ pub struct LocalTrainer {
     spec: ModelSpec,
     model: Mlp,
     optimizer: ModuleOptimizer,
-    loss: CrossEntropyLoss,
+    objective: Objective,
     device: Device,
     learning_rate: f64,
     batch_size: usize,
@@ -268,6 +271,13 @@ impl LocalTrainer {
         cfg: &LocalTraining,
     ) -> Result<LocalTrainer> {
         cfg.validate()?;
+        if cfg.objective.task() != spec.task {
+            return Err(Error::Model(format!(
+                "a {} model cannot train with the {:?} loss",
+                spec.task.name(),
+                cfg.objective
+            )));
+        }
         let spec = ModelSpec {
             dropout: cfg.dropout,
             ..spec.clone()
@@ -284,7 +294,6 @@ impl LocalTrainer {
             Optimizer::Adam => AdamConfig::new().init(),
             Optimizer::Sgd => SgdConfig::new().init(),
         };
-        let loss = CrossEntropyLossConfig::new().init(&device);
         let shuffle_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         // Same seed, separate stream: changing the dropout rate must not change the batch order.
         let mut dropout_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
@@ -293,12 +302,16 @@ impl LocalTrainer {
             .dp
             .clone()
             .map(|dp| DpEngine::new(dp, cfg.dp_noise, spec.num_params()))
-            .transpose()?;
+            .transpose()?
+            .map(|mut engine| {
+                engine.objective = cfg.objective;
+                engine
+            });
         Ok(LocalTrainer {
             spec,
             model,
             optimizer,
-            loss,
+            objective: cfg.objective,
             device,
             learning_rate: cfg.learning_rate,
             batch_size: cfg.batch_size,
@@ -317,18 +330,19 @@ impl LocalTrainer {
     /// With DP-SGD the rows are taken as one step's Poisson sample (none is a
     /// valid, noise-only step, whose loss is NaN): clipped, noised and divided
     /// by the expected batch size `batch_size`.
-    pub fn step(&mut self, features: &[f32], labels: &[u32]) -> Result<f64> {
-        check_rows(&self.spec, features, labels)?;
+    pub fn step(&mut self, features: &[f32], targets: Targets<'_>) -> Result<f64> {
+        check_rows(&self.spec, features, targets)?;
+        self.objective.check(targets, self.spec.n_classes)?;
         if self.dp.is_some() {
-            let loss_sum = self.dp_step(features, labels)?;
-            return Ok(loss_sum / labels.len() as f64);
+            let loss_sum = self.dp_step(features, targets)?;
+            return Ok(loss_sum / targets.len() as f64);
         }
-        if labels.is_empty() {
+        if targets.is_empty() {
             return Err(Error::Model(
                 "a training step needs at least one row".into(),
             ));
         }
-        self.step_unchecked(features, labels)
+        self.step_unchecked(features, targets)
     }
 
     /// One pass over `data` in a freshly shuffled order; returns the mean loss.
@@ -373,16 +387,16 @@ impl LocalTrainer {
         let mut order: Vec<usize> = (0..data.len()).collect();
         order.shuffle(&mut self.shuffle_rng);
         let mut features = Vec::with_capacity(self.batch_size * nf);
-        let mut labels = Vec::with_capacity(self.batch_size);
+        let mut targets = TargetBuffer::default();
         let mut total = 0.0;
         for batch in order.chunks(self.batch_size) {
             features.clear();
-            labels.clear();
+            targets.clear(data);
             for &row in batch {
                 features.extend_from_slice(&data.features[row * nf..(row + 1) * nf]);
-                labels.push(data.labels[row]);
+                targets.push(data, row);
             }
-            let loss = self.step_unchecked(&features, &labels)?;
+            let loss = self.step_unchecked(&features, targets.targets())?;
             stepped(loss);
             total += loss * batch.len() as f64;
         }
@@ -392,34 +406,34 @@ impl LocalTrainer {
     /// `⌈rows / batch_size⌉` DP-SGD steps, each on a Poisson sample of `data`.
     fn dp_epoch(&mut self, data: &Dataset, stepped: &mut dyn FnMut(f64)) -> Result<f64> {
         let nf = data.n_features;
-        let (mut features, mut labels) = (Vec::new(), Vec::new());
+        let (mut features, mut targets) = (Vec::new(), TargetBuffer::default());
         let (mut loss_sum, mut rows) = (0.0, 0usize);
         let mut sample = std::mem::take(&mut self.sample);
         for _ in 0..data.len().div_ceil(self.batch_size) {
             let engine = self.dp.as_mut().expect("dp_epoch runs with DP-SGD only");
             engine.sample(data.len(), self.batch_size, &mut sample);
             features.clear();
-            labels.clear();
+            targets.clear(data);
             for &row in &sample {
                 features.extend_from_slice(&data.features[row * nf..(row + 1) * nf]);
-                labels.push(data.labels[row]);
+                targets.push(data, row);
             }
-            let step_loss = self.dp_step(&features, &labels)?;
-            stepped(step_loss / labels.len() as f64);
+            let step_loss = self.dp_step(&features, targets.targets())?;
+            stepped(step_loss / sample.len() as f64);
             loss_sum += step_loss;
-            rows += labels.len();
+            rows += sample.len();
         }
         self.sample = sample;
         Ok(loss_sum / rows as f64)
     }
 
     /// One DP-SGD step on the sampled rows; returns the sum of their losses.
-    fn dp_step(&mut self, features: &[f32], labels: &[u32]) -> Result<f64> {
+    fn dp_step(&mut self, features: &[f32], targets: Targets<'_>) -> Result<f64> {
         let engine = self.dp.as_mut().expect("dp_step runs with DP-SGD only");
         let (mut grads, loss_sum) = engine.gradient(
             &self.model,
             features,
-            labels,
+            targets,
             self.batch_size,
             &mut self.dropout_rng,
             &self.device,
@@ -431,15 +445,14 @@ impl LocalTrainer {
         Ok(loss_sum)
     }
 
-    fn step_unchecked(&mut self, features: &[f32], labels: &[u32]) -> Result<f64> {
-        let rows = labels.len();
+    fn step_unchecked(&mut self, features: &[f32], targets: Targets<'_>) -> Result<f64> {
+        let rows = targets.len();
         let x = Tensor::<2>::from_data(
             TensorData::new(features.to_vec(), [rows, self.spec.n_features]),
             &self.device,
         );
-        let y = labels_tensor(labels, &self.device);
-        let logits = self.model.forward_train(x, &mut self.dropout_rng);
-        let loss = self.loss.forward(logits, y);
+        let outputs = self.model.forward_train(x, &mut self.dropout_rng);
+        let loss = self.objective.mean_loss(outputs, targets, &self.device);
         let value: f64 = loss
             .clone()
             .try_into_scalar::<f32>()
@@ -480,7 +493,9 @@ impl LocalTrainer {
     }
 }
 
-/// Loss, accuracy and macro-F1 of `params` on `data`, without dropout.
+/// Loss and the task's metrics of `params` on `data`, without dropout:
+/// cross-entropy, accuracy and macro-F1, or for regression the MSE on the
+/// standardised target and MAE, RMSE and R² in the target's units.
 pub fn evaluate(
     kind: BackendKind,
     spec: &ModelSpec,
@@ -490,33 +505,58 @@ pub fn evaluate(
     check_dataset(spec, data)?;
     let device = kind.device()?;
     let model = Mlp::from_flat(spec, params, &device)?;
-    // Summed (not averaged) per batch so the last, shorter batch is weighted correctly.
-    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let objective = match spec.task {
+        Task::Classification => Objective::CrossEntropy,
+        Task::Regression => Objective::Mse,
+    };
     let nf = spec.n_features;
+    let targets = Targets::of(data);
+    // Summed (not averaged) per batch so the last, shorter batch is weighted correctly.
     let mut loss_sum = 0.0;
-    let mut pred = Vec::with_capacity(data.len());
-    for (x, y) in data
-        .features
-        .chunks(INFERENCE_BATCH * nf)
-        .zip(data.labels.chunks(INFERENCE_BATCH))
-    {
-        let rows = y.len();
+    let mut outputs = Vec::with_capacity(data.len());
+    for (b, x) in data.features.chunks(INFERENCE_BATCH * nf).enumerate() {
+        let rows = x.len() / nf;
+        let start = b * INFERENCE_BATCH;
         let x = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [rows, nf]), &device);
-        let logits = model.forward(x);
-        let loss: f32 = loss_fn
-            .forward(logits.clone(), labels_tensor(y, &device))
-            .try_into_scalar()
-            .map_err(|e| Error::Model(format!("reading the evaluation loss failed: {e}")))?;
-        loss_sum += f64::from(loss) * rows as f64;
-        let classes = read_vec::<i64, 2, Int>(logits.argmax(1))?;
-        pred.extend(classes.into_iter().map(|c| c as u32));
+        let z = model.forward(x);
+        let (loss, _) =
+            objective.sum_and_output_grads(z.clone(), targets.slice(start, start + rows))?;
+        loss_sum += loss;
+        match spec.task {
+            Task::Classification => {
+                let classes = read_vec::<i64, 2, Int>(z.argmax(1))?;
+                outputs.extend(classes.into_iter().map(|c| c as f64));
+            }
+            Task::Regression => {
+                outputs.extend(read_vec::<f32, 2, Float>(z)?.into_iter().map(f64::from));
+            }
+        }
     }
     let n = data.len();
-    Ok(Evaluation {
-        n,
-        loss: loss_sum / n as f64,
-        accuracy: metrics::accuracy(&data.labels, &pred),
-        macro_f1: metrics::macro_f1(spec.n_classes, &data.labels, &pred),
+    let loss = loss_sum / n as f64;
+    Ok(match spec.task {
+        Task::Classification => {
+            let pred: Vec<u32> = outputs.into_iter().map(|c| c as u32).collect();
+            Evaluation {
+                n,
+                loss,
+                accuracy: metrics::accuracy(&data.labels, &pred),
+                macro_f1: metrics::macro_f1(spec.n_classes, &data.labels, &pred),
+                regression: None,
+            }
+        }
+        Task::Regression => {
+            let units = |v: f64| data.target_in_units(v);
+            let truth: Vec<f64> = data.targets.iter().map(|&y| units(f64::from(y))).collect();
+            let pred: Vec<f64> = outputs.into_iter().map(units).collect();
+            Evaluation {
+                n,
+                loss,
+                accuracy: 0.0,
+                macro_f1: 0.0,
+                regression: metrics::regression(&truth, &pred),
+            }
+        }
     })
 }
 
@@ -547,12 +587,6 @@ pub fn predict_logits(
     Ok(out)
 }
 
-fn labels_tensor(labels: &[u32], device: &Device) -> Tensor<1, Int> {
-    let labels: Vec<i64> = labels.iter().map(|&l| i64::from(l)).collect();
-    let n = labels.len();
-    Tensor::from_data(TensorData::new(labels, [n]), device)
-}
-
 fn check_dataset(spec: &ModelSpec, data: &Dataset) -> Result<()> {
     if data.is_empty() {
         return Err(Error::Model("the dataset has no rows".into()));
@@ -563,26 +597,29 @@ fn check_dataset(spec: &ModelSpec, data: &Dataset) -> Result<()> {
             data.n_features, spec.n_features
         )));
     }
-    check_rows(spec, &data.features, &data.labels)
+    let targets = Targets::of(data);
+    if targets.len() != data.len() {
+        return Err(Error::Model(format!(
+            "the dataset has {} rows but {} regression targets",
+            data.len(),
+            data.targets.len()
+        )));
+    }
+    check_rows(spec, &data.features, targets)?;
+    let objective = match spec.task {
+        Task::Classification => Objective::CrossEntropy,
+        Task::Regression => Objective::Mse,
+    };
+    objective.check(targets, spec.n_classes)
 }
 
-fn check_rows(spec: &ModelSpec, features: &[f32], labels: &[u32]) -> Result<()> {
+fn check_rows(spec: &ModelSpec, features: &[f32], targets: Targets<'_>) -> Result<()> {
     let nf = spec.n_features;
-    if labels.len().checked_mul(nf) != Some(features.len()) {
+    if targets.len().checked_mul(nf) != Some(features.len()) {
         return Err(Error::Model(format!(
             "{} feature values do not make {} rows of {nf} features",
             features.len(),
-            labels.len()
-        )));
-    }
-    if let Some((row, &label)) = labels
-        .iter()
-        .enumerate()
-        .find(|&(_, &l)| l as usize >= spec.n_classes)
-    {
-        return Err(Error::Model(format!(
-            "row {row} has label {label} but the model has {} classes",
-            spec.n_classes
+            targets.len()
         )));
     }
     check_finite(features)
@@ -609,6 +646,7 @@ mod tests {
             n_features: 4,
             hidden: vec![16],
             n_classes: 3,
+            task: crate::config::plan::Task::Classification,
             activation: Activation::Relu,
             dropout: 0.0,
         }
@@ -635,6 +673,7 @@ mod tests {
             features,
             labels,
             n_features: 4,
+            ..Default::default()
         }
     }
 
@@ -655,6 +694,7 @@ mod tests {
             proximal_mu: 0.0,
             scaffold_correction: None,
             last_layer_only: false,
+            objective: Default::default(),
         }
     }
 
@@ -749,6 +789,7 @@ seed = 9
             n_features: 3,
             hidden: vec![],
             n_classes: 3,
+            task: crate::config::plan::Task::Classification,
             activation: Activation::Relu,
             dropout: 0.0,
         };
@@ -760,6 +801,7 @@ seed = 9
             features: vec![1., 0., 0., 0., 1., 0., 0., 0., 1., 0., 1., 0.],
             labels: vec![0, 1, 2, 1],
             n_features: 3,
+            ..Default::default()
         };
         let e = evaluate(BackendKind::NdArray, &s, &params, &data).unwrap();
         assert_eq!(e.n, 4);
@@ -865,15 +907,15 @@ seed = 9
         };
         let w0 = s.init_params(3);
         let mut t = LocalTrainer::new(BackendKind::NdArray, &s, &w0, &prox).unwrap();
-        t.step(x, y).unwrap();
+        t.step(x, Targets::Classes(y)).unwrap();
         let w1 = t.params();
         let mut p = LocalTrainer::new(BackendKind::NdArray, &s, &w0, &plain).unwrap();
-        p.step(x, y).unwrap();
+        p.step(x, Targets::Classes(y)).unwrap();
         assert_eq!(w1, p.params(), "the pull is zero at the global model");
-        t.step(x, y).unwrap();
+        t.step(x, Targets::Classes(y)).unwrap();
         let w2 = t.params();
         let mut p = LocalTrainer::new(BackendKind::NdArray, &s, &w1, &plain).unwrap();
-        p.step(x, y).unwrap();
+        p.step(x, Targets::Classes(y)).unwrap();
         let moved = w1.iter().zip(&w0).any(|(a, b)| a != b);
         assert!(moved, "the first step moved the model");
         for (i, ((got, plain), (a, b))) in w2
@@ -905,9 +947,9 @@ seed = 9
             ..plain.clone()
         };
         let mut p = LocalTrainer::new(BackendKind::NdArray, &s, &w0, &plain).unwrap();
-        p.step(x, y).unwrap();
+        p.step(x, Targets::Classes(y)).unwrap();
         let mut c = LocalTrainer::new(BackendKind::NdArray, &s, &w0, &corrected).unwrap();
-        c.step(x, y).unwrap();
+        c.step(x, Targets::Classes(y)).unwrap();
         for (i, ((got, plain), k)) in c
             .params()
             .iter()
@@ -977,15 +1019,22 @@ seed = 9
         let s = spec();
         let data = blobs(40, 4);
         let w0 = s.init_params(8);
-        let g =
-            crate::learning::scaffold::mean_gradient(BackendKind::NdArray, &s, &w0, &data).unwrap();
+        let g = crate::learning::scaffold::mean_gradient(
+            BackendKind::NdArray,
+            &s,
+            &w0,
+            &data,
+            Objective::CrossEntropy,
+        )
+        .unwrap();
         let lr = 0.5;
         let one_step = LocalTraining {
             learning_rate: lr,
             ..cfg(Optimizer::Sgd, 0.0)
         };
         let mut t = LocalTrainer::new(BackendKind::NdArray, &s, &w0, &one_step).unwrap();
-        t.step(&data.features, &data.labels).unwrap();
+        t.step(&data.features, Targets::Classes(&data.labels))
+            .unwrap();
         let implied: Vec<f32> = w0
             .iter()
             .zip(t.params())
@@ -999,10 +1048,17 @@ seed = 9
             features: vec![],
             labels: vec![],
             n_features: s.n_features,
+            ..Default::default()
         };
         assert!(
-            crate::learning::scaffold::mean_gradient(BackendKind::NdArray, &s, &w0, &empty)
-                .is_err()
+            crate::learning::scaffold::mean_gradient(
+                BackendKind::NdArray,
+                &s,
+                &w0,
+                &empty,
+                Objective::CrossEntropy
+            )
+            .is_err()
         );
     }
 
@@ -1057,8 +1113,11 @@ seed = 9
         let out = train_local(BackendKind::NdArray, &s, &start, &data, &c).unwrap();
         assert_eq!(out.epoch_losses, losses);
         assert_eq!(out.params, t.params());
-        assert!(t.step(&data.features[..4], &data.labels[..1]).is_ok());
-        assert!(t.step(&[], &[]).is_err());
+        assert!(
+            t.step(&data.features[..4], Targets::Classes(&data.labels[..1]))
+                .is_ok()
+        );
+        assert!(t.step(&[], Targets::Classes(&[])).is_err());
     }
 
     fn dp_cfg(optimizer: Optimizer, batch_size: usize, dp: DpSgd) -> LocalTraining {
@@ -1141,6 +1200,7 @@ seed = 9
             n_features: 52,
             hidden: vec![128, 64],
             n_classes: 9,
+            task: crate::config::plan::Task::Classification,
             ..spec()
         };
         assert_eq!(s.num_params(), 15_625);
@@ -1162,7 +1222,7 @@ seed = 9
             let mut t = seeded_trainer(&s, &params, &c, 11);
             let mut noise = Vec::new();
             for _ in 0..4 {
-                assert!(t.step(&[], &[]).unwrap().is_nan());
+                assert!(t.step(&[], Targets::Classes(&[])).unwrap().is_nan());
                 let next = t.params();
                 noise.extend(params.iter().zip(&next).map(|(a, b)| f64::from(a - b)));
                 params = next;

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use sangsaeng_proto::v1 as pb;
 
 use crate::config::plan::{
-    Activation, DataSchema, ModelConfig, Optimizer, Scaling, TrainingConfig, TrainingPlan,
+    Activation, DataSchema, Loss, ModelConfig, Optimizer, Scaling, Task, TrainingConfig,
+    TrainingPlan,
 };
 use crate::config::privacy::{DpConfig, DpLevel, PrivacyConfig};
 use crate::transfer::digest::DigestAlgorithm;
@@ -23,9 +24,14 @@ pub fn plan_to_proto(p: &TrainingPlan) -> pb::TrainingPlan {
         .as_ref()
         .map(|s| (s.mean.clone(), s.std.clone()))
         .unwrap_or_default();
+    let (target_mean, target_std) = p
+        .scaling
+        .as_ref()
+        .and_then(Scaling::target)
+        .unwrap_or_default();
     pb::TrainingPlan {
         feature_columns: p.schema.feature_columns.clone(),
-        label_column: p.schema.label_column.clone(),
+        label_column: p.schema.target().to_owned(),
         classes: p.schema.classes.clone(),
         hidden_layers: p.model.hidden_layers.iter().map(|&w| w as u32).collect(),
         activation: activation_name(p.model.activation).into(),
@@ -64,6 +70,11 @@ pub fn plan_to_proto(p: &TrainingPlan) -> pb::TrainingPlan {
             .as_ref()
             .and_then(|p| p.secure_aggregation_degree)
             .unwrap_or(0),
+        task: p.schema.task.name().into(),
+        loss: p.training.loss.map(Loss::name).unwrap_or_default().into(),
+        huber_delta: p.training.huber_delta,
+        scaling_target_mean: target_mean,
+        scaling_target_std: target_std,
     }
 }
 
@@ -138,19 +149,35 @@ pub fn plan_from_proto(p: &pb::TrainingPlan) -> Result<TrainingPlan> {
         "adam" => Optimizer::Adam,
         other => return Err(bad(format!("unknown optimizer '{other}'"))),
     };
+    let task = Task::from_name(&p.task).ok_or_else(|| bad(format!("unknown task '{}'", p.task)))?;
+    let loss = match p.loss.as_str() {
+        "" => None,
+        name => Some(Loss::from_name(name).ok_or_else(|| bad(format!("unknown loss '{name}'")))?),
+    };
+    let regression = task == Task::Regression;
     let scaling = if p.scaling_mean.is_empty() && p.scaling_std.is_empty() {
         None
     } else {
         Some(Scaling {
             mean: p.scaling_mean.clone(),
             std: p.scaling_std.clone(),
+            // Zero is proto3's "unset"; a regression plan's validation refuses it.
+            target_mean: regression.then_some(p.scaling_target_mean),
+            target_std: regression.then_some(p.scaling_target_std),
         })
+    };
+    let (label_column, target_column) = if regression {
+        (String::new(), p.label_column.clone())
+    } else {
+        (p.label_column.clone(), String::new())
     };
     let plan = TrainingPlan {
         schema: DataSchema {
+            task,
             feature_columns: p.feature_columns.clone(),
-            label_column: p.label_column.clone(),
+            label_column,
             classes: p.classes.clone(),
+            target_column,
         },
         model: ModelConfig {
             hidden_layers: p.hidden_layers.iter().map(|&w| w as usize).collect(),
@@ -173,6 +200,13 @@ pub fn plan_from_proto(p: &pb::TrainingPlan) -> Result<TrainingPlan> {
             .map_err(|e| bad(e.to_string()))?,
             evaluate: !p.skip_evaluation,
             proximal_mu: p.proximal_mu,
+            loss,
+            // Zero: an older coordinator, which only trains classifiers.
+            huber_delta: if p.huber_delta == 0.0 {
+                1.0
+            } else {
+                p.huber_delta
+            },
         },
         privacy: privacy_from_proto(p)?,
         // How the coordinator aggregates is its own business: sites train the
@@ -323,6 +357,7 @@ proximal_mu = 0.01
         plan.scaling = Some(Scaling {
             mean: vec![1.0, 2.0],
             std: vec![0.5, 3.0],
+            ..Default::default()
         });
         assert_eq!(plan_from_proto(&plan_to_proto(&plan)).unwrap(), plan);
     }

@@ -427,7 +427,12 @@ fn card_front_schema(s: &mut String, plan: &TrainingPlan) {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let _ = writeln!(s, "  label: {}", y(&plan.schema.label_column));
+    if plan.regression() {
+        let _ = writeln!(s, "  task: regression");
+        let _ = writeln!(s, "  target: {}", y(plan.schema.target()));
+    } else {
+        let _ = writeln!(s, "  label: {}", y(&plan.schema.label_column));
+    }
     let _ = writeln!(
         s,
         "  classes: [{}]",
@@ -479,14 +484,26 @@ fn card_front_contributors(s: &mut String, i: &Inputs<'_>, p: &Provenance) {
 /// results, machine-readable.
 fn card_front_metrics_and_rules(s: &mut String, i: &Inputs<'_>, p: &Provenance) {
     let _ = writeln!(s, "metrics:");
+    let v = |x: Option<f64>| x.map_or("null".into(), |v| format!("{v:.6}"));
     for r in &i.facts.rounds {
-        let _ = writeln!(
-            s,
-            "  - {{round: {}, macro_f1: {}, accuracy: {}}}",
-            r.round,
-            r.eval_macro_f1.map_or("null".into(), |v| format!("{v:.6}")),
-            r.eval_accuracy.map_or("null".into(), |v| format!("{v:.6}"))
-        );
+        let _ = if r.regression() {
+            writeln!(
+                s,
+                "  - {{round: {}, mae: {}, rmse: {}, r2: {}}}",
+                r.round,
+                v(r.eval_mae),
+                v(r.eval_rmse),
+                v(r.eval_r2)
+            )
+        } else {
+            writeln!(
+                s,
+                "  - {{round: {}, macro_f1: {}, accuracy: {}}}",
+                r.round,
+                v(r.eval_macro_f1),
+                v(r.eval_accuracy)
+            )
+        };
     }
     let _ = writeln!(s, "release_rules:");
     for r in &p.rules {
@@ -504,16 +521,28 @@ fn card_front_metrics_and_rules(s: &mut String, i: &Inputs<'_>, p: &Provenance) 
 /// "Intended use": what the model is for and, as much, what it is not for.
 fn card_intended_use(s: &mut String, plan: &TrainingPlan, p: &Provenance) {
     let _ = writeln!(s, "## Intended use\n");
-    let _ = writeln!(
-        s,
-        "Classifies the process state of a production line into {} classes ({}) from {} sensor readings \
+    let _ = if plan.regression() {
+        writeln!(
+            s,
+            "Predicts `{}` (a soft sensor: a reading such as a product analyser's) from {} process readings \
+             of one time step. Trained by federated learning across a supply chain: the line data never left \
+             the sites that own it; only weight deltas did. Use it to watch quality between laboratory or \
+             analyser samples on lines with the same sensor set and units; it is not a safety system.\n",
+            plan.schema.target(),
+            plan.schema.feature_columns.len()
+        )
+    } else {
+        writeln!(
+            s,
+            "Classifies the process state of a production line into {} classes ({}) from {} sensor readings \
          of one time step. Trained by federated learning across a supply chain: the line data never left \
          the sites that own it; only weight deltas did. Use it for defect and fault screening on lines \
          with the same sensor set and units; it is not a safety system and must not replace interlocks.\n",
-        plan.schema.classes.len(),
-        plan.schema.classes.join(", "),
-        plan.schema.feature_columns.len()
-    );
+            plan.schema.classes.len(),
+            plan.schema.classes.join(", "),
+            plan.schema.feature_columns.len()
+        )
+    };
     let _ = writeln!(
         s,
         "Licence: **{}**. Usage terms: {}\n",
@@ -526,9 +555,10 @@ fn card_input_schema(s: &mut String, plan: &TrainingPlan) {
     let _ = writeln!(s, "## Input schema\n");
     let _ = writeln!(
         s,
-        "Columns, in this order: {}. Label column: `{}`.\n",
+        "Columns, in this order: {}. {} column: `{}`.\n",
         plan.schema.feature_columns.join(", "),
-        plan.schema.label_column
+        if plan.regression() { "Target" } else { "Label" },
+        plan.schema.target()
     );
 }
 
@@ -538,19 +568,40 @@ fn card_metrics_table(s: &mut String, i: &Inputs<'_>) {
         s,
         "## Metrics per round (federated validation at the participants)\n"
     );
-    let _ = writeln!(
-        s,
-        "| round | macro-F1 | accuracy | updates |\n|---:|---:|---:|---:|"
-    );
-    for r in &i.facts.rounds {
-        let _ = writeln!(
+    let regression = i.facts.rounds.iter().any(|r| r.regression());
+    let _ = if regression {
+        writeln!(
             s,
-            "| {} | {} | {} | {} |",
-            r.round,
-            r.eval_macro_f1.map_or("n/a".into(), |v| format!("{v:.4}")),
-            r.eval_accuracy.map_or("n/a".into(), |v| format!("{v:.4}")),
-            r.contributions.len()
-        );
+            "| round | MAE | RMSE | R² | updates |\n|---:|---:|---:|---:|---:|"
+        )
+    } else {
+        writeln!(
+            s,
+            "| round | macro-F1 | accuracy | updates |\n|---:|---:|---:|---:|"
+        )
+    };
+    let v = |x: Option<f64>| x.map_or("n/a".into(), |v| format!("{v:.4}"));
+    for r in &i.facts.rounds {
+        let _ = if regression {
+            writeln!(
+                s,
+                "| {} | {} | {} | {} | {} |",
+                r.round,
+                v(r.eval_mae),
+                v(r.eval_rmse),
+                v(r.eval_r2),
+                r.contributions.len()
+            )
+        } else {
+            writeln!(
+                s,
+                "| {} | {} | {} | {} |",
+                r.round,
+                v(r.eval_macro_f1),
+                v(r.eval_accuracy),
+                r.contributions.len()
+            )
+        };
     }
 }
 

@@ -95,6 +95,9 @@ pub fn rounds_from_audit(entries: &[Entry], training: &str) -> Vec<RoundFact> {
                     .to_string(),
                 eval_macro_f1: e.data["eval_macro_f1"].as_f64(),
                 eval_accuracy: e.data["eval_accuracy"].as_f64(),
+                eval_mae: e.data["eval_mae"].as_f64(),
+                eval_rmse: e.data["eval_rmse"].as_f64(),
+                eval_r2: e.data["eval_r2"].as_f64(),
                 dp_epsilon: e.data["dp"]["model_epsilon"].as_f64(),
                 secure_aggregation: e.data["secure_aggregation"]["secure_aggregation"]
                     == json!(true),
@@ -103,10 +106,16 @@ pub fn rounds_from_audit(entries: &[Entry], training: &str) -> Vec<RoundFact> {
                     .into_iter()
                     .flatten()
                     .filter_map(|v| {
+                        let figures = v
+                            .as_object()?
+                            .iter()
+                            .filter(|(k, _)| !matches!(k.as_str(), "org" | "examples"))
+                            .filter_map(|(k, x)| Some((k.clone(), x.as_f64()?)))
+                            .collect();
                         Some(policy::EvaluationFact {
                             org: v["org"].as_str()?.to_string(),
                             examples: v["examples"].as_u64()?,
-                            macro_f1: v["macro_f1"].as_f64()?,
+                            figures,
                         })
                     })
                     .collect(),

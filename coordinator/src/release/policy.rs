@@ -51,6 +51,14 @@ pub struct Rules {
     /// model fails the rule closed, as does an audit log without per-site reports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_evaluators: Vec<String>,
+    /// Further floors on the final model's figures (`[[rules.min_metric]]`),
+    /// each one rule: `metric = "r2"` with `min`, `"mae"` / `"rmse"` with
+    /// `max` (target units), `"macro_f1"` / `"accuracy"` with `min`. A
+    /// regression training needs at least one on r2, mae or rmse (it has no
+    /// macro-F1 for `min_macro_f1`); the same `trusted_evaluators` decide
+    /// whose figures count.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub min_metric: Vec<MetricFloor>,
     /// When true, only a model trained with differential privacy within
     /// `max_epsilon` may be released; a model trained without it fails closed.
     pub require_differential_privacy: bool,
@@ -69,6 +77,84 @@ pub struct Rules {
     /// contributor's individual update was ever open to the coordinator.
     #[serde(default)]
     pub require_secure_aggregation: bool,
+}
+
+/// One `[[rules.min_metric]]` floor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricFloor {
+    pub metric: Metric,
+    /// The least allowed value (metrics where higher is better).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    /// The largest allowed value (errors: mae, rmse).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+}
+
+/// A figure of the final model a floor can be set on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    MacroF1,
+    Accuracy,
+    R2,
+    Mae,
+    Rmse,
+}
+
+impl Metric {
+    /// The name metrics.jsonl and the audit log use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::MacroF1 => "macro_f1",
+            Metric::Accuracy => "accuracy",
+            Metric::R2 => "r2",
+            Metric::Mae => "mae",
+            Metric::Rmse => "rmse",
+        }
+    }
+
+    /// Errors are bounded from above, scores from below.
+    fn lower_is_better(self) -> bool {
+        matches!(self, Metric::Mae | Metric::Rmse)
+    }
+
+    fn regression(self) -> bool {
+        matches!(self, Metric::R2 | Metric::Mae | Metric::Rmse)
+    }
+}
+
+impl MetricFloor {
+    fn validate(&self, i: usize) -> std::result::Result<(), String> {
+        let key = format!("rules.min_metric[{i}] ({})", self.metric.name());
+        match (self.metric.lower_is_better(), self.min, self.max) {
+            (true, None, Some(v)) if v.is_finite() && v >= 0.0 => Ok(()),
+            (false, Some(v), None) if v.is_finite() && v <= 1.0 => Ok(()),
+            (true, _, _) => Err(format!(
+                "{key}: an error metric takes `max` (a finite number >= 0, in the target's units) and no `min`"
+            )),
+            (false, _, _) => Err(format!(
+                "{key}: a score takes `min` (a finite number <= 1) and no `max`"
+            )),
+        }
+    }
+
+    fn passes(&self, v: f64) -> bool {
+        match (self.min, self.max) {
+            (Some(min), _) => v >= min,
+            (_, Some(max)) => v <= max,
+            _ => false,
+        }
+    }
+
+    fn requirement(&self) -> String {
+        match (self.min, self.max) {
+            (Some(min), _) => format!("at least {min:.4}"),
+            (_, Some(max)) => format!("at most {max:.4}"),
+            _ => "a bound".into(),
+        }
+    }
 }
 
 /// How contributors appear in the model card and provenance.
@@ -125,6 +211,9 @@ impl Policy {
                 r.min_macro_f1
             ));
         }
+        for (i, floor) in r.min_metric.iter().enumerate() {
+            floor.validate(i)?;
+        }
         if r.trusted_evaluators.iter().any(|o| o.trim().is_empty()) {
             return Err(
                 "rules.trusted_evaluators must name organisations (an entry is empty)".into(),
@@ -166,7 +255,8 @@ pub struct Contribution {
 pub struct EvaluationFact {
     pub org: String,
     pub examples: u64,
-    pub macro_f1: f64,
+    /// Its figures by name (`macro_f1`, `accuracy`; `mae`, `rmse`, `r2`).
+    pub figures: BTreeMap<String, f64>,
 }
 
 /// One completed round as the audit log records it.
@@ -177,6 +267,13 @@ pub struct RoundFact {
     pub global_model_sha256: String,
     pub eval_macro_f1: Option<f64>,
     pub eval_accuracy: Option<f64>,
+    /// Regression trainings: the weighted MAE, RMSE and R².
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_mae: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_rmse: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_r2: Option<f64>,
     /// ε of the model after this round (differentially private trainings only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dp_epsilon: Option<f64>,
@@ -186,6 +283,24 @@ pub struct RoundFact {
     /// Each site's own report (empty in entries written before they were recorded).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub evaluations: Vec<EvaluationFact>,
+}
+
+impl RoundFact {
+    /// The round's federated (all sites, weighted) figure.
+    pub fn figure(&self, metric: Metric) -> Option<f64> {
+        match metric {
+            Metric::MacroF1 => self.eval_macro_f1,
+            Metric::Accuracy => self.eval_accuracy,
+            Metric::R2 => self.eval_r2,
+            Metric::Mae => self.eval_mae,
+            Metric::Rmse => self.eval_rmse,
+        }
+    }
+
+    /// Whether the round's evaluations are a regression's.
+    pub fn regression(&self) -> bool {
+        self.eval_r2.is_some()
+    }
 }
 
 /// What is known about a training when a release is requested.
@@ -268,15 +383,17 @@ fn rule(rule: &str, requirement: String, actual: String, passed: bool) -> RuleRe
 pub fn evaluate(policy: &Policy, facts: &Facts, roster: &Roster) -> Vec<RuleResult> {
     let r = &policy.rules;
     let contributors = facts.contributors();
-    vec![
+    let mut results = vec![
         consent_rule(r, &contributors, roster),
         min_contributors_rule(r, &contributors),
         max_weight_share_rule(r, facts),
         min_rounds_rule(r, facts),
         min_macro_f1_rule(r, facts),
-        differential_privacy_rule(r, facts),
-        secure_aggregation_rule(r, facts),
-    ]
+    ];
+    results.extend(r.min_metric.iter().map(|f| min_metric_rule(r, f, facts)));
+    results.push(differential_privacy_rule(r, facts));
+    results.push(secure_aggregation_rule(r, facts));
+    results
 }
 
 /// `require_secure_aggregation`: every round, from the audit log; a training
@@ -411,16 +528,10 @@ fn min_rounds_rule(r: &Rules, facts: &Facts) -> RuleResult {
 /// only the last round counts; a missing evaluation fails.
 fn min_macro_f1_rule(r: &Rules, facts: &Facts) -> RuleResult {
     let last = facts.rounds.last();
-    let (f1, source) = if r.trusted_evaluators.is_empty() {
-        let n = last.map_or(0, |l| l.evaluations.len());
-        let whose = match n {
-            0 => "every site's own report".to_string(),
-            n => format!("the {n} sites' own reports"),
-        };
-        (last.and_then(|l| l.eval_macro_f1), whose)
-    } else {
-        trusted_macro_f1(&r.trusted_evaluators, last)
-    };
+    if last.is_some_and(RoundFact::regression) {
+        return regression_floor_rule(r);
+    }
+    let (f1, source) = final_figure(r, last, Metric::MacroF1);
     let wanted = if r.trusted_evaluators.is_empty() {
         format!(
             "federated macro-F1 of the final model at least {:.4}",
@@ -444,10 +555,74 @@ fn min_macro_f1_rule(r: &Rules, facts: &Facts) -> RuleResult {
     )
 }
 
-/// The trusted organisations' macro-F1 of the final model, weighted by their
+/// `min_macro_f1` on a regression training, which has no macro-F1: its
+/// quality floor must come from `min_metric` instead, or the rule fails closed.
+fn regression_floor_rule(r: &Rules) -> RuleResult {
+    let floors: Vec<&str> = r
+        .min_metric
+        .iter()
+        .filter(|f| f.metric.regression())
+        .map(|f| f.metric.name())
+        .collect();
+    rule(
+        "min_macro_f1",
+        "a quality floor on the final model (a regression training's: a rules.min_metric on r2, mae or rmse)".into(),
+        if floors.is_empty() {
+            "regression training, and the policy sets no min_metric on r2, mae or rmse".into()
+        } else {
+            format!(
+                "regression training: its floor is the min_metric rule(s) on {}",
+                floors.join(", ")
+            )
+        },
+        !floors.is_empty(),
+    )
+}
+
+/// One `[[rules.min_metric]]` floor on the final model.
+fn min_metric_rule(r: &Rules, floor: &MetricFloor, facts: &Facts) -> RuleResult {
+    let (v, source) = final_figure(r, facts.rounds.last(), floor.metric);
+    rule(
+        "min_metric",
+        format!(
+            "{} of the final model {}",
+            floor.metric.name(),
+            floor.requirement()
+        ),
+        match v {
+            Some(v) => format!("{v:.4}, from {source}"),
+            None => format!(
+                "no {} of the final model to use ({source})",
+                floor.metric.name()
+            ),
+        },
+        v.is_some_and(|v| floor.passes(v)),
+    )
+}
+
+/// The final model's `metric` a floor is checked against: everyone's
+/// federated figure, or the trusted evaluators' own, and whose it is.
+fn final_figure(r: &Rules, last: Option<&RoundFact>, metric: Metric) -> (Option<f64>, String) {
+    if r.trusted_evaluators.is_empty() {
+        let n = last.map_or(0, |l| l.evaluations.len());
+        let whose = match n {
+            0 => "every site's own report".to_string(),
+            n => format!("the {n} sites' own reports"),
+        };
+        (last.and_then(|l| l.figure(metric)), whose)
+    } else {
+        trusted_figure(&r.trusted_evaluators, last, metric)
+    }
+}
+
+/// The trusted organisations' figure of the final model, weighted by their
 /// rows, and whose figures these are; `None` (failing the rule) unless every
-/// trusted organisation reported on it.
-fn trusted_macro_f1(trusted: &[String], last: Option<&RoundFact>) -> (Option<f64>, String) {
+/// trusted organisation reported it.
+fn trusted_figure(
+    trusted: &[String],
+    last: Option<&RoundFact>,
+    metric: Metric,
+) -> (Option<f64>, String) {
     let evals = last.map(|l| l.evaluations.as_slice()).unwrap_or_default();
     let missing: Vec<&str> = trusted
         .iter()
@@ -458,10 +633,16 @@ fn trusted_macro_f1(trusted: &[String], last: Option<&RoundFact>) -> (Option<f64
         return (None, format!("no report from {}", missing.join(", ")));
     }
     let used: Vec<&EvaluationFact> = evals.iter().filter(|e| trusted.contains(&e.org)).collect();
+    if used.iter().any(|e| !e.figures.contains_key(metric.name())) {
+        return (
+            None,
+            format!("the trusted reports carry no {}", metric.name()),
+        );
+    }
     let rows: u64 = used.iter().map(|e| e.examples).sum();
     let f1 = used
         .iter()
-        .map(|e| e.macro_f1 * e.examples as f64)
+        .map(|e| e.figures[metric.name()] * e.examples as f64)
         .sum::<f64>()
         / rows.max(1) as f64;
     let whose = used
@@ -561,6 +742,9 @@ terms = "For defect detection research within the AI Factory programme."
                     global_model_sha256: "11".into(),
                     eval_macro_f1: f1,
                     eval_accuracy: f1,
+                    eval_mae: None,
+                    eval_rmse: None,
+                    eval_r2: None,
                     dp_epsilon: None,
                     secure_aggregation: false,
                     evaluations: vec![],
@@ -583,7 +767,7 @@ terms = "For defect detection research within the AI Factory programme."
             .map(|(o, n, v)| EvaluationFact {
                 org: o.to_string(),
                 examples: *n,
-                macro_f1: *v,
+                figures: [("macro_f1".to_string(), *v)].into(),
             })
             .collect();
         let mut p = Policy::from_toml(POLICY, "test").unwrap();

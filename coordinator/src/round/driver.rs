@@ -496,6 +496,22 @@ fn record_round(
 }
 
 fn log_round(plan: &TrainingPlan, record: &RoundRecord) {
+    if let Some(r2) = record.eval_r2 {
+        tracing::info!(
+            "round {}/{}: {} updates, {} examples, train loss {:.4}, val loss {}, MAE {}, RMSE {}, R² {:.4}, {:.2}s",
+            record.round,
+            plan.training.rounds,
+            record.participants.len(),
+            record.total_examples,
+            record.train_loss,
+            fmt_opt(record.eval_loss),
+            fmt_opt(record.eval_mae),
+            fmt_opt(record.eval_rmse),
+            r2,
+            record.timings.round_secs
+        );
+        return;
+    }
     tracing::info!(
         "round {}/{}: {} updates, {} examples, train loss {:.4}, val loss {}, accuracy {}, macro-F1 {}, {:.2}s",
         record.round,

@@ -7,8 +7,8 @@
 //! count).
 //!
 //! The rule: with at least three evaluations, a site is flagged when its
-//! macro-F1 differs by more than [`OUTLIER_GAP`] from the median of the other
-//! sites' reports. Label-skewed sites honestly differ by 0.1–0.2 on the
+//! macro-F1 (R² for regression) differs by more than [`OUTLIER_GAP`] from the
+//! median of the other sites' reports. Label-skewed sites honestly differ by 0.1–0.2 on the
 //! example (each sees other fault types); 0.35 is beyond that. With two
 //! evaluations no one can tell which of them is off, so nothing is flagged.
 
@@ -16,15 +16,18 @@ use serde::Serialize;
 
 use crate::state::EvalRecord;
 
-/// The largest honest gap from the others' median, in macro-F1.
+/// The largest honest gap from the others' median, in macro-F1 or R².
 pub const OUTLIER_GAP: f64 = 0.35;
 
 /// One flagged evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EvalOutlier {
     pub org_id: String,
-    pub macro_f1: f64,
-    /// The median of the other sites' macro-F1 on the same model.
+    /// Which figure was compared: "macro_f1", or "r2" for regression.
+    pub metric: &'static str,
+    /// The site's figure.
+    pub value: f64,
+    /// The median of the other sites' figures on the same model.
     pub others_median: f64,
 }
 
@@ -41,12 +44,13 @@ pub fn flag_outliers(evaluations: &[EvalRecord]) -> Vec<EvalOutlier> {
                 .iter()
                 .enumerate()
                 .filter(|(j, _)| *j != i)
-                .map(|(_, o)| o.macro_f1)
+                .map(|(_, o)| o.headline())
                 .collect();
             let m = median(&mut others);
-            ((e.macro_f1 - m).abs() > OUTLIER_GAP).then(|| EvalOutlier {
+            ((e.headline() - m).abs() > OUTLIER_GAP).then(|| EvalOutlier {
                 org_id: e.org_id.clone(),
-                macro_f1: e.macro_f1,
+                metric: e.headline_name(),
+                value: e.headline(),
                 others_median: m,
             })
         })
@@ -74,6 +78,7 @@ mod tests {
             loss: 1.0,
             accuracy: f1,
             macro_f1: f1,
+            regression: None,
         }
     }
 
@@ -89,7 +94,8 @@ mod tests {
             got,
             vec![EvalOutlier {
                 org_id: "a".into(),
-                macro_f1: 1.0,
+                metric: "macro_f1",
+                value: 1.0,
                 others_median: 0.4
             }]
         );

@@ -6,6 +6,7 @@ use serde::Serialize;
 use crate::durable::store::AcceptedUpdate;
 use crate::error::{CoordinatorError, Result};
 use crate::state::{EvalRecord, Shared};
+use sangsaeng_common::learning::metrics::RegressionMetrics;
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Serialize)]
@@ -20,8 +21,17 @@ pub struct RoundRecord {
     pub train_loss: f64,
     /// Validation metrics of this round's global model, weighted by validation rows.
     pub eval_loss: Option<f64>,
+    /// Classification only.
     pub eval_accuracy: Option<f64>,
     pub eval_macro_f1: Option<f64>,
+    /// Regression only: MAE, RMSE and R², each the example-weighted mean of
+    /// the sites' own figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_mae: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_rmse: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_r2: Option<f64>,
     pub evaluations: Vec<EvalRecord>,
     pub timings: Timings,
     pub attempts: u32,
@@ -71,22 +81,25 @@ pub(super) fn round_record(
         .map(|p| p.train_loss * p.num_examples as f64)
         .sum::<f64>()
         / total_examples.max(1) as f64;
-    let eval_n: u64 = evaluations.iter().map(|e| e.num_examples).sum();
-    let weighted = |f: fn(&EvalRecord) -> f64| {
-        (eval_n > 0).then(|| {
-            evaluations
-                .iter()
-                .map(|e| f(e) * e.num_examples as f64)
-                .sum::<f64>()
-                / eval_n as f64
-        })
+    let weighted = |f: &dyn Fn(&EvalRecord) -> f64| weighted_mean(&evaluations, f);
+    // The coordinator refuses an evaluation of the other task, so either
+    // every evaluation carries regression metrics or none does.
+    let regression = evaluations.iter().any(|e| e.regression.is_some());
+    let regressed = |f: fn(&RegressionMetrics) -> f64| {
+        if regression {
+            weighted(&|e| e.regression.as_ref().map_or(f64::NAN, f))
+        } else {
+            None
+        }
     };
+    let classified = |f: fn(&EvalRecord) -> f64| if regression { None } else { weighted(&f) };
     let eval_outliers = super::outliers::flag_outliers(&evaluations);
     for o in &eval_outliers {
         tracing::warn!(
             org = %o.org_id,
             round,
-            macro_f1 = o.macro_f1,
+            metric = o.metric,
+            value = o.value,
             others_median = o.others_median,
             "a site's evaluation lies far from the other sites' on the same model (flagged in metrics.jsonl and the audit log)"
         );
@@ -101,9 +114,12 @@ pub(super) fn round_record(
         model_sha256: sha.to_string(),
         total_examples,
         train_loss,
-        eval_loss: weighted(|e| e.loss),
-        eval_accuracy: weighted(|e| e.accuracy),
-        eval_macro_f1: weighted(|e| e.macro_f1),
+        eval_loss: weighted(&|e| e.loss),
+        eval_accuracy: classified(|e| e.accuracy),
+        eval_macro_f1: classified(|e| e.macro_f1),
+        eval_mae: regressed(|r| r.mae),
+        eval_rmse: regressed(|r| r.rmse),
+        eval_r2: regressed(|r| r.r2),
         participants,
         evaluations,
         timings,
@@ -112,6 +128,38 @@ pub(super) fn round_record(
         secure: None,
         robust: None,
         refused: Default::default(),
+    }
+}
+
+/// The mean of `f` over the evaluations, weighted by their validation rows;
+/// `None` without rows.
+fn weighted_mean(evaluations: &[EvalRecord], f: &dyn Fn(&EvalRecord) -> f64) -> Option<f64> {
+    let n: u64 = evaluations.iter().map(|e| e.num_examples).sum();
+    (n > 0).then(|| {
+        evaluations
+            .iter()
+            .map(|e| f(e) * e.num_examples as f64)
+            .sum::<f64>()
+            / n as f64
+    })
+}
+
+/// One site's evaluation as the audit log records it: its task's figures only.
+fn audit_evaluation(e: &EvalRecord) -> serde_json::Value {
+    match &e.regression {
+        Some(m) => serde_json::json!({
+            "org": e.org_id,
+            "examples": e.num_examples,
+            "mae": m.mae,
+            "rmse": m.rmse,
+            "r2": m.r2,
+        }),
+        None => serde_json::json!({
+            "org": e.org_id,
+            "examples": e.num_examples,
+            "macro_f1": e.macro_f1,
+            "accuracy": e.accuracy,
+        }),
     }
 }
 
@@ -164,17 +212,18 @@ pub(super) fn audit_round(shared: &Shared, r: &RoundRecord) -> Result<()> {
             "round": r.round,
             "contributions": contributions,
             "global_model_sha256": r.model_sha256,
-            "eval_macro_f1": r.eval_macro_f1,
-            "eval_accuracy": r.eval_accuracy,
             "eval_examples": r.evaluations.iter().map(|e| e.num_examples).sum::<u64>(),
             // Each site's own report, so a release rule can choose whose count.
-            "evaluations": r.evaluations.iter().map(|e| serde_json::json!({
-                "org": e.org_id,
-                "examples": e.num_examples,
-                "macro_f1": e.macro_f1,
-                "accuracy": e.accuracy,
-            })).collect::<Vec<_>>(),
+            "evaluations": r.evaluations.iter().map(audit_evaluation).collect::<Vec<_>>(),
     });
+    if r.eval_r2.is_some() {
+        entry["eval_mae"] = r.eval_mae.into();
+        entry["eval_rmse"] = r.eval_rmse.into();
+        entry["eval_r2"] = r.eval_r2.into();
+    } else {
+        entry["eval_macro_f1"] = r.eval_macro_f1.into();
+        entry["eval_accuracy"] = r.eval_accuracy.into();
+    }
     if !r.eval_outliers.is_empty() {
         entry["eval_outliers"] =
             serde_json::to_value(&r.eval_outliers).expect("outliers serialise");

@@ -68,7 +68,7 @@ pub(super) async fn collect_scaling(
             .map(|t| t.stats.clone())
             .unwrap_or_default();
         if stats.len() >= min {
-            let mut total = FeatureStats::empty(plan.n_features());
+            let mut total = FeatureStats::empty(plan.n_stat_columns());
             // BTreeMap order: the merged statistics do not depend on arrival order.
             for s in stats.values() {
                 total.merge(s)?;
@@ -79,7 +79,7 @@ pub(super) async fn collect_scaling(
                 "global feature scaling computed"
             );
             super::privacy::check_site_budgets(&plan, &stats)?;
-            plan.scaling = Some(total.to_scaling()?);
+            plan.scaling = Some(total.to_scaling(plan.regression())?);
             declare_rows(shared, &stats)?;
             return Ok(plan);
         }

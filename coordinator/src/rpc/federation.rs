@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use sangsaeng_common::config::roster::Role;
 use sangsaeng_common::learning::data::FeatureStats;
+use sangsaeng_common::learning::metrics::RegressionMetrics;
 use sangsaeng_proto::v1 as pb;
 use sangsaeng_proto::v1::federation_server::Federation;
 
@@ -171,7 +172,7 @@ impl Federation for FederationService {
                 sum_sq: r.sum_sq,
             };
             stats
-                .validate(t.plan.n_features())
+                .validate(t.plan.n_stat_columns())
                 .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
             check_stats_bounds(&stats, self.shared.config.limits.max_examples_per_update)?;
             t.stats.insert(org.clone(), stats);
@@ -351,6 +352,7 @@ impl Federation for FederationService {
                     "evaluation metrics must be finite, accuracy and macro-F1 in [0, 1], over at least one and at most {max_rows} examples"
                 )));
             }
+            let regression = check_regression_metrics(t.plan.regression(), r.regression)?;
             if t.evaluations.contains_key(&org) {
                 return Err(CoordinatorError::AlreadyExists(format!(
                     "an evaluation of round {} was already received",
@@ -365,6 +367,7 @@ impl Federation for FederationService {
                     loss: r.loss,
                     accuracy: r.accuracy,
                     macro_f1: r.macro_f1,
+                    regression,
                 },
             );
             Ok(())
@@ -438,6 +441,41 @@ impl Federation for FederationService {
 /// `max_rows` rows of 32-bit values), so that merging every site's statistics can
 /// neither overflow the row count nor reach infinity: statistics that are valid on
 /// their own must not be able to fail the whole training when merged.
+/// A regression plan's evaluations carry MAE, RMSE and R², a classification
+/// plan's none: a site cannot report figures the other task would misread,
+/// and each figure must be one a real model on real rows can give
+/// (0 ≤ MAE ≤ RMSE, R² ≤ 1).
+fn check_regression_metrics(
+    regression_plan: bool,
+    m: Option<pb::RegressionMetrics>,
+) -> Result<Option<RegressionMetrics>> {
+    match (regression_plan, m) {
+        (false, None) => Ok(None),
+        (false, Some(_)) => Err(CoordinatorError::InvalidArgument(
+            "regression metrics sent for a classification training".into(),
+        )),
+        (true, None) => Err(CoordinatorError::InvalidArgument(
+            "a regression training's evaluation must carry MAE, RMSE and R²".into(),
+        )),
+        (true, Some(m)) => {
+            let finite = [m.mae, m.rmse, m.r2].iter().all(|v| v.is_finite());
+            // RMSE ≥ MAE always holds (Jensen); rounding may put them a hair apart.
+            let ordered = m.mae >= 0.0 && m.rmse >= m.mae * (1.0 - 1e-9);
+            if !finite || !ordered || m.r2 > 1.0 {
+                return Err(CoordinatorError::InvalidArgument(format!(
+                    "regression metrics must be finite with 0 <= MAE <= RMSE and R² <= 1 (got MAE {}, RMSE {}, R² {})",
+                    m.mae, m.rmse, m.r2
+                )));
+            }
+            Ok(Some(RegressionMetrics {
+                mae: m.mae,
+                rmse: m.rmse,
+                r2: m.r2,
+            }))
+        }
+    }
+}
+
 fn check_stats_bounds(stats: &FeatureStats, max_rows: u64) -> Result<()> {
     if stats.count > max_rows {
         return Err(CoordinatorError::InvalidArgument(format!(
@@ -459,4 +497,41 @@ fn check_stats_bounds(stats: &FeatureStats, max_rows: u64) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(mae: f64, rmse: f64, r2: f64) -> Option<pb::RegressionMetrics> {
+        Some(pb::RegressionMetrics { mae, rmse, r2 })
+    }
+
+    /// Issue 22's hostile evaluations: figures of the other task, or figures
+    /// no model on real rows can give, are refused with what was wrong.
+    #[test]
+    fn regression_metrics_must_suit_the_task_and_be_possible() {
+        assert!(check_regression_metrics(false, None).unwrap().is_none());
+        assert_eq!(
+            check_regression_metrics(true, m(0.5, 0.7, 0.4)).unwrap(),
+            Some(RegressionMetrics {
+                mae: 0.5,
+                rmse: 0.7,
+                r2: 0.4
+            })
+        );
+        for (plan, sent, needle) in [
+            (false, m(0.5, 0.7, 0.4), "classification"),
+            (true, None, "must carry"),
+            (true, m(0.9, 0.7, 0.4), "MAE <= RMSE"),
+            (true, m(-0.1, 0.7, 0.4), "MAE <= RMSE"),
+            (true, m(0.5, 0.7, 1.5), "R² <= 1"),
+            (true, m(0.5, f64::NAN, 0.4), "finite"),
+        ] {
+            let e = check_regression_metrics(plan, sent)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+    }
 }

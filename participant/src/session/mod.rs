@@ -398,16 +398,29 @@ impl Session {
                 loss: ev.loss,
                 accuracy: ev.accuracy,
                 macro_f1: ev.macro_f1,
+                regression: ev.regression.map(|r| pb::RegressionMetrics {
+                    mae: r.mae,
+                    rmse: r.rmse,
+                    r2: r.r2,
+                }),
             })
             .await
             .map_err(|s| ParticipantError::rpc("SubmitEvaluation", s))?;
         self.metrics.evaluations.inc();
-        tracing::info!(
-            training = %tid,
-            round = info.round,
-            "global model on local validation: loss {:.4}, accuracy {:.4}, macro-F1 {:.4}",
-            ev.loss, ev.accuracy, ev.macro_f1
-        );
+        match ev.regression {
+            Some(r) => tracing::info!(
+                training = %tid,
+                round = info.round,
+                "global model on local validation: loss {:.4}, MAE {:.4}, RMSE {:.4}, R² {:.4}",
+                ev.loss, r.mae, r.rmse, r.r2
+            ),
+            None => tracing::info!(
+                training = %tid,
+                round = info.round,
+                "global model on local validation: loss {:.4}, accuracy {:.4}, macro-F1 {:.4}",
+                ev.loss, ev.accuracy, ev.macro_f1
+            ),
+        }
         Ok(())
     }
 
@@ -734,7 +747,13 @@ fn train_on_this_thread(
     Vec<f32>,
 ) {
     let gradient = with_control.then(|| {
-        sangsaeng_common::learning::scaffold::mean_gradient(backend, spec, &start, train_set)
+        sangsaeng_common::learning::scaffold::mean_gradient(
+            backend,
+            spec,
+            &start,
+            train_set,
+            cfg.objective,
+        )
     });
     let mut bar: Option<crate::progress::Progress> = None;
     let outcome = train::train_local_observed(backend, spec, &start, train_set, cfg, &mut |p| {
