@@ -222,3 +222,61 @@ fn personalise_fine_tunes_at_the_site_and_sends_nothing() {
         b"kept as it was"
     );
 }
+
+/// Issue 22: a regression model's predictions come back in the target's own
+/// units (the model predicts the standardised target), and a file carrying
+/// the target column is scored with MAE, RMSE and R².
+#[test]
+fn a_regression_model_predicts_in_the_targets_units_and_scores_a_file_with_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let mut plan = TrainingPlan::from_toml(
+        "[schema]\ntask = \"regression\"\nfeature_columns = [\"temp\", \"pressure\"]\ntarget_column = \"quality\"\n\
+         [model]\nhidden_layers = []\n[training]\nrounds = 1\nlearning_rate = 0.1\nmin_participants = 1\n",
+        "plan",
+    )
+    .unwrap();
+    plan.scaling = Some(Scaling {
+        mean: vec![20.0, 1.0],
+        std: vec![5.0, 0.5],
+        target_mean: Some(100.0),
+        target_std: Some(10.0),
+    });
+    std::fs::write(model.join("plan.toml"), plan.to_toml()).unwrap();
+    // A linear model that outputs the standardised temperature: weight [1, 0], bias 0.
+    let spec = ModelSpec::from_plan(&plan);
+    weights::save_safetensors(
+        &model.join("global.safetensors"),
+        &spec.layout(),
+        &[1.0, 0.0, 0.0],
+        HashMap::new(),
+    )
+    .unwrap();
+    let input = dir.path().join("line.csv");
+    std::fs::write(&input, "temp,pressure,quality\n25,1,110\n15,1.5,90\n").unwrap();
+    let written = dir.path().join("out.csv");
+    let out = predict(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        written.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // temp 25 is +1 std: 100 + 1 × 10; temp 15 is −1 std: 90.
+    assert_eq!(
+        std::fs::read_to_string(&written).unwrap(),
+        "prediction\n110\n90\n"
+    );
+    assert!(
+        stdout.contains("against the file's target: MAE 0.0000, RMSE 0.0000, R² 1.0000"),
+        "{stdout}"
+    );
+}
