@@ -114,6 +114,15 @@ impl Objective {
         }
     }
 
+    /// The loss evaluation reports for a task, whatever loss trained the
+    /// model: cross-entropy, or MSE on the standardised target.
+    pub fn for_evaluation(task: Task) -> Objective {
+        match task {
+            Task::Classification => Objective::CrossEntropy,
+            Task::Regression => Objective::Mse,
+        }
+    }
+
     /// The task this loss trains for.
     pub fn task(self) -> Task {
         match self {

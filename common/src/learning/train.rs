@@ -505,10 +505,7 @@ pub fn evaluate(
     check_dataset(spec, data)?;
     let device = kind.device()?;
     let model = Mlp::from_flat(spec, params, &device)?;
-    let objective = match spec.task {
-        Task::Classification => Objective::CrossEntropy,
-        Task::Regression => Objective::Mse,
-    };
+    let objective = Objective::for_evaluation(spec.task);
     let nf = spec.n_features;
     let targets = Targets::of(data);
     // Summed (not averaged) per batch so the last, shorter batch is weighted correctly.
@@ -606,10 +603,7 @@ fn check_dataset(spec: &ModelSpec, data: &Dataset) -> Result<()> {
         )));
     }
     check_rows(spec, &data.features, targets)?;
-    let objective = match spec.task {
-        Task::Classification => Objective::CrossEntropy,
-        Task::Regression => Objective::Mse,
-    };
+    let objective = Objective::for_evaluation(spec.task);
     objective.check(targets, spec.n_classes)
 }
 
